@@ -1,0 +1,140 @@
+"""Benchmark the Slurm hooks on the lab: prolog wall time, prolog → agent answering, epilog → agent gone.
+
+Runs as root on a machine where `dxflow lab up` ran. Each round calls the installed
+hook scripts exactly as slurmd does (root, the prolog environment of Slurm 22.05,
+stdio away from a terminal) inside node n1's network namespace, for a fresh job id,
+and times:
+
+* prolog wall time, next to a no-op prolog (``#!/bin/sh`` + ``exit 0``) timed in the same run;
+* prolog start → the agent's registration exists and the agent answers ``/api/health``
+  with a token signed by the user's key;
+* epilog start → the agent and every process it started are gone (the epilog returns
+  only then, and the bench checks /proc afterwards).
+
+Usage: /opt/dxflow/venv/bin/python bench/hooks.py [--rounds 20] [--node n1] [--user alice]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import pwd
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+CLONE_NEWNET = 0x40000000
+PROLOG = "/etc/dxflow/hooks/slurm-prolog"
+EPILOG = "/etc/dxflow/hooks/slurm-epilog"
+
+
+def enter_netns(name: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/var/run/netns/{name}") as f:
+        if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+
+
+def hook_env(job: int, node: str, pw: pwd.struct_passwd) -> dict[str, str]:
+    return {"SLURM_JOB_ID": str(job), "SLURM_JOBID": str(job), "SLURM_JOB_USER": pw.pw_name,
+            "SLURM_JOB_UID": str(pw.pw_uid), "SLURM_UID": str(pw.pw_uid), "SLURM_JOB_GID": str(pw.pw_gid),
+            "SLURMD_NODENAME": node, "SLURM_NODELIST": node, "SLURM_CLUSTER_NAME": "dxlab",
+            "SLURM_JOB_WORK_DIR": pw.pw_dir, "SLURM_JOB_PARTITION": "debug",
+            "SLURM_SCRIPT_CONTEXT": "prolog_slurmd", "SLURM_CONF": "/etc/slurm/slurm.conf"}
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   check=True)
+    return time.perf_counter() - t0
+
+
+def answering(reg_path: Path, key, user: str, deadline: float) -> bool:
+    from dxflow.auth import fingerprint, mint_token
+
+    while time.perf_counter() < deadline:
+        try:
+            reg = json.loads(reg_path.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.002)
+            continue
+        req = urllib.request.Request(f"http://127.0.0.1:{reg['port']}/api/health")
+        req.add_header("Authorization", "Bearer " + mint_token(key, user, fingerprint(reg["public_key"])))
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.002)
+    return False
+
+
+def summary(name: str, values: list[float], target: float | None = None) -> str:
+    values = sorted(values)
+    med = statistics.median(values)
+    p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+    line = f"{name:<38} median {med * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms"
+    if target is not None:
+        line += f"   target ≤ {target * 1000:.0f} ms: {'met' if med <= target else 'NOT met'}"
+    return line
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--node", default="n1")
+    ap.add_argument("--user", default="alice")
+    ap.add_argument("--first-job", type=int, default=7_000_000)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root on the lab (dxflow lab up)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from dxflow.auth import user_key
+    from dxflow.procs import all_procs
+
+    pw = pwd.getpwnam(args.user)
+    key = user_key(Path(pw.pw_dir) / ".dxflow")
+    enter_netns(f"dxlab-{args.node}")
+    noop = Path(tempfile.mkdtemp()) / "noop-prolog"
+    noop.write_text("#!/bin/sh\nexit 0\n")
+    noop.chmod(0o755)
+
+    base_t, pro_t, ans_t, epi_t, orphans = [], [], [], [], 0
+    for i in range(args.rounds):
+        job = args.first_job + int(time.time()) % 100000 * 100 + i
+        env = hook_env(job, args.node, pw)
+        base_t.append(timed([str(noop)], env))
+        reg = Path(pw.pw_dir) / ".dxflow" / "fleet" / f"dxlab.{job}.{args.node}.json"
+        t0 = time.perf_counter()
+        pro_t.append(timed([PROLOG], env))
+        if not answering(reg, key, args.user, t0 + 10):
+            print(f"round {i}: agent of job {job} did not answer within 10 s", file=sys.stderr)
+            return 1
+        ans_t.append(time.perf_counter() - t0)
+        record = json.loads(Path(f"/run/dxflow/dxlab.{job}.{args.node}.json").read_text())
+        before = {p.pid for p in all_procs().values() if p.sid == record["pid"]} | {record["pid"]}
+        env["SLURM_SCRIPT_CONTEXT"] = "epilog_slurmd"
+        epi_t.append(timed([EPILOG], env))
+        left = before & set(all_procs())
+        orphans += len(left)
+    print(f"{args.rounds} rounds on {args.node} as {args.user} (Slurm hook scripts, as slurmd runs them)")
+    print(summary("no-op prolog (baseline)", base_t))
+    print(summary("dxflow prolog", pro_t, 0.100))
+    print(f"{'  ratio to no-op prolog':<38} {statistics.median(pro_t) / statistics.median(base_t):.1f}x "
+          f"(+{(statistics.median(pro_t) - statistics.median(base_t)) * 1000:.1f} ms)")
+    print(summary("prolog start -> agent answering", ans_t, 0.500))
+    print(summary("epilog start -> agent and children gone", epi_t, 1.0))
+    print(f"{'orphans left after epilogs':<38} {orphans}")
+    return 0 if orphans == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

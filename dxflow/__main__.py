@@ -1,0 +1,3 @@
+from dxflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Every request to an agent carries a bearer token from the agent's user; anything else gets 401."""
+
+from __future__ import annotations
+
+from flask import Flask, current_app, g, jsonify, request
+
+from dxflow.auth import verify_token
+from dxflow.errors import AuthError
+
+
+def init_app(app: Flask) -> None:
+    @app.before_request
+    def require_token():
+        if request.endpoint in app.config.get("PUBLIC_ENDPOINTS", ()):
+            return None
+        state = current_app.config["AGENT"]
+        header = request.headers.get("Authorization", "")
+        token = header[7:] if header.startswith("Bearer ") else request.args.get("token", "")
+        if not token:
+            return _refuse("missing bearer token: use `dxflow` on the login node, or send "
+                           "'Authorization: Bearer <token>' signed by your ~/.dxflow/id_rsa")
+        try:
+            g.claims = verify_token(token, state.user_public_key, state.user, state.audience)
+        except AuthError as e:
+            return _refuse(str(e))
+        return None
+
+
+def _refuse(message: str):
+    resp = jsonify(error="unauthorized", message=message)
+    resp.status_code = 401
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="dxflow-agent"'
+    return resp

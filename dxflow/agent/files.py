@@ -1,0 +1,421 @@
+"""``/api/files``: list, stat, download, upload, mkdir, move and delete inside the allowed roots.
+
+Every path goes through :class:`dxflow.agent.paths.Roots` first. Downloads are sent
+with ``sendfile`` by gunicorn (``wsgi.file_wrapper``) and honour ``Range: bytes=N-``
+so a broken transfer resumes. Uploads stream into a hidden temporary file in the
+target's own folder, which is fsynced and renamed over the real name only once the
+whole body has arrived: a broken upload never leaves a partial file under that name.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from flask import Blueprint, Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.http import http_date
+from werkzeug.wsgi import wrap_file
+
+from dxflow.agent.paths import Roots
+from dxflow.errors import AccessDenied, NotFound, UsageError
+
+bp = Blueprint("files", __name__)
+
+CHUNK = 1024 * 1024
+UPLOAD_PREFIX = ".dxflow-upload-"
+
+
+class InsufficientStorage(HTTPException):
+    code = 507
+    description = "no space left on the node's file system (or over your quota)"
+
+
+def init_app(app: Flask) -> None:
+    templates = app.config.get("FILE_SCRATCH_ROOTS")
+    if templates is None:
+        from dxflow.config import SiteConfig
+        templates = SiteConfig.load().scratch_roots
+    app.config["FILE_ROOTS"] = Roots.for_agent(app.config["AGENT"], list(templates))
+    app.config.setdefault("FILE_UMASK", _umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without os.umask (which would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def roots() -> Roots:
+    return current_app.config["FILE_ROOTS"]
+
+
+def fs_errors(view):
+    """Turn what the file system says into the API's errors (404, 403, 400, 507)."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        try:
+            return view(*args, **kwargs)
+        except FileNotFoundError as e:
+            raise NotFound(f"{e.filename or 'path'}: no such file or folder") from e
+        except PermissionError as e:
+            raise AccessDenied(f"{e.filename or 'path'}: permission denied by the file system") from e
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage() from e
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                           errno.EINVAL, errno.ELOOP, errno.EXDEV):
+                raise UsageError(f"{e.filename or 'path'}: {e.strerror}") from e
+            raise
+    return wrapper
+
+
+def _flag(name: str, data: dict | None = None) -> bool:
+    value = data.get(name, False) if data is not None else request.args.get(name, "")
+    if isinstance(value, bool):
+        return value
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def _json_body() -> dict:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise UsageError("expected a JSON object body")
+    return data
+
+
+def _text(data: dict, key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{key!r} (a path) is required")
+    return value
+
+
+def entry_type(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "link"
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    return "other"   # fifo, socket, device
+
+
+def entry(name: str, st: os.stat_result) -> dict:
+    return {"name": name, "type": entry_type(st), "size": st.st_size, "mtime": st.st_mtime,
+            "mode": stat.S_IMODE(st.st_mode)}
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading ------------------------------------------------------------------------
+@bp.get("/api/files/roots")
+def list_roots():
+    return jsonify([r.to_dict() for r in roots().all()])
+
+
+@bp.get("/api/files")
+@fs_errors
+def list_folder():
+    folder = roots().resolve(request.args.get("path"))
+    if not folder.is_dir():
+        if folder.exists() or folder.is_symlink():
+            raise UsageError(f"{folder} is not a folder: use /api/files/stat or /api/files/content")
+        raise NotFound(f"{folder}: no such folder")
+    entries = []
+    with os.scandir(folder) as it:
+        for e in it:
+            try:
+                entries.append(entry(e.name, e.stat(follow_symlinks=False)))
+            except FileNotFoundError:  # removed while we listed
+                continue
+    entries.sort(key=lambda x: x["name"])
+    return jsonify(path=str(folder), entries=entries)
+
+
+@bp.get("/api/files/stat")
+@fs_errors
+def stat_path():
+    path = roots().resolve(request.args.get("path"))
+    st = path.stat()
+    body = {"path": str(path), **entry(path.name, st)}
+    if _flag("sha256") and stat.S_ISREG(st.st_mode):
+        body["sha256"] = sha256_of(path)
+    return jsonify(body)
+
+
+@bp.get("/api/files/content")
+@fs_errors
+def download():
+    path = roots().resolve(request.args.get("path"))
+    f = open(path, "rb")
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a file" + (": list it with /api/files" if stat.S_ISDIR(st.st_mode)
+                                                          else ""))
+        size = st.st_size
+        start, stop, status = 0, size, 200
+        rng = request.range  # None unless a valid Range header was sent
+        if rng is not None and rng.units == "bytes" and len(rng.ranges) == 1:
+            span = rng.range_for_length(size)
+            if span is None:
+                f.close()
+                resp = jsonify(error="range_not_satisfiable", message=f"{path} has {size} bytes: nothing "
+                               f"to send from {rng.ranges[0][0]} on")
+                resp.status_code = 416
+                resp.headers["Content-Range"] = f"bytes */{size}"
+                return resp
+            start, stop = span
+            status = 206
+    except BaseException:
+        f.close()
+        raise
+    f.seek(start)
+    if stop == size:
+        # to the end: gunicorn hands the open file to sendfile(2) from the current offset
+        body = wrap_file(request.environ, f, buffer_size=CHUNK)
+    else:
+        body = _read_span(f, stop - start)
+    resp = current_app.response_class(body, status=status, mimetype="application/octet-stream",
+                                      direct_passthrough=True)
+    resp.content_length = stop - start
+    resp.headers["Accept-Ranges"] = "bytes"
+    resp.headers["Last-Modified"] = http_date(st.st_mtime)
+    resp.headers.set("Content-Disposition", "attachment", filename=path.name)
+    if status == 206:
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    return resp
+
+
+def _read_span(f, length: int):
+    try:
+        while length > 0:
+            chunk = f.read(min(CHUNK, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
+    finally:
+        f.close()
+
+
+# -- writing ------------------------------------------------------------------------
+@bp.put("/api/files/content")
+@fs_errors
+def upload():
+    r = roots()
+    target = r.resolve(request.args.get("path"))
+    overwrite = _flag("overwrite")
+    if r.is_root(target) or target.is_dir():
+        raise UsageError(f"{target} is a folder: name the file to write inside it")
+    existing = target.exists()
+    if existing and not overwrite:
+        raise UsageError(f"{target} exists: pass overwrite=1 to replace it")
+    folder = target.parent
+    if not folder.is_dir():
+        raise NotFound(f"folder {folder} does not exist: make it first (POST /api/files/mkdir)")
+    mode = (stat.S_IMODE(target.stat().st_mode) if existing
+            else 0o666 & ~current_app.config["FILE_UMASK"])
+    expected = request.content_length
+    fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=folder)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            stream = request.stream
+            while True:
+                chunk = stream.read(CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                if expected is not None and size > expected:
+                    break
+            if expected is not None and size != expected:
+                raise UsageError(f"upload broken off after {size} of {expected} bytes: "
+                                 f"{target} was left as it was")
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)  # fails if someone made the file meanwhile: never clobber it
+            except FileExistsError as e:
+                raise UsageError(f"{target} exists: pass overwrite=1 to replace it") from e
+            tmp.unlink()
+        _fsync_dir(folder)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return jsonify(path=str(target), size=size, sha256=digest.hexdigest()), (200 if existing else 201)
+
+
+@bp.post("/api/files/mkdir")
+@fs_errors
+def mkdir():
+    data = _json_body()
+    path = roots().resolve(_text(data, "path"))
+    parents = _flag("parents", data)
+    if parents:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise UsageError(f"{path} exists and is not a folder")
+    else:
+        path.mkdir()
+    return jsonify(path=str(path)), 201
+
+
+@bp.post("/api/files/move")
+@fs_errors
+def move():
+    data = _json_body()
+    r = roots()
+    src = r.resolve(_text(data, "src"), follow=False)
+    dst = r.resolve(_text(data, "dst"), follow=False)
+    overwrite = _flag("overwrite", data)
+    for p in (src, dst):
+        if r.is_root(p):
+            raise AccessDenied(f"{p} is one of the agent's roots: it cannot be moved or replaced")
+    if not src.exists() and not src.is_symlink():
+        raise NotFound(f"{src}: no such file or folder")
+    if src == dst:
+        return jsonify(src=str(src), dst=str(dst))
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise UsageError(f"{dst} exists: pass \"overwrite\": true to replace it")
+    if not dst.parent.is_dir():
+        raise NotFound(f"folder {dst.parent} does not exist: make it first")
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        # another file system (home -> scratch): copy then delete; symlinks are moved as links
+        if dst.is_dir() and not dst.is_symlink():
+            raise UsageError(f"{dst} is a folder on another file system: delete it first") from e
+        shutil.move(str(src), str(dst))
+    return jsonify(src=str(src), dst=str(dst))
+
+
+@bp.delete("/api/files")
+@fs_errors
+def delete():
+    r = roots()
+    path = r.resolve(request.args.get("path"), follow=False)
+    if not request.args.get("path") or r.is_root(path):
+        raise AccessDenied(f"{path} is one of the agent's roots: it cannot be deleted")
+    st = path.lstat()
+    if stat.S_ISDIR(st.st_mode):
+        if _flag("recursive"):
+            shutil.rmtree(path)  # fd-based: never follows a symlink out of the tree
+        else:
+            try:
+                path.rmdir()
+            except OSError as e:
+                if e.errno == errno.ENOTEMPTY:
+                    raise UsageError(f"{path} is a folder that is not empty: pass recursive=1") from e
+                raise
+    else:
+        path.unlink()  # a symlink is removed itself, never what it points to
+    return jsonify(path=str(path), deleted=True)
+
+
+# -- OpenAPI fragment (merged by dxflow.agent.openapi) -----------------------------------
+_PATH_PARAM = {"name": "path", "in": "query", "schema": {"type": "string"},
+               "description": "relative to the job's work dir, or absolute inside a root"}
+_ERRORS = {
+    "400": {"description": "bad input (NUL byte, name too long, not a folder, exists)"},
+    "403": {"description": "outside the allowed roots (.., absolute path, symlink), or refused by the file system"},
+    "404": {"description": "no such file or folder"},
+}
+_ENTRY = {"type": "object", "properties": {
+    "name": {"type": "string"}, "type": {"type": "string", "enum": ["file", "dir", "link", "other"]},
+    "size": {"type": "integer"}, "mtime": {"type": "number"}, "mode": {"type": "integer"}}}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+OPENAPI = {
+    "/api/files/roots": {"get": {
+        "summary": "the allowed roots", "tags": ["files"],
+        "responses": {"200": _json({"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string", "enum": ["workdir", "home", "scratch"]}, "path": {"type": "string"}}}})}}},
+    "/api/files": {
+        "get": {"summary": "list a folder", "tags": ["files"], "parameters": [_PATH_PARAM],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "path": {"type": "string"}, "entries": {"type": "array", "items": _ENTRY}}}), **_ERRORS}},
+        "delete": {"summary": "delete a file, a symlink, or a folder (with recursive)", "tags": ["files"],
+                   "parameters": [_PATH_PARAM, {"name": "recursive", "in": "query",
+                                                "schema": {"type": "string", "enum": ["0", "1"]}}],
+                   "responses": {"200": _json({"type": "object", "properties": {
+                       "path": {"type": "string"}, "deleted": {"type": "boolean"}}}), **_ERRORS}}},
+    "/api/files/stat": {"get": {
+        "summary": "one entry (symlinks followed), plus its sha256 with sha256=1", "tags": ["files"],
+        "parameters": [_PATH_PARAM, {"name": "sha256", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
+        "responses": {"200": _json({"allOf": [_ENTRY, {"type": "object", "properties": {
+            "path": {"type": "string"}, "sha256": {"type": "string"}}}]}), **_ERRORS}}},
+    "/api/files/content": {
+        "get": {"summary": "download a file, streamed; Range: bytes=N- resumes", "tags": ["files"],
+                "parameters": [_PATH_PARAM, {"name": "Range", "in": "header", "schema": {"type": "string"},
+                                             "example": "bytes=1048576-"}],
+                "responses": {"200": {"description": "the whole file",
+                                      "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                              "206": {"description": "the requested range (Content-Range tells which)",
+                                      "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                              "416": {"description": "the range starts past the end of the file"}, **_ERRORS}},
+        "put": {"summary": "upload the body: streamed to a temporary file in the same folder, fsynced, renamed",
+                "tags": ["files"],
+                "parameters": [_PATH_PARAM, {"name": "overwrite", "in": "query",
+                                             "schema": {"type": "string", "enum": ["0", "1"]}}],
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "path": {"type": "string"}, "size": {"type": "integer"}, "sha256": {"type": "string"}}},
+                    "replaced an existing file"),
+                    "201": {"description": "created (same body as 200)"},
+                    "507": {"description": "no space left or over quota"}, **_ERRORS}}},
+    "/api/files/mkdir": {"post": {
+        "summary": "make a folder", "tags": ["files"],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["path"],
+            "properties": {"path": {"type": "string"}, "parents": {"type": "boolean"}}}}}},
+        "responses": {"201": _json({"type": "object", "properties": {"path": {"type": "string"}}}, "created"),
+                      **_ERRORS}}},
+    "/api/files/move": {"post": {
+        "summary": "move or rename (a symlink is moved itself)", "tags": ["files"],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["src", "dst"],
+            "properties": {"src": {"type": "string"}, "dst": {"type": "string"},
+                           "overwrite": {"type": "boolean"}}}}}},
+        "responses": {"200": _json({"type": "object", "properties": {
+            "src": {"type": "string"}, "dst": {"type": "string"}}}), **_ERRORS}}},
+}

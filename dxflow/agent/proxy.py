@@ -1,0 +1,235 @@
+"""``/proxy/PORT/<path>``: the job's own web services on this node (Jupyter, TensorBoard, ...).
+
+Only ports whose listening socket belongs to one of the job user's processes are
+reached (see :mod:`dxflow.agent.ports`), and only on this node. HTTP streams both
+ways, a chunk at a time (server-sent events arrive as they are sent). An upgrade
+(WebSocket) takes over the client's raw socket from gunicorn: the request goes to
+the service, whose answer (``101 Switching Protocols``) and everything after it
+is piped both ways until either side closes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import re
+import select
+import socket
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from dxflow.agent.logs import client_socket
+from dxflow.agent.ports import check_port
+from dxflow.errors import AccessDenied
+
+log = logging.getLogger(__name__)
+bp = Blueprint("proxy", __name__)
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+#: hop-by-hop headers (RFC 9110 7.6.1), the agent's own credentials, and what http.client sets itself.
+HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+               "transfer-encoding", "upgrade", "host", "authorization", "content-length", "expect"}
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 3600.0     # a quiet stream (SSE, long poll) may be silent this long
+CHUNK = 256 * 1024
+_PREFIX = re.compile(r"^/proxy/\d+")
+
+
+def target_uri(environ: dict, path: str) -> str:
+    """The path and query to ask the service for, as the client wrote them (no re-encoding)."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw and raw.startswith("/proxy/"):
+        rest = _PREFIX.sub("", raw, count=1)
+    else:
+        query = environ.get("QUERY_STRING", "")
+        rest = "/" + path + (f"?{query}" if query else "")
+    if not rest.startswith("/"):
+        rest = "/" + rest
+    return rest
+
+
+def _host_header(connect: str, port: int) -> str:
+    return f"[{connect}]:{port}" if ":" in connect else f"{connect}:{port}"
+
+
+def _error(status: int, error: str, message: str):
+    resp = jsonify(error=error, message=message)
+    resp.status_code = status
+    return resp
+
+
+@bp.route("/proxy/<int:port>", defaults={"path": ""}, methods=METHODS)
+@bp.route("/proxy/<int:port>/", defaults={"path": ""}, methods=METHODS)
+@bp.route("/proxy/<int:port>/<path:path>", methods=METHODS)
+def proxy(port: int, path: str):
+    state = current_app.config["AGENT"]
+    if state.port and port == state.port:
+        raise AccessDenied(f"port {port} is the dxflow agent's own port, not a service of your job")
+    target = check_port(port)  # AccessDenied / NotFound unless the user's own process listens there
+    connect = target["connect"]
+    uri = target_uri(request.environ, path)
+    if "upgrade" in request.headers.get("Connection", "").lower() and request.headers.get("Upgrade"):
+        return _upgrade(connect, port, uri)
+    return _http(connect, port, uri)
+
+
+def _http(connect: str, port: int, uri: str):
+    conn = http.client.HTTPConnection(connect, port, timeout=CONNECT_TIMEOUT)
+    length = request.content_length
+    chunked = length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    try:
+        conn.putrequest(request.method, uri, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", _host_header(connect, port))
+        for key, value in request.headers.items():
+            if key.lower() not in HOP_HEADERS:
+                conn.putheader(key, value)
+        if length is not None:
+            conn.putheader("Content-Length", str(length))
+        elif chunked:
+            conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        if length or chunked:
+            stream = request.stream
+            while True:
+                data = stream.read(CHUNK)
+                if not data:
+                    break
+                conn.send(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            if chunked:
+                conn.send(b"0\r\n\r\n")
+        conn.sock.settimeout(READ_TIMEOUT)
+        resp = conn.getresponse()
+    except ConnectionRefusedError:
+        conn.close()
+        return _error(502, "bad_gateway", f"nothing answers on {_host_header(connect, port)} on this node")
+    except socket.timeout:
+        conn.close()
+        return _error(504, "gateway_timeout", f"the service on port {port} did not answer in time")
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        return _error(502, "bad_gateway", f"the service on port {port} failed: {type(e).__name__}: {e}")
+
+    def body():
+        try:
+            while True:
+                try:
+                    chunk = resp.read1(CHUNK)
+                except (OSError, http.client.HTTPException) as e:  # the service broke off: so do we
+                    log.info("proxy port %d: %s", port, e)
+                    return
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            conn.close()
+
+    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS]
+    if resp.getheader("Content-Length") is not None and request.method != "HEAD":
+        headers.append(("Content-Length", resp.getheader("Content-Length")))
+    out = Response(body() if request.method != "HEAD" else b"", status=resp.status, headers=headers,
+                   direct_passthrough=True)
+    if resp.getheader("Content-Type") is None:
+        del out.headers["Content-Type"]
+    if request.method == "HEAD":
+        conn.close()
+        if resp.getheader("Content-Length") is not None:
+            out.headers["Content-Length"] = resp.getheader("Content-Length")
+    return out
+
+
+class Hijacked(Response):
+    """The connection was taken over (upgrade): tell gunicorn to close it and write nothing."""
+
+    def __call__(self, environ, start_response):
+        raise StopIteration()  # gunicorn's worker closes the connection on this (as flask-sock does)
+
+
+def _upgrade(connect: str, port: int, uri: str):
+    client = client_socket(request.environ)
+    if client is None:
+        return _error(400, "bad_request", "this server cannot hand over connections: upgrades need the agent "
+                                          "under gunicorn")
+    try:
+        backend = socket.create_connection((connect, port), timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        return _error(502, "bad_gateway", f"nothing answers on {_host_header(connect, port)}: {e}")
+    head = [f"{request.method} {uri} HTTP/1.1", f"Host: {_host_header(connect, port)}"]
+    for key, value in request.headers.items():
+        if key.lower() not in ("host", "authorization", "content-length", "proxy-authorization"):
+            head.append(f"{key}: {value}")
+    try:
+        backend.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        early = _buffered(request.environ)
+        if early:
+            backend.sendall(early)
+        backend.settimeout(None)
+        client.settimeout(None)
+        pipe(client, backend)
+    except OSError as e:
+        log.info("proxy upgrade port %d: %s", port, e)
+    finally:
+        backend.close()
+    return Hijacked()
+
+
+def _buffered(environ: dict) -> bytes:
+    """Bytes the client sent after the upgrade request that gunicorn's parser already read."""
+    reader = getattr(environ.get("wsgi.input"), "reader", None)
+    unreader = getattr(reader, "unreader", None)
+    take = getattr(unreader, "take_buffered", None)
+    try:
+        return (take() or b"") if take else b""
+    except Exception:  # noqa: BLE001 - a gunicorn without it: nothing was read ahead that we can get
+        return b""
+
+
+def pipe(a, b, bufsize: int = 64 * 1024) -> None:
+    """Copy bytes both ways between two sockets (or paramiko channels) until both directions ended.
+
+    End of input on one side is passed on as a half close (``shutdown(SHUT_WR)``) of the
+    other; an error on either side ends both directions.
+    """
+    peer = {a: b, b: a}
+    reading = {a, b}
+    while reading:
+        ready, _, _ = select.select(list(reading), [], [])
+        for src in ready:
+            dst = peer[src]
+            try:
+                data = src.recv(bufsize)
+            except OSError:
+                return
+            if data:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+                continue
+            reading.discard(src)
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+_ERR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_PROXY_OP = {
+    "summary": "HTTP (and WebSocket) proxy to a service the job's user runs on this node",
+    "tags": ["proxy"],
+    "responses": {"default": {"description": "whatever the service answers"},
+                  "403": {"description": "not the user's port (another user's, or the agent's own)", **_ERR},
+                  "404": {"description": "nothing listens on the port", **_ERR},
+                  "502": {"description": "the service does not answer", **_ERR}},
+}
+_PORT = {"name": "port", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1,
+                                                                      "maximum": 65535}}
+_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "passed on to the service as /PATH"}
+
+OPENAPI = {
+    "/proxy/{port}/": {m.lower(): {**_PROXY_OP, "operationId": f"proxyRoot{m.title()}", "parameters": [_PORT]}
+                       for m in ("GET", "POST")},
+    "/proxy/{port}/{path}": {m.lower(): {**_PROXY_OP, "operationId": f"proxy{m.title()}",
+                                         "parameters": [_PORT, _PATH]}
+                             for m in ("GET", "POST", "PUT", "DELETE")},
+}

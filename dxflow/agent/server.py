@@ -1,0 +1,133 @@
+"""Run an agent under gunicorn on 127.0.0.1, port 0, and register it once it answers.
+
+Process layout: the gunicorn arbiter is the process the prolog started (its own
+session; the epilog stops its whole tree). It is a child subreaper, so processes
+the user starts from a shell and daemonizes stay in that tree. The app is loaded
+in the arbiter (keys made once), the worker serves with threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import logging
+import os
+import pwd
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+
+from dxflow import API_VERSION, __version__, registration
+from dxflow.agent.state import AgentState
+from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_key
+from dxflow.config import SiteConfig, agent_name, ensure_user_dir
+from dxflow.errors import SchedulerError
+from dxflow.schedulers import JobState, get_scheduler
+
+log = logging.getLogger("dxflow.agent")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("could not become a child subreaper: daemonized children may escape cleanup")
+
+
+class AgentServer(BaseApplication):
+    def __init__(self, state: AgentState, site: SiteConfig, log_path: Path, bind: str = "127.0.0.1:0") -> None:
+        self.state = state
+        self.site = site
+        self.log_path = log_path
+        self.bind = bind
+        self.fleet_dir = state.home / ".dxflow" / "fleet"
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings = {
+            "bind": [self.bind], "workers": 1, "worker_class": "gthread", "threads": self.site.agent_threads,
+            "preload_app": True, "control_socket_disable": True, "timeout": 120, "graceful_timeout": 1, "keepalive": 30,
+            "errorlog": str(self.log_path), "accesslog": None, "loglevel": "info",
+            "proc_name": f"dxflow-agent {self.state.job}.{self.state.node}",
+            "post_worker_init": self._post_worker_init, "on_exit": self._on_exit,
+        }
+        for key, value in settings.items():
+            if key in self.cfg.settings:  # settings added by newer gunicorn releases are skipped on older ones
+                self.cfg.set(key, value)
+
+    def load(self):
+        from dxflow.agent import create_app
+        return create_app(self.state)
+
+    # gunicorn hooks --------------------------------------------------------
+    def _post_worker_init(self, worker) -> None:
+        self.state.port = worker.sockets[0].getsockname()[1]
+        reg = registration.Registration(
+            cluster=self.state.cluster, scheduler=self.state.scheduler, job=self.state.job,
+            node=self.state.node, address=self.state.node, port=self.state.port, pid=os.getppid(),
+            user=self.state.user,
+            started=dt.datetime.fromtimestamp(self.state.started, dt.timezone.utc).isoformat(timespec="seconds"),
+            public_key=self.state.public_key, api_version=API_VERSION, version=__version__,
+        )
+        registration.write(self.fleet_dir, reg)
+        log.info("registered %s on 127.0.0.1:%d", reg.name, self.state.port)
+        threading.Thread(target=watch_job, args=(self.state, self.site), daemon=True, name="job-watch").start()
+
+    def _on_exit(self, arbiter) -> None:
+        registration.remove(self.fleet_dir, agent_name(self.state.cluster, self.state.job, self.state.node),
+                            pid=os.getpid())
+
+
+def watch_job(state: AgentState, site: SiteConfig) -> None:
+    """Stop the agent when its job is gone, in case no epilog runs. One scheduler query per interval."""
+    sched = get_scheduler(state.scheduler)
+    interval = max(site.job_check_interval, 60.0) if state.scheduler != "local" else 3600.0
+    interval = float(os.environ.get("DXFLOW_JOB_CHECK_INTERVAL", interval))
+    while True:
+        time.sleep(interval)
+        try:
+            job_state = sched.job_state(state.job)
+        except SchedulerError as e:
+            log.warning("cannot ask %s about job %s (will retry): %s", state.scheduler, state.job, e)
+            continue
+        if job_state in (JobState.ENDED, JobState.ENDING):
+            log.info("job %s is %s: agent stops", state.job, job_state.value)
+            os.kill(os.getppid(), signal.SIGTERM)
+            return
+
+
+def redirect_output(log_path: Path) -> None:
+    """Send this process's stdout/stderr to the agent log (the hook gave us /dev/null)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def serve(scheduler: str, cluster: str, job: str, node: str, *, work_dir: str = "", stdout: str = "",
+          stderr: str = "", bind: str = "127.0.0.1:0", foreground: bool = False) -> int:
+    started = time.time()
+    os.environ["DXFLOW_AGENT"] = "1"  # marks the agent's processes (and children) as not the job's own
+    site = SiteConfig.load()
+    base = ensure_user_dir()
+    log_path = base / "logs" / f"{agent_name(cluster, job, node)}.log"
+    if not foreground:
+        redirect_output(log_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [agent] %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    become_subreaper()
+    user_key(base)  # the user's key pair exists before any token is checked
+    key = new_key()
+    pub = public_pem(key)
+    state = AgentState(
+        user=pwd.getpwuid(os.getuid()).pw_name, home=base.parent, scheduler=scheduler, cluster=cluster, job=job, node=node, key=key, public_key=pub,
+        audience=fingerprint(pub), user_public_key=user_public_key(base),
+        work_dir=work_dir, stdout=stdout, stderr=stderr, started=started,
+    )
+    AgentServer(state, site, log_path, bind=bind).run()
+    return 0

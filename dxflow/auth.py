@@ -1,0 +1,138 @@
+"""The user's dxflow key, the short-lived tokens it signs, and agents' identity proofs.
+
+* ``~/.dxflow/id_rsa`` (0600) is made on first use. Only its owner can read it, so
+  only its owner can mint tokens that the owner's agents accept.
+* A token is an RS256 JWT: ``sub`` = user, ``aud`` = the agent's key fingerprint,
+  at most :data:`MAX_TOKEN_LIFETIME` seconds between ``iat`` and ``exp``.
+* An agent proves who it is by signing the master's random challenge with the
+  key whose public half it put in its registration.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import time
+from pathlib import Path
+
+import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from dxflow.errors import AuthError, ConfigError
+
+MAX_TOKEN_LIFETIME = 300
+DEFAULT_TOKEN_LIFETIME = 120
+KEY_BITS = 2048
+
+
+def new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+
+
+def private_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def public_pem(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> str:
+    pub = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    return pub.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def fingerprint(public_key_pem: str) -> str:
+    """``SHA256:<base64>`` of the DER public key: the name an agent's tokens are addressed to."""
+    pub = serialization.load_pem_public_key(public_key_pem.encode())
+    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> bool:
+    """Write ``path`` only if it does not exist yet (atomically); False if someone else won."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def user_key(base: Path) -> rsa.RSAPrivateKey:
+    """The user's signing key in ``base`` (``~/.dxflow``), made on first use.
+
+    Agents on several nodes may start at once on a shared home: the first one to
+    link its key wins and the others read it.
+    """
+    path = base / "id_rsa"
+    if not path.exists():
+        key = new_key()
+        if _write_new(path, private_pem(key), 0o600):
+            _write_new(base / "id_rsa.pub", public_pem(key).encode(), 0o644)
+            return key
+    st = path.stat()
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); run: chmod 600 {path}")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is not a usable key: {e}; remove it to make a new one") from e
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ConfigError(f"{path} is not an RSA key; remove it to make a new one")
+    return key
+
+
+def user_public_key(base: Path) -> str:
+    """PEM of the user's public key, made with the key pair on first use."""
+    pub = base / "id_rsa.pub"
+    try:
+        return pub.read_text()
+    except FileNotFoundError:
+        return public_pem(user_key(base))
+
+
+def mint_token(key: rsa.RSAPrivateKey, user: str, audience: str, lifetime: int = DEFAULT_TOKEN_LIFETIME) -> str:
+    now = int(time.time())
+    lifetime = min(lifetime, MAX_TOKEN_LIFETIME)
+    claims = {"sub": user, "aud": audience, "iat": now, "exp": now + lifetime, "jti": secrets.token_hex(8)}
+    return jwt.encode(claims, key, algorithm="RS256")
+
+
+def verify_token(token: str, public_key_pem: str, user: str, audience: str) -> dict:
+    """The token's claims if it is the user's, for this audience, fresh; :class:`AuthError` otherwise."""
+    try:
+        claims = jwt.decode(token, public_key_pem, algorithms=["RS256"], audience=audience,
+                            options={"require": ["exp", "iat", "sub", "aud"]}, leeway=5)
+    except jwt.PyJWTError as e:
+        raise AuthError(f"token refused: {e}") from e
+    if claims["sub"] != user:
+        raise AuthError("token refused: not for this agent's user")
+    if claims["exp"] - claims["iat"] > MAX_TOKEN_LIFETIME:
+        raise AuthError(f"token refused: lifetime over {MAX_TOKEN_LIFETIME} s")
+    if claims["iat"] > time.time() + 5:
+        raise AuthError("token refused: issued in the future")
+    return claims
+
+
+def sign_challenge(key: rsa.RSAPrivateKey, challenge: str) -> str:
+    sig = key.sign(challenge.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return base64.b64encode(sig).decode()
+
+
+def check_challenge(public_key_pem: str, challenge: str, signature: str) -> bool:
+    pub = serialization.load_pem_public_key(public_key_pem.encode())
+    try:
+        pub.verify(base64.b64decode(signature), challenge.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return True
+    except (InvalidSignature, ValueError):
+        return False

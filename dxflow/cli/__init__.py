@@ -1,0 +1,75 @@
+"""The ``dxflow`` command line: one parser, declared once, built from one module per command group.
+
+Each command module exposes ``register(subparsers)`` which adds its sub-parser(s) and
+sets ``func`` (called with the parsed namespace, returns an exit code). Modules are
+imported here, but they must import nothing heavy at module level: the scheduler
+hooks run through this entry point and must start in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dxflow import __version__
+from dxflow.errors import DxflowError
+
+COMMAND_MODULES = (
+    "dxflow.cli.fleet",   # ls, info
+    "dxflow.cli.files",   # cp
+    "dxflow.cli.logs",    # logs
+    "dxflow.cli.exec",    # exec
+    "dxflow.cli.shell",   # shell
+    "dxflow.cli.forward", # forward, ports
+    "dxflow.cli.console", # console
+    "dxflow.cli.master",  # master start|stop|status
+    "dxflow.cli.doctor",  # doctor
+    "dxflow.cli.hook",    # hook prolog|epilog (run by schedulers, as root)
+    "dxflow.cli.agent",   # agent (run an agent by hand: workstation, container)
+    "dxflow.cli.lab",     # lab up|down|status
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole CLI; also used by argparse-manpage to write the man pages."""
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="dxflow",
+        description="Reach the nodes of your running HPC jobs: list their agents, "
+        "stream logs, open shells, copy files, open the web console.",
+    )
+    parser.add_argument("--version", action="version", version=f"dxflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a command group not shipped in this build
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="dxflow: %(levelname)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DxflowError as e:
+        print(f"dxflow: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 141

@@ -1,0 +1,97 @@
+"""``dxflow console``: a one-time login link to your master's web console, and how to reach it from a laptop."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("console", help="open the web console: print a one-time login link",
+                       description="Start your master (unless it runs) with its web console on "
+                       "127.0.0.1, and print a login link that works once, within 5 minutes, plus the "
+                       "`ssh -L` line that reaches it from your laptop. The console shows your jobs' "
+                       "nodes, their metrics, files, logs, a terminal and the web services they run.")
+    p.add_argument("--port", type=int, metavar="P",
+                   help="TCP port for the console when the master starts (default: the one used last "
+                   "time, else a free one)")
+    p.add_argument("--agent", metavar="JOB[:NODE]",
+                   help="instead, a link to the console of one agent running on this host "
+                   "(`dxflow agent` on a workstation or in a container)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_console)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from dxflow.cli.util import print_json
+
+    result = agent_link(args.agent) if args.agent else master_link(args.port)
+    if args.json:
+        print_json(result)
+        return 0
+    if args.agent:
+        print(f"Console of {result['job']} on {result['node']} (one-time link, valid "
+              f"{result['valid_seconds'] // 60} minutes):\n\n  {result['url']}\n")
+        return 0
+    minutes = max(1, round(result["valid_seconds"] / 60))
+    print(f"Web console (the link works once, within {minutes} minutes):\n\n  {result['url']}\n")
+    print(f"From your laptop, forward the port first:\n\n  {result['ssh']}\n")
+    print("then open the link there. Run `dxflow console` again for a new link.")
+    return 0
+
+
+def master_link(port: int | None) -> dict:
+    import getpass
+    import json
+    import os
+    import socket
+    import time
+
+    from dxflow.errors import UsageError
+    from dxflow.master.client import MasterClient, check
+    from dxflow.master.console import PORT_ENV, port_is_free
+
+    client = MasterClient()
+    if not client.running():
+        if port is not None:
+            if not 0 < port < 65536:
+                raise UsageError(f"--port {port}: expected 1-65535")
+            if not port_is_free(port):
+                raise UsageError(f"port {port} on 127.0.0.1 is taken: choose another or leave out --port")
+            os.environ[PORT_ENV] = str(port)  # the master started below inherits it
+        client.start()
+    resp = client.request("POST", "/api/console/token", b"", timeout=30)
+    raw = resp.read()
+    if resp.status == 404:
+        raise UsageError("the running master has no web console (an older dxflow): restart it with "
+                         "`dxflow master stop`, then run `dxflow console` again")
+    check(resp, raw)
+    data = json.loads(raw)
+    if port is not None and data["port"] != port:
+        raise UsageError(f"your master's console listens on port {data['port']}, not {port}: stop the "
+                         f"master (`dxflow master stop`), then run `dxflow console --port {port}`")
+    host = socket.getfqdn()
+    p = data["port"]
+    return {"url": data["url"], "port": p, "token": data["token"], "expires": data["expires"],
+            "valid_seconds": max(0, int(data["expires"] - time.time())), "login_host": host,
+            "ssh": f"ssh -N -L {p}:127.0.0.1:{p} {getpass.getuser()}@{host}"}
+
+
+def agent_link(target: str) -> dict:
+    import time
+
+    from dxflow import registration
+    from dxflow.auth import fingerprint, mint_token, user_key
+    from dxflow.cli.util import parse_target
+    from dxflow.config import ensure_user_dir
+    from dxflow.errors import NotFound
+
+    job, node = parse_target(target)
+    base = ensure_user_dir()
+    regs = [r for r in registration.read_all(base / "fleet") if r.job == job and (node is None or r.node == node)]
+    if not regs:
+        raise NotFound(f"no agent of {target} is registered in {base / 'fleet'}: is `dxflow agent` running?")
+    reg = sorted(regs, key=lambda r: r.node)[0]
+    lifetime = 300
+    token = mint_token(user_key(base), reg.user, fingerprint(reg.public_key), lifetime=lifetime)
+    return {"job": reg.job, "node": reg.node, "port": reg.port, "expires": time.time() + lifetime,
+            "valid_seconds": lifetime, "url": f"http://127.0.0.1:{reg.port}/console/login?token={token}"}

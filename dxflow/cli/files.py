@@ -1,0 +1,368 @@
+"""``dxflow cp``: copy files and folders between the login node and your jobs' nodes.
+
+Either side may be ``JOB[:NODE]:PATH`` (scp-like; NODE defaults to the job's first
+node, PATH to the job's work dir and is relative to it unless absolute); a local path
+has no colon before its first slash (``./a:b`` is local). Every file is checked by
+sha256 once it has arrived. A download goes to ``DST.dxflow-part`` first and is renamed
+only after that check, so running the same command again after an interruption
+resumes from the bytes already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlencode
+
+log = logging.getLogger("dxflow.cp")
+
+CHUNK = 1024 * 1024
+PART_SUFFIX = ".dxflow-part"
+TIMEOUT = 600.0  # seconds without a byte moving (or an agent hashing a big file) before giving up
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cp", help="copy files to and from your jobs' nodes", description=(
+        "Copy files between this machine and the nodes of your running jobs, like scp. "
+        "Write a node's side as JOB[:NODE]:PATH: NODE defaults to the job's first node; PATH is "
+        "relative to the job's work dir unless absolute, and must stay in the work dir, your home "
+        "or the site's scratch. A local path has no colon before its first slash (write ./a:b for a "
+        "local file named a:b). Each file is checked by sha256 after the copy. An interrupted "
+        "download leaves DST.dxflow-part: run the same command again to resume it."),
+        epilog="examples: dxflow cp input.dat 1234:  |  dxflow cp -r 1234:n2:results ./  |  "
+               "dxflow cp 1234:/scratch/alice/out.h5 .")
+    p.add_argument("src", nargs="+", metavar="SRC", help="file or folder to copy (several: DST must be a folder)")
+    p.add_argument("dst", metavar="DST", help="where to copy to")
+    p.add_argument("-r", "--recursive", action="store_true", help="copy folders and everything in them")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes")
+    p.set_defaults(func=cmd_cp)
+
+
+# -- locations ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Location:
+    path: str
+    job: str | None = None
+    node: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.job is not None
+
+    def __str__(self) -> str:
+        if not self.remote:
+            return self.path
+        return f"{self.job}:{self.node + ':' if self.node else ''}{self.path}"
+
+
+def parse_location(text: str) -> Location:
+    """``JOB[:NODE]:PATH`` or a local path (no colon before the first slash)."""
+    colon, slash = text.find(":"), text.find("/")
+    if colon < 0 or (0 <= slash < colon):
+        return Location(text)
+    from dxflow.errors import UsageError
+
+    job, rest = text[:colon], text[colon + 1:]
+    if not job:
+        raise UsageError(f"{text!r}: JOB is missing before ':' (write ./{text} for a local file)")
+    colon, slash = rest.find(":"), rest.find("/")
+    node = None
+    if colon >= 0 and (slash < 0 or colon < slash):
+        node, rest = rest[:colon] or None, rest[colon + 1:]
+    return Location(rest, job, node)
+
+
+# -- talking to one agent through the master ----------------------------------------
+class Agent:
+    """The files API of one job's node, reached through the user's master."""
+
+    def __init__(self, client, job: str, node: str | None) -> None:
+        self.client = client
+        self.job = job
+        self.node = node
+
+    def url(self, endpoint: str, **query: Any) -> str:
+        q = urlencode({k: v for k, v in query.items() if v is not None})
+        return self.client.agent_path(self.job, self.node, endpoint) + (f"?{q}" if q else "")
+
+    def call(self, method: str, endpoint: str, body: Any = None, **query: Any) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        resp = self.client.request(method, self.url(endpoint, **query), data, headers, TIMEOUT)
+        raw = resp.read()
+        check(resp, raw)
+        return json.loads(raw) if raw else None
+
+    def stat(self, path: str, sha256: bool = False) -> dict | None:
+        """The entry at path (symlinks followed), or None if there is none."""
+        from dxflow.errors import NotFound
+
+        try:
+            return self.call("GET", "/api/files/stat", path=path, sha256="1" if sha256 else None)
+        except NotFound:
+            return None
+
+    def listdir(self, path: str) -> list[dict]:
+        return self.call("GET", "/api/files", path=path)["entries"]
+
+    def mkdir(self, path: str) -> str:
+        return self.call("POST", "/api/files/mkdir", {"path": path, "parents": True})["path"]
+
+
+def check(resp, raw: bytes | None = None) -> None:
+    """Like the master client's check, with 403 as AccessDenied (its own exit code)."""
+    from dxflow.errors import AccessDenied
+    from dxflow.master.client import check as client_check
+
+    if resp.status == 403:
+        raw = resp.read() if raw is None else raw
+        try:
+            message = json.loads(raw).get("message") or "access denied"
+        except ValueError:
+            message = raw.decode(errors="replace")[:300]
+        raise AccessDenied(message)
+    client_check(resp, raw)
+
+
+# -- the command ----------------------------------------------------------------------
+class Copier:
+    def __init__(self, client, quiet: bool, recursive: bool) -> None:
+        self.client = client
+        self.quiet = quiet
+        self.recursive = recursive
+        self.files = 0
+        self.bytes = 0
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(f"dxflow: {text}", file=sys.stderr, flush=True)
+
+    def agent(self, loc: Location) -> Agent:
+        return Agent(self.client, loc.job, loc.node)
+
+    # downloads ------------------------------------------------------------------------
+    def download(self, src: Location, dst_text: str, many: bool) -> None:
+        from dxflow.errors import NotFound, UsageError
+
+        agent = self.agent(src)
+        st = agent.stat(src.path)
+        if st is None:
+            raise NotFound(f"{src}: no such file or folder on the node")
+        dst = Path(dst_text or ".")
+        if dst.is_dir():
+            dst = dst / st["name"]
+        elif many or dst_text.endswith("/"):
+            raise NotFound(f"{dst_text}: no such folder here")
+        elif not dst.parent.is_dir():
+            raise NotFound(f"{dst.parent}: no such folder here")
+        if st["type"] == "dir":
+            if not self.recursive:
+                raise UsageError(f"{src} is a folder: add -r to copy it and everything in it")
+            self.download_tree(agent, st["path"], dst)
+        elif st["type"] == "file":
+            self.download_file(agent, st["path"], st["size"], dst)
+        else:
+            raise UsageError(f"{src} is not a file or folder ({st['type']})")
+
+    def download_tree(self, agent: Agent, folder: str, dst: Path) -> None:
+        dst.mkdir(exist_ok=True)
+        for e in agent.listdir(folder):
+            path = posixpath.join(folder, e["name"])
+            kind, size = e["type"], e["size"]
+            if kind == "link":
+                target = agent.stat(path)
+                if target is None or target["type"] != "file":
+                    self.note(f"skipping symlink {path} (to a folder, or dangling)")
+                    continue
+                kind, size = "file", target["size"]
+            if kind == "dir":
+                self.download_tree(agent, path, dst / e["name"])
+            elif kind == "file":
+                self.download_file(agent, path, size, dst / e["name"])
+            else:
+                self.note(f"skipping {path}: not a file or folder")
+
+    def download_file(self, agent: Agent, path: str, size: int, dst: Path) -> None:
+        from dxflow.cli.progress import bar
+        from dxflow.errors import DxflowError
+
+        part = dst.with_name(dst.name + PART_SUFFIX)
+        digest = hashlib.sha256()
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > size:  # the file on the node shrank: what we have is stale
+            offset = 0
+        if offset:
+            with open(part, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256")
+            self.note(f"resuming {path} at byte {offset} of {size} (from {part})")
+        received = 0
+        with open(part, "r+b" if part.exists() else "wb") as out:
+            out.seek(offset)
+            out.truncate()
+            if offset < size or size == 0:
+                headers = {"Range": f"bytes={offset}-"} if offset else {}
+                resp = self.client.request("GET", agent.url("/api/files/content", path=path), None, headers,
+                                           TIMEOUT)
+                check(resp)
+                if resp.status == 200 and offset:  # the agent sent the whole file after all
+                    offset = 0
+                    out.seek(0)
+                    out.truncate()
+                    digest = hashlib.sha256()
+                elif resp.status == 206 and not (resp.getheader("Content-Range") or "").startswith(f"bytes {offset}-"):
+                    raise DxflowError(f"{path}: the agent answered range {resp.getheader('Content-Range')!r}, "
+                                      f"not from byte {offset}; remove {part} and retry")
+                expected = int(resp.getheader("Content-Length") or -1)
+                progress = bar(offset + max(expected, 0), offset, posixpath.basename(path), not self.quiet)
+                try:
+                    while True:
+                        chunk = resp.read1(CHUNK)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        progress.update(len(chunk))
+                finally:
+                    progress.close()
+                    resp.close()
+                if expected >= 0 and received != expected:
+                    raise DxflowError(f"{path}: transfer broken off after {offset + received} of "
+                                      f"{offset + expected} bytes; run the same command again to resume")
+            out.flush()
+            os.fsync(out.fileno())
+        log.info("%s: %d bytes requested from byte %d, %d received", path, size - offset, offset, received)
+        self.verify(agent, path, part, digest.hexdigest(), offset + received)
+        os.replace(part, dst)
+        self.files += 1
+        self.bytes += received
+
+    def verify(self, agent: Agent, path: str, part: Path, local_sha: str, local_size: int) -> None:
+        from dxflow.errors import DxflowError, NotFound
+
+        st = agent.stat(path, sha256=True)
+        if st is None:
+            raise NotFound(f"{path} vanished from the node during the copy")
+        if st.get("sha256") != local_sha or st["size"] != local_size:
+            part.unlink(missing_ok=True)
+            raise DxflowError(f"{path}: the copy's sha256 {local_sha[:16]}… ({local_size} bytes) differs from "
+                              f"the node's {str(st.get('sha256'))[:16]}… ({st['size']} bytes): the file may have "
+                              "changed while it was copied; the partial copy was removed, run the command again")
+
+    # uploads --------------------------------------------------------------------------
+    def upload(self, src: Path, dst: Location, many: bool) -> None:
+        from dxflow.errors import NotFound, UsageError
+
+        if not src.exists():
+            raise NotFound(f"{src}: no such file or folder here")
+        agent = self.agent(dst)
+        st = agent.stat(dst.path)
+        name = src.resolve().name if src.name in ("", ".", "..") else src.name
+        if st is not None and st["type"] == "dir":
+            target = posixpath.join(st["path"], name)
+        elif st is None and (many or dst.path.endswith("/")):
+            raise NotFound(f"{dst}: no such folder on the node")
+        elif many:
+            raise UsageError(f"{dst} is not a folder: several sources need a folder to copy into")
+        else:
+            target = dst.path
+        if src.is_dir():
+            if not self.recursive:
+                raise UsageError(f"{src} is a folder: add -r to copy it and everything in it")
+            self.upload_tree(agent, src, target)
+        else:
+            if st is None:  # a new file: its folder must exist (a clearer error than a refused body)
+                parent = posixpath.dirname(target)
+                pst = agent.stat(parent)
+                if pst is None or pst["type"] != "dir":
+                    raise NotFound(f"{dst.job}:{parent or '.'}: no such folder on the node")
+            self.upload_file(agent, src, target)
+
+    def upload_tree(self, agent: Agent, src: Path, target: str) -> None:
+        base = agent.mkdir(target)
+        for dirpath, dirnames, filenames in os.walk(src):
+            rel = os.path.relpath(dirpath, src)
+            remote = base if rel == "." else posixpath.join(base, *Path(rel).parts)
+            for d in list(dirnames):
+                if os.path.islink(os.path.join(dirpath, d)):
+                    self.note(f"skipping symlink to a folder {os.path.join(dirpath, d)}")
+                    continue
+                agent.mkdir(posixpath.join(remote, d))
+            for f in filenames:
+                local = Path(dirpath) / f
+                if not local.is_file():
+                    self.note(f"skipping {local}: not a file")
+                    continue
+                self.upload_file(agent, local, posixpath.join(remote, f))
+
+    def upload_file(self, agent: Agent, src: Path, target: str) -> None:
+        from dxflow.cli.progress import bar
+        from dxflow.errors import DxflowError
+
+        digest = hashlib.sha256()
+        with open(src, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            progress = bar(size, 0, src.name, not self.quiet)
+
+            def body() -> Iterator[bytes]:
+                sent = 0
+                while sent < size:
+                    chunk = f.read(min(CHUNK, size - sent))
+                    if not chunk:
+                        raise DxflowError(f"{src} shrank while it was copied")
+                    digest.update(chunk)
+                    sent += len(chunk)
+                    progress.update(len(chunk))
+                    yield chunk
+
+            try:
+                resp = self.client.request("PUT", agent.url("/api/files/content", path=target, overwrite="1"),
+                                           body(), {"Content-Length": str(size),
+                                                    "Content-Type": "application/octet-stream"}, TIMEOUT)
+                raw = resp.read()
+            finally:
+                progress.close()
+        check(resp, raw)
+        answer = json.loads(raw)
+        if answer["sha256"] != digest.hexdigest() or answer["size"] != size:
+            raise DxflowError(f"{answer['path']} on the node has sha256 {answer['sha256'][:16]}… "
+                              f"({answer['size']} bytes), not {digest.hexdigest()[:16]}… ({size} bytes) "
+                              f"like {src}: run the command again")
+        log.info("%s -> %s: %d bytes, sha256 %s", src, answer["path"], size, answer["sha256"])
+        self.files += 1
+        self.bytes += size
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from dxflow.errors import DxflowError, UsageError
+    from dxflow.master.client import MasterClient
+
+    sources = [parse_location(s) for s in args.src]
+    dst = parse_location(args.dst)
+    many = len(sources) > 1
+    if any(s.remote for s in sources) and dst.remote:
+        raise UsageError("copying from one node to another is not supported: copy to this machine first")
+    if not dst.remote and not any(s.remote for s in sources):
+        raise UsageError("neither SRC nor DST is on a node: write a node's side as JOB[:NODE]:PATH "
+                         "(or use plain cp)")
+    if any(not s.remote for s in sources) and any(s.remote for s in sources):
+        raise UsageError("all SRC must be on the same side")
+    copier = Copier(MasterClient().ensure(), args.quiet, args.recursive)
+    for src in sources:
+        try:
+            if dst.remote:
+                copier.upload(Path(src.path), dst, many)
+            else:
+                copier.download(src, dst.path, many)
+        except OSError as e:  # a local file (or the master's socket) failed
+            raise DxflowError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from e
+    log.info("%d file(s), %d bytes copied", copier.files, copier.bytes)
+    return 0

@@ -1,0 +1,81 @@
+"""``dxflow ls`` and ``dxflow info``: your jobs' agents, and one node in detail."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ls", help="list your jobs' agents", description=(
+        "List the agents of your running jobs: job, node, state, uptime, load. States: "
+        "starting (registered, not yet checked), ready (reached through its tunnel and proved "
+        "its identity), lost (job running but agent unreachable), gone (job or agent ended)."))
+    p.add_argument("--json", action="store_true", help="print a JSON list for scripts")
+    p.add_argument("-a", "--all", action="store_true", help="also show agents that are gone")
+    p.add_argument("--job", help="only this job's agents")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("info", help="show one node of a job (through its agent)",
+                       description="Ask the agent of JOB on NODE (default: the job's first node) "
+                       "for its node: hostname, CPUs, memory, load, uptime, GPUs.")
+    p.add_argument("target", metavar="JOB[:NODE]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from dxflow.cli.util import human_bytes, human_duration, print_json, print_table
+    from dxflow.master.client import MasterClient
+
+    client = MasterClient().ensure()
+    agents = client.json("GET", "/api/agents?refresh=1" + ("&all=1" if args.all else ""))
+    if args.job:
+        agents = [a for a in agents if a["job"] == args.job]
+    if args.json:
+        print_json(agents)
+        return 0
+    if not agents:
+        print("no agents: none of your jobs is running with dxflow (submit one, then `dxflow ls`)")
+        return 0
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for a in agents:
+        up = (now - dt.datetime.fromisoformat(a["started"])).total_seconds()
+        load = f"{a['load'][0]:.2f}" if a.get("load") else "-"
+        cpu = f"{a['cpu_percent']:.0f}%" if a.get("cpu_percent") is not None else "-"
+        mem = (f"{human_bytes(a['memory_total'] - a['memory_available'])}/{human_bytes(a['memory_total'])}"
+               if a.get("memory_total") else "-")
+        rows.append([a["job"], a["node"], a["state"], human_duration(up), load, cpu, mem,
+                     a["detail"] if a["state"] != "ready" else ""])
+    print_table(["JOB", "NODE", "STATE", "UPTIME", "LOAD", "CPU", "MEMORY", "NOTE"], rows)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dxflow.cli.util import human_bytes, human_duration, parse_target, print_json
+    from dxflow.master.client import MasterClient
+
+    job, node = parse_target(args.target)
+    client = MasterClient().ensure()
+    info = client.json("GET", client.agent_path(job, node, "/api/node"))
+    if args.json:
+        print_json(info)
+        return 0
+    lines = [
+        ("job", f"{info['job']} ({info['scheduler']}, cluster {info['cluster']})"),
+        ("node", f"{info['node']} (hostname {info['hostname']})"),
+        ("user", info["user"]),
+        ("cpus", f"{info['cpus']} ({info['cpus_allowed']} allowed), {info['cpu_percent']}% busy"),
+        ("memory", f"{human_bytes(info['memory_available'])} available of {human_bytes(info['memory_total'])}"),
+        ("load", " ".join(f"{x:.2f}" for x in info["load"])),
+        ("uptime", f"node {human_duration(info['uptime'])}, agent {human_duration(info['agent_uptime'])}"),
+    ]
+    for g in info.get("gpus", []):
+        lines.append((f"gpu{g['index']}", f"{g['name']} {g['utilization']:.0f}% "
+                      f"{human_bytes(g['memory_used'])}/{human_bytes(g['memory_total'])}"))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k:<{width}}  {v}")
+    return 0

@@ -1,0 +1,160 @@
+"""``dxflow shell JOB[:NODE]``: an interactive shell on a node of a job, in your own terminal."""
+
+from __future__ import annotations
+
+import argparse
+
+#: exit code when the connection ends before the shell told its own (as ssh does)
+LOST = 255
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shell", help="open an interactive shell on a node of a job", description=(
+        "Open your login shell on NODE (default: the job's first node) of JOB, as you, in the job's "
+        "environment and work dir, through the agent of that node. Your terminal is put in raw mode "
+        "and its size follows your window; Ctrl-C and friends go to the remote program. With standard "
+        "input not a terminal, the input is typed into the remote terminal and Ctrl-D is sent at its end. "
+        "Exits with the shell's exit code (255 if the connection is lost)."))
+    p.add_argument("target", metavar="JOB[:NODE]")
+    p.set_defaults(func=cmd_shell)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import select
+    import signal
+    import socket
+    import sys
+    import termios
+    import tty
+    from types import SimpleNamespace
+
+    from dxflow.cli.util import parse_target
+    from dxflow.errors import DxflowError, MasterUnavailable
+    from dxflow.master.client import MasterClient, check
+    from dxflow.wsclient import HandshakeRejected, WebSocketClient
+
+    job, node = parse_target(args.target)
+    client = MasterClient().ensure()
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    interactive = os.isatty(stdin)
+    cols, rows = terminal_size(stdin if interactive else stdout)
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(60)
+    try:
+        sock.connect(str(client.sock))
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise MasterUnavailable("the master is not running: start it with `dxflow master start`") from e
+    ws = WebSocketClient(sock)
+    try:
+        ws.handshake(client.agent_path(job, node, f"/api/shell?cols={cols}&rows={rows}"))
+    except HandshakeRejected as e:
+        sock.close()
+        check(SimpleNamespace(status=e.status), e.body)  # the agent's or master's own error
+        raise DxflowError(str(e)) from e
+    sock.settimeout(None)
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    resized = []
+
+    def on_winch(signum, frame):
+        resized.append(1)
+        try:
+            os.write(wake_w, b"w")
+        except OSError:
+            pass
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)  # leave through the finally below: the terminal is restored
+
+    saved = termios.tcgetattr(stdin) if interactive else None
+    old_handlers = {s: signal.signal(s, h) for s, h in ((signal.SIGWINCH, on_winch), (signal.SIGTERM, on_term),
+                                                       (signal.SIGHUP, on_term))}
+    exit_code = None
+    try:
+        if saved is not None:
+            tty.setraw(stdin, termios.TCSANOW)
+        reading = [ws, wake_r, stdin]
+        while True:
+            ready, _, _ = select.select(reading, [], [])
+            if wake_r in ready:
+                os.read(wake_r, 512)
+                if resized:
+                    resized.clear()
+                    ws.send(json.dumps({"resize": list(terminal_size(stdin if interactive else stdout))}))
+            if stdin in ready:
+                data = os.read(stdin, 65536)
+                if data:
+                    ws.send(data)
+                else:  # end of piped input: Ctrl-D, as a user at the terminal would type
+                    ws.send(b"\x04")
+                    reading.remove(stdin)
+            if ws in ready:
+                for message in ws.receive():
+                    if message[0] == "binary":
+                        write_all(stdout, message[1])
+                    elif message[0] == "text":
+                        exit_code = control(message[1], exit_code)
+                    else:
+                        raise _Closed()
+    except _Closed:
+        pass
+    except OSError as e:
+        if exit_code is None:
+            raise DxflowError(f"shell connection failed: {e}") from e
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        ws.close()
+        os.close(wake_r)
+        os.close(wake_w)
+    if exit_code is None:
+        print(f"dxflow: the connection to the shell on {args.target} was lost", file=sys.stderr)
+        return LOST
+    return exit_code
+
+
+class _Closed(Exception):
+    """The WebSocket has closed."""
+
+
+def terminal_size(fd: int) -> tuple[int, int]:
+    import os
+
+    try:
+        size = os.get_terminal_size(fd)
+        if size.columns > 0 and size.lines > 0:
+            return size.columns, size.lines
+    except OSError:
+        pass
+    return 80, 24
+
+
+def control(text: str, exit_code: int | None) -> int | None:
+    """A control message from the agent: remember the shell's exit code, show errors."""
+    import json
+    import logging
+
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return exit_code
+    if isinstance(message, dict):
+        if "exit" in message:
+            return int(message["exit"])
+        if "error" in message:
+            logging.getLogger("dxflow.shell").warning("agent: %s", message.get("message", message["error"]))
+    return exit_code
+
+
+def write_all(fd: int, data: bytes) -> None:
+    import os
+
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -1,0 +1,29 @@
+"""A real, throwaway Slurm cluster on this one machine: ``dxflow lab up|down|status``.
+
+Each compute node is a network namespace (its own address on a bridge) plus a
+UTS namespace (its own host name); every node shares the machine's filesystem
+and process table, the way a real cluster shares a home directory. The login
+node is the host itself, reached as ``dxlab-login``. The lab runs Debian's own
+Slurm, munge and OpenSSH; dxflow is installed for every user under ``/opt``.
+
+Modules, one concern each:
+
+- ``layout``   names, addresses and paths of every piece (data only)
+- ``runner``   the one place that runs commands and turns failures into errors
+- ``state``    the state file that lets ``down`` undo exactly what ``up`` made
+- ``blocks``   marked blocks in shared text files (/etc/hosts, ssh_known_hosts)
+- ``packages`` Debian packages the lab needs
+- ``install``  dxflow for every user, and the scheduler hook scripts
+- ``users``    the lab's users and their SSH keys
+- ``network``  bridge, namespaces, host names and host keys
+- ``slurm``    slurm.conf (rendered from data) and the Slurm commands the lab uses
+- ``procs``    pid files and processes
+- ``daemons``  starting and stopping munged, slurmctld, slurmd and sshd
+- ``cluster``  ``up``, ``down`` and ``status`` built from the pieces above
+"""
+
+from __future__ import annotations
+
+from dxflow.lab.layout import Layout, Node
+
+__all__ = ["Layout", "Node"]

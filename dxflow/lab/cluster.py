@@ -1,0 +1,226 @@
+"""``lab up``, ``lab down`` and ``lab status``, built from the pieces of this package."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from dxflow.errors import ConfigError, SchedulerError, UsageError
+from dxflow.lab import daemons, install, network, packages, procs, slurm, users
+from dxflow.lab.layout import MAX_NODES, Layout, Node
+from dxflow.lab.runner import run
+from dxflow.lab.state import LabState, load, save
+
+log = logging.getLogger(__name__)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise UsageError("`dxflow lab` must run as root: it installs packages, creates users, "
+                         "network namespaces and daemons; try `sudo dxflow lab ...`")
+
+
+def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | None = None) -> dict:
+    """Build the lab, or bring an existing one back to what it should be. Returns ``status()``."""
+    layout = layout or Layout()
+    require_root()
+    if not 1 <= node_count <= MAX_NODES:
+        raise UsageError(f"--nodes must be between 1 and {MAX_NODES}, not {node_count}")
+    packages.ensure_packages(install=install_packages)
+    network.check_subnet_free(layout)
+    for conf in (layout.slurm_conf, layout.cgroup_conf):
+        slurm.check_backup_free(conf)
+
+    state = load(layout.state_file) or LabState()
+    nodes = layout.nodes(node_count)
+    old_nodes = [Node(int(name[1:]), layout.prefix) for name in state.nodes]
+    layout.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    state.node_count = node_count
+    state.nodes = sorted({n.name for n in nodes + old_nodes}, key=lambda s: int(s[1:]))
+    save(state, layout.state_file)
+
+    def step() -> None:
+        save(state, layout.state_file)
+
+    install.install(layout, state)
+    step()
+    for name in layout.users:
+        if users.ensure_user(name):
+            state.remember("users_created", name)
+        state.remember("users", name)
+        step()
+        users.ensure_ssh_key(name)
+    daemons.prepare_dirs(layout, nodes)
+    daemons.ensure_munge(layout, state)
+    step()
+
+    network.ensure_bridge(layout)
+    for node in nodes:
+        network.ensure_node_net(layout, node)
+        network.ensure_uts(layout, node.name)
+    network.ensure_names(layout, nodes)
+
+    version = slurm.slurm_version()
+    state.slurm_version = slurm.version_text(version)
+    changed = slurm.write_config(layout.slurm_conf,
+                                 slurm.render_slurm_conf(layout, nodes, slurm.node_shape(node_count), version),
+                                 state.backups)
+    state.remember("files_written", str(layout.slurm_conf))
+    if slurm.cgroup_conf_needed():
+        changed |= slurm.write_config(layout.cgroup_conf, slurm.render_cgroup_conf(slurm.CGROUP_V2_CONF),
+                                      state.backups)
+        state.remember("files_written", str(layout.cgroup_conf))
+    step()
+
+    surplus = [n for n in old_nodes if n.index > node_count]
+    if changed or surplus:
+        # new node list or settings: slurmctld and every slurmd read slurm.conf at start
+        daemons.stop_slurm(layout, cancel_jobs=False)
+    for node in surplus:
+        _remove_node(layout, node)
+    state.nodes = [n.name for n in nodes]
+    step()
+
+    daemons.start_slurmctld(layout, state)
+    step()
+    for node in nodes:
+        daemons.start_slurmd(layout, node, state)
+        daemons.start_sshd(layout, node, state)
+        step()
+    log.info("waiting for %d node(s) to be idle and to accept SSH", node_count)
+    daemons.wait_ready(layout, nodes)
+    log.info("lab is up: %s; login node %s (%s)", ", ".join(n.name for n in nodes),
+             layout.login_name, layout.host_addr)
+    return status(layout)
+
+
+def _remove_node(layout: Layout, node: Node) -> None:
+    for pidfile, program in ((layout.slurmd_pidfile(node), "slurmd"), (layout.sshd_pidfile(node), "sshd")):
+        pid = procs.daemon_pid(pidfile, program)
+        if pid:
+            procs.terminate([pid])
+        pidfile.unlink(missing_ok=True)
+    if node.netns in network.netns_names():
+        daemons.stop_node_processes(node.netns)
+    network.remove_node_net(node.netns)
+    network.remove_uts(layout.uts_file(node.name))
+
+
+def down(layout: Layout | None = None) -> None:
+    """Undo what ``up`` made. Safe to run twice, and after a half-failed ``up``.
+
+    Without a readable state file it still removes everything it can find by name
+    (namespaces, bridge, marked blocks, pid files); it then keeps users, since it
+    cannot know that the lab created them.
+    """
+    layout = layout or Layout()
+    require_root()
+    try:
+        state = load(layout.state_file)
+    except ConfigError as e:
+        log.warning("%s", e)
+        state = None
+
+    daemons.stop_slurm(layout)
+    daemons.stop_sshd(layout)
+    for netns in network.lab_netns_names():
+        daemons.stop_node_processes(netns)
+    lab_users = state.users if state else list(layout.users)
+    for name in lab_users:
+        leftovers = users.processes_of(name, containing="dxflow")
+        if leftovers:
+            log.info("stopping %d dxflow process(es) of %s", len(leftovers), name)
+            procs.terminate(leftovers, what=f"dxflow process of {name}")
+    daemons.stop_munge(layout, state)
+
+    log.info("removing the lab network")
+    for netns in network.lab_netns_names():
+        network.remove_node_net(netns)
+    for veth in _lab_veths():
+        run(["ip", "link", "del", veth], check=False)
+    network.remove_bridge(layout)
+    if layout.uts_dir.exists():
+        for path in layout.uts_dir.iterdir():
+            network.remove_uts(path)
+    network.remove_names(layout)
+
+    backups = state.backups if state else {
+        str(p): str(Layout.backup_of(p)) for p in (layout.slurm_conf, layout.cgroup_conf)}
+    for conf in (layout.slurm_conf, layout.cgroup_conf):
+        slurm.remove_config(conf, backups)
+
+    if state:
+        for name in state.users_created:
+            users.remove_user(name)
+        install.remove_hooks(state)
+    shutil.rmtree(layout.root, ignore_errors=True)
+    shutil.rmtree(layout.runtime, ignore_errors=True)
+    log.info("lab is down")
+
+
+def _lab_veths() -> list[str]:
+    """Host-side veth ends of the lab whose namespace is already gone."""
+    return [name for name in os.listdir("/sys/class/net")
+            if name.startswith("dxlab-v") and name[len("dxlab-v"):].isdigit()]
+
+
+def status(layout: Layout | None = None) -> dict:
+    """What runs now: ``{"state": "up"|"degraded"|"down", daemons, nodes, users, ...}``."""
+    layout = layout or Layout()
+    state = load(layout.state_file)
+    nodes = layout.nodes(state.node_count) if state else []
+    daemon_up = {
+        "munged": daemons.munge_works() if shutil.which("munge") else False,
+        "slurmctld": daemons.slurmctld_pid(layout) is not None,
+    }
+    slurm_states: dict[str, str] = {}
+    if daemon_up["slurmctld"]:
+        try:
+            slurm_states = slurm.node_states(timeout=5)
+        except SchedulerError as e:
+            log.debug("sinfo failed: %s", e)
+    node_rows = []
+    for node in nodes:
+        node_rows.append({
+            "name": node.name,
+            "addr": node.addr,
+            "netns": node.netns,
+            "slurmd": daemons.slurmd_pid(layout, node) is not None,
+            "sshd": daemons.sshd_pid(layout, node) is not None,
+            "slurm_state": slurm_states.get(node.name, "unknown"),
+        })
+    running = list(daemon_up.values()) + [r["slurmd"] and r["sshd"] for r in node_rows]
+    if state and running and all(running) and all(r["slurm_state"] in slurm.READY_STATES for r in node_rows):
+        overall = "up"
+    elif state or any(running) or network.lab_netns_names():
+        overall = "degraded"
+    else:
+        overall = "down"
+    return {
+        "state": overall,
+        "cluster": layout.cluster_name,
+        "login": {"name": layout.login_name, "addr": layout.host_addr},
+        "daemons": daemon_up,
+        "nodes": node_rows,
+        "users": [{"name": name, "exists": users.exists(name), "created_by_lab": name in state.users_created}
+                  for name in state.users] if state else [],
+        "slurm_version": state.slurm_version if state else "",
+        "state_file": str(layout.state_file) if state else None,
+    }
+
+
+def status_table(info: dict) -> str:
+    """``status()`` for people."""
+    yes = {True: "running", False: "stopped"}
+    lines = [f"lab: {info['state']}  (cluster {info['cluster']}, login {info['login']['name']} "
+             f"{info['login']['addr']}{', slurm ' + info['slurm_version'] if info['slurm_version'] else ''})"]
+    lines += [f"  {name:<10} {yes[up]}" for name, up in info["daemons"].items()]
+    if info["nodes"]:
+        lines.append(f"  {'NODE':<6} {'ADDRESS':<12} {'SLURMD':<8} {'SSHD':<8} SLURM STATE")
+        lines += [f"  {r['name']:<6} {r['addr']:<12} {yes[r['slurmd']]:<8} {yes[r['sshd']]:<8} {r['slurm_state']}"
+                  for r in info["nodes"]]
+    if info["users"]:
+        lines.append("  users: " + ", ".join(
+            u["name"] + ("" if u["exists"] else " (missing)") for u in info["users"]))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The per-user master on the login node: registry, tunnels, relay, console."""

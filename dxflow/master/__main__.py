@@ -1,0 +1,3 @@
+from dxflow.master.server import serve
+
+raise SystemExit(serve())

@@ -1,0 +1,170 @@
+"""The master's HTTP API (on its Unix socket for the CLI): the fleet, and a relay to each agent.
+
+``/api/fleet/JOB/NODE/<path>`` (NODE ``-`` = the job's first node) relays any request
+to that agent's ``/<path>`` through the node's tunnel, streaming both ways.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib
+import io
+import os
+import signal
+
+from flask import Flask, Response, jsonify, request, stream_with_context
+from werkzeug.exceptions import HTTPException
+
+from dxflow import __version__
+from dxflow.errors import AgentUnreachable, DxflowError, NotFound, UsageError
+from dxflow.master.fleet import Fleet
+
+#: hop-by-hop headers never relayed (RFC 9110 7.6.1), plus what the relay sets itself.
+HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+               "transfer-encoding", "upgrade", "host", "authorization", "cookie", "content-length"}
+CHUNK = 256 * 1024
+#: modules that add to the master's app: each has ``init_app(app, fleet)``.
+EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.console")
+
+
+def create_app(fleet: Fleet) -> Flask:
+    app = Flask("dxflow.master")
+    app.config["FLEET"] = fleet
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # not shipped in this build
+            if e.name != name:
+                raise
+            continue
+        module.init_app(app, fleet)
+
+    @app.get("/api/master")
+    def master_status():
+        return jsonify(pid=os.getpid(), user=fleet.user, version=__version__, tunnels=fleet.pool.status(),
+                       agents=len(fleet.registry.all()))
+
+    @app.post("/api/shutdown")
+    def shutdown():
+        os.kill(os.getppid(), signal.SIGTERM)  # the gunicorn arbiter
+        return jsonify(status="stopping")
+
+    @app.get("/api/agents")
+    def agents():
+        if request.args.get("refresh"):
+            fleet.refresh()
+        show_all = request.args.get("all") == "1"
+        items = [a.to_dict() for a in fleet.registry.all() if show_all or a.state != "gone"]
+        return jsonify(items)
+
+    @app.route("/api/fleet/<job>/<node>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
+    def relay(job: str, node: str, path: str):
+        agent = fleet.find(job, None if node == "-" else node)
+        if agent.state == "starting":
+            fleet.refresh()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        headers["Authorization"] = f"Bearer {fleet.token(agent)}"
+        query = request.query_string.decode()
+        target = "/" + path + (f"?{query}" if query else "")
+        conn = fleet.connection(agent, timeout=3600)
+        conn.response_class = _RelayResponse
+        body = None
+        length = request.content_length
+        if request.method in ("POST", "PUT", "PATCH"):
+            body = _iter_body(request.stream, length)
+            if length is None:
+                headers["Transfer-Encoding"] = "chunked"
+            else:
+                headers["Content-Length"] = str(length)
+        try:
+            conn.request(request.method, target, body=body, headers=headers,
+                         encode_chunked=body is not None and length is None)
+            resp = conn.getresponse()
+        except _BodyBroken as e:  # the client went away mid-upload: end the agent's side too
+            conn.close()
+            raise UsageError(f"request body to agent {agent.name} broken off: {e}") from e
+        except OSError as e:
+            conn.close()
+            raise AgentUnreachable(f"agent {agent.name}: {e}") from e
+
+        def stream():
+            try:
+                while True:
+                    chunk = resp.read1(CHUNK)  # what has arrived, up to CHUNK: streams (SSE) stay live
+                    if not chunk:
+                        break
+                    yield chunk
+            finally:
+                conn.close()
+
+        out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS]
+        if resp.getheader("Content-Length"):
+            out_headers.append(("Content-Length", resp.getheader("Content-Length")))
+        out_headers.append(("X-Dxflow-Agent", agent.name))
+        return Response(stream_with_context(stream()), status=resp.status, headers=out_headers,
+                        direct_passthrough=True)
+
+    @app.errorhandler(DxflowError)
+    def dxflow_error(e: DxflowError):
+        status = 502
+        for cls, code in ((NotFound, 404), (UsageError, 400), (AgentUnreachable, 502)):
+            if isinstance(e, cls):
+                status = code
+                break
+        return jsonify(error=type(e).__name__, message=str(e)), status
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return jsonify(error=e.name.lower().replace(" ", "_"), message=e.description), e.code
+
+    return app
+
+
+class _BodyBroken(Exception):
+    """The client's request body ended before its Content-Length."""
+
+
+def _iter_body(stream, length: int | None = None, size: int = CHUNK):
+    # Stop with an error when the client's body ends short: http.client then aborts the
+    # request and the agent sees its connection close (instead of waiting for the rest).
+    sent = 0
+    while True:
+        try:
+            chunk = stream.read(size)
+        except Exception as e:  # noqa: BLE001 - gunicorn raises its own errors on a dropped client
+            raise _BodyBroken(f"after {sent} bytes: {e}") from e
+        if not chunk:
+            break
+        sent += len(chunk)
+        yield chunk
+    if length is not None and sent < length:
+        raise _BodyBroken(f"{sent} of {length} bytes arrived")
+
+
+class _ChannelReader(io.RawIOBase):
+    """Raw reads from a paramiko channel (``recv``: whatever has arrived)."""
+
+    def __init__(self, chan) -> None:
+        self._chan = chan
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self._chan.recv(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+
+class _RelayResponse(http.client.HTTPResponse):
+    """An HTTP response whose ``read1`` works on a tunnel channel too.
+
+    http.client reads through ``sock.makefile()``; paramiko's ChannelFile has no
+    ``read1`` and its ``read(n)`` waits for all n bytes, which would hold back a
+    live stream (SSE, logs) and break on the relay's ``read1``.
+    """
+
+    def __init__(self, sock, *args, **kwargs) -> None:
+        super().__init__(sock, *args, **kwargs)
+        if not hasattr(self.fp, "read1"):
+            self.fp = io.BufferedReader(_ChannelReader(sock), CHUNK)

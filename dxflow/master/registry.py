@@ -1,0 +1,105 @@
+"""The fleet kept in SQLite (``~/.dxflow/fleet.db``), so a restarted master loses nothing."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dxflow.registration import Registration
+
+STATES = ("starting", "ready", "lost", "gone")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    registration TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'starting',
+    detail TEXT NOT NULL DEFAULT '',
+    checked REAL NOT NULL DEFAULT 0,
+    changed REAL NOT NULL DEFAULT 0,
+    node_info TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+@dataclass
+class Agent:
+    reg: Registration
+    state: str = "starting"
+    detail: str = ""
+    checked: float = 0.0
+    changed: float = 0.0
+    node_info: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.reg.name
+
+    def to_dict(self) -> dict:
+        r = self.reg
+        return {"job": r.job, "node": r.node, "cluster": r.cluster, "scheduler": r.scheduler,
+                "user": r.user, "state": self.state, "detail": self.detail, "port": r.port,
+                "pid": r.pid, "address": r.address, "started": r.started, "version": r.version,
+                "api_version": r.api_version, "checked": self.checked, "load": self.node_info.get("load"),
+                "cpu_percent": self.node_info.get("cpu_percent"),
+                "memory_total": self.node_info.get("memory_total"),
+                "memory_available": self.node_info.get("memory_available")}
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def _row(self, row: tuple) -> Agent:
+        name, reg, state, detail, checked, changed, info = row
+        return Agent(Registration.from_dict(json.loads(reg)), state, detail, checked, changed, json.loads(info))
+
+    def all(self) -> list[Agent]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM agents ORDER BY name").fetchall()
+        return [self._row(r) for r in rows]
+
+    def get(self, name: str) -> Agent | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM agents WHERE name = ?", (name,)).fetchone()
+        return self._row(row) if row else None
+
+    def upsert(self, reg: Registration) -> bool:
+        """Add or replace a registration; True when it is new (or a different agent than before)."""
+        old = self.get(reg.name)
+        if old and old.reg.pid == reg.pid and old.reg.public_key == reg.public_key:
+            return False
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO agents (name, registration, state, detail, checked, changed, node_info) "
+                "VALUES (?, ?, 'starting', '', 0, ?, '{}')", (reg.name, json.dumps(asdict(reg)), now))
+        return True
+
+    def set_state(self, name: str, state: str, detail: str = "", node_info: dict | None = None) -> None:
+        assert state in STATES, state
+        now = time.time()
+        with self._lock:
+            cur = self._db.execute("SELECT state FROM agents WHERE name = ?", (name,)).fetchone()
+            if not cur:
+                return
+            changed = now if cur[0] != state else None
+            self._db.execute(
+                "UPDATE agents SET state = ?, detail = ?, checked = ?, changed = COALESCE(?, changed), "
+                "node_info = COALESCE(?, node_info) WHERE name = ?",
+                (state, detail, now, changed, json.dumps(node_info) if node_info is not None else None, name))
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM agents WHERE name = ?", (name,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

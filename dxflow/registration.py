@@ -1,0 +1,90 @@
+"""Registration records: how an agent tells its user's master "I am here".
+
+One JSON file per agent in ``~/.dxflow/fleet/`` (the home is shared by the login
+and compute nodes), written atomically so a reader never sees half a record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Registration:
+    cluster: str
+    scheduler: str
+    job: str
+    node: str
+    address: str      # how the login node reaches the node (host name or address) for SSH
+    port: int         # the agent's port on the node's 127.0.0.1
+    pid: int
+    user: str
+    started: str      # ISO 8601, UTC
+    public_key: str   # PEM; the agent signs identity challenges with its private half
+    api_version: int
+    version: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.cluster}.{self.job}.{self.node}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Registration":
+        names = {f.name for f in fields(cls)}
+        missing = names - set(data)
+        if missing:
+            raise ValueError(f"registration lacks {', '.join(sorted(missing))}")
+        return cls(**{k: data[k] for k in names})
+
+
+def write(fleet_dir: Path, reg: Registration) -> Path:
+    path = fleet_dir / f"{reg.name}.json"
+    tmp = fleet_dir / f".{reg.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(reg.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_all(fleet_dir: Path) -> list[Registration]:
+    """Every readable record; unreadable ones are logged and skipped (a writer may be mid-way)."""
+    out = []
+    try:
+        entries = list(os.scandir(fleet_dir))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(".json"):
+            continue
+        try:
+            with open(entry.path) as f:
+                out.append(Registration.from_dict(json.load(f)))
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("skipping registration %s: %s", entry.path, e)
+    return out
+
+
+def remove(fleet_dir: Path, name: str, pid: int | None = None) -> None:
+    """Remove a record; with ``pid``, only if it is still that agent's (a newer agent may have replaced it)."""
+    path = fleet_dir / f"{name}.json"
+    if pid is not None:
+        try:
+            with open(path) as f:
+                if json.load(f).get("pid") != pid:
+                    return
+        except (OSError, ValueError):
+            return
+    path.unlink(missing_ok=True)

@@ -1,0 +1,33 @@
+"""No scheduler: an agent started by hand on a workstation or in a container.
+
+The "job" is named by the user (default ``local``) and is running for as long as
+the agent runs.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+
+from dxflow.schedulers.base import JobInfo, JobState, Scheduler
+
+
+class Local(Scheduler):
+    name = "local"
+    hook_env = {
+        "job": ("DXFLOW_JOB",),
+        "user": ("DXFLOW_USER", "USER"),
+        "node": ("DXFLOW_NODE",),
+        "cluster": ("DXFLOW_CLUSTER",),
+        "work_dir": ("DXFLOW_WORK_DIR", "PWD"),
+    }
+
+    def jobs(self, user: str | None = None) -> list[JobInfo]:
+        return []
+
+    def job_state(self, job_id: str) -> JobState:
+        return JobState.RUNNING  # nothing can end it but the agent itself
+
+    def local_job(self, job: str = "local") -> JobInfo:
+        return JobInfo(job=job, user=getpass.getuser(), state=JobState.RUNNING,
+                       nodes=[socket.gethostname().split(".")[0]])

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Shared set-up for demo.sh and test.sh on a fresh Debian 12/13 machine, as root:
+# Debian packages, the dxflow venv under /opt (readable by every user), the lab cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root (the lab builds a Slurm cluster on this machine)" >&2; exit 2; }
+export DEBIAN_FRONTEND=noninteractive
+PKGS="slurm-wlm munge openssh-server iproute2 util-linux procps python3-venv python3-pip"
+[ "${DXFLOW_BROWSER:-1}" = 1 ] && PKGS="$PKGS chromium"
+missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
+if [ -n "$missing" ]; then
+  echo "== installing Debian packages: $missing" >&2
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+VENV=/opt/dxflow/venv
+[ -x $VENV/bin/python ] || /usr/bin/python3 -m venv $VENV
+echo "== installing dxflow ${1:+and $1 extras }into $VENV" >&2
+$VENV/bin/pip install -q --upgrade pip >/dev/null
+$VENV/bin/pip install -q ".${1:+[$1]}"
+chmod -R a+rX /opt/dxflow
+echo "== bringing the lab cluster up" >&2
+$VENV/bin/dxflow lab up

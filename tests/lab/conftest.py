@@ -1,0 +1,130 @@
+"""Fixtures for integration tests on the lab cluster.
+
+Everything here talks to the real thing: sbatch/squeue/scancel as the lab users,
+the installed ``dxflow`` (/usr/local/bin/dxflow), sshd and slurmd in the node
+namespaces. Tests in this folder are marked ``lab`` automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+
+DXFLOW = "/usr/local/bin/dxflow"
+NODES = ("n1", "n2")
+NETNS = "dxlab-{node}"
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.lab)
+
+
+def run(argv: Sequence[str], *, timeout: float = 60, check: bool = True, input: str | None = None,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{shlex.join(argv)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
+                             f"stderr: {proc.stderr}")
+    return proc
+
+
+def as_user(user: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+    """Run argv as ``user`` in a login shell on the login node (the host namespace)."""
+    return run(["runuser", "-l", user, "-c", shlex.join(argv)], **kw)
+
+
+def on_node(node: str, user: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+    """Run argv as ``user`` inside a compute node's network namespace (as if logged in there)."""
+    return run(["nsenter", f"--net=/var/run/netns/{NETNS.format(node=node)}", "runuser", "-l", user, "-c",
+                shlex.join(argv)], **kw)
+
+
+def dxflow(user: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return as_user(user, [DXFLOW, *args], **kw)
+
+
+def dxflow_json(user: str, *args: str, **kw):
+    return json.loads(dxflow(user, *args, "--json", **kw).stdout)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def job_state(job: str) -> str:
+    out = run(["squeue", "-h", "-j", job, "-o", "%T"], check=False).stdout.strip()
+    return out or "GONE"
+
+
+class Jobs:
+    """Submits jobs as a user and cancels whatever is left at the end of the test."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def submit(self, user: str, script: str, *sbatch_args: str, nodes: int = 1) -> str:
+        home = Path(os.path.expanduser(f"~{user}"))
+        argv = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", f"--chdir={home}",
+                *sbatch_args, f"--wrap={script}"]
+        job = as_user(user, argv).stdout.strip().split(";")[0]
+        self.ids.append(job)
+        return job
+
+    def wait_running(self, job: str, timeout: float = 30) -> None:
+        wait_for(lambda: job_state(job) == "RUNNING", timeout, what=f"job {job} running")
+
+    def cancel_all(self) -> None:
+        for job in self.ids:
+            run(["scancel", job], check=False)
+
+
+@pytest.fixture(scope="session")
+def lab() -> dict:
+    """The lab must be up (``dxflow lab up``): fail loudly, never skip, if it is not."""
+    if os.geteuid() != 0:
+        pytest.fail("lab tests run as root (they act as the lab users through runuser)")
+    status = run([DXFLOW, "lab", "status", "--json"], check=False)
+    if status.returncode != 0:
+        pytest.fail(f"the lab is not up: run `dxflow lab up` first\n{status.stdout}{status.stderr}")
+    return json.loads(status.stdout)
+
+
+@pytest.fixture
+def jobs(lab) -> Iterator[Jobs]:
+    j = Jobs()
+    yield j
+    j.cancel_all()
+
+
+def agents_of(user: str, job: str) -> list[dict]:
+    return [a for a in dxflow_json(user, "ls") if a["job"] == job]
+
+
+def wait_agents(user: str, job: str, count: int, state: str = "ready", timeout: float = 30) -> list[dict]:
+    def ready():
+        agents = agents_of(user, job)
+        return agents if len(agents) == count and all(a["state"] == state for a in agents) else None
+    return wait_for(ready, timeout, interval=0.5, what=f"{count} {state} agent(s) of job {job}")
+
+
+def agent_pids(job: str) -> list[int]:
+    """Pids of processes whose command line names this job's agent (any node)."""
+    out = run(["pgrep", "-f", f"dxflow.agent .*--job {job} --node "], check=False).stdout
+    return [int(x) for x in out.split()]
