@@ -44,7 +44,7 @@ def runtime_dir(site: SiteConfig) -> Path:
 
 def _site_logger(site: SiteConfig) -> None:
     """Log to the site's hook log, quietly doing without it if it cannot be opened."""
-    if log.handlers:
+    if any(getattr(h, "dxflow_site", False) for h in log.handlers):
         return
     try:
         path = hook_log(site)
@@ -53,6 +53,7 @@ def _site_logger(site: SiteConfig) -> None:
     except OSError:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    handler.dxflow_site = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False

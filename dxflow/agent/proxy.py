@@ -58,9 +58,13 @@ def _error(status: int, error: str, message: str):
     return resp
 
 
+# werkzeug matches WebSocket upgrades only to rules marked websocket=True: one set each.
 @bp.route("/proxy/<int:port>", defaults={"path": ""}, methods=METHODS)
 @bp.route("/proxy/<int:port>/", defaults={"path": ""}, methods=METHODS)
 @bp.route("/proxy/<int:port>/<path:path>", methods=METHODS)
+@bp.route("/proxy/<int:port>", defaults={"path": ""}, websocket=True, endpoint="proxy_ws_bare")
+@bp.route("/proxy/<int:port>/", defaults={"path": ""}, websocket=True, endpoint="proxy_ws_root")
+@bp.route("/proxy/<int:port>/<path:path>", websocket=True, endpoint="proxy_ws")
 def proxy(port: int, path: str):
     state = current_app.config["AGENT"]
     if state.port and port == state.port:

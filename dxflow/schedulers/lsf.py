@@ -136,10 +136,11 @@ class LSF(Scheduler):
         return [self.environ["LSF_BINDIR"]] if self.environ.get("LSF_BINDIR") else []
 
     def backend(self) -> str:
-        return f'bjobs -json -o "{" ".join(self.fields)}"'
+        return "bjobs -json -o FIELDS"
 
     def backend_why(self) -> str:
-        return "LSF prints chosen job fields as JSON with bjobs -json -o (10.1 Fix Pack 5 and later)"
+        return (f"LSF prints chosen job fields as JSON with bjobs -json -o (10.1 Fix Pack 5 and later); "
+                f"FIELDS: {' '.join(self.fields)}")
 
     def query_env(self) -> dict[str, str]:
         env = {k: v for k, v in self.environ.items() if k in LSF_SETTINGS or k in ("PATH", "HOME", "LANG", "USER")}

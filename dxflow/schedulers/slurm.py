@@ -14,10 +14,14 @@ A job object (22.05, trimmed)::
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+from dxflow.schedulers import pyslurm_backend
 from dxflow.schedulers.base import JobInfo, JobState, Scheduler, run
 from dxflow.schedulers.hostlist import expand_hostlist
+
+log = logging.getLogger(__name__)
 
 
 class Slurm(Scheduler):
@@ -48,15 +52,30 @@ class Slurm(Scheduler):
     }
     passthrough_env = ("SLURM_CONF",)
     squeue = ("squeue", "--json")
+    commands = ("squeue", "sinfo")
 
     def expand_nodes(self, text: str) -> list[str]:
         return expand_hostlist(text) if text else []
 
     def jobs(self, user: str | None = None) -> list[JobInfo]:
+        if pyslurm_backend.status(self.environ).usable:
+            try:
+                items = pyslurm_backend.load_jobs()
+            except Exception as e:  # noqa: BLE001 - pyslurm raises its own RPCError; squeue still answers
+                log.warning("pyslurm could not list jobs (%s: %s): asking squeue", type(e).__name__, e)
+            else:
+                return [i for i in map(self._info, items) if user is None or i.user == user]
         argv = list(self.squeue) + (["--user", user] if user else [])
         data = json.loads(run(argv))
         infos = [self._info(item) for item in data.get("jobs", [])]
         return [i for i in infos if user is None or i.user == user]
+
+    def backend(self) -> str:
+        return "pyslurm" if pyslurm_backend.status(self.environ).usable else " ".join(self.squeue)
+
+    def backend_why(self) -> str:
+        st = pyslurm_backend.status(self.environ)
+        return st.reason if st.usable else f"{st.reason}; Slurm's own JSON output instead"
 
     def _info(self, item: dict[str, Any]) -> JobInfo:
         state = item.get("job_state", "")

@@ -1,0 +1,110 @@
+"""``dxflow logs``: a job's stdout or stderr, or its agent's log; ``-f`` follows it live."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("logs", help="show (or follow) a job's output", description=(
+        "Show the job's own stdout (or stderr, or the agent's log) as its agent on the node reads "
+        "it: the path comes from the scheduler, with %%j-style patterns expanded. With -f, new lines "
+        "appear as the job writes them, until the job ends or you press Ctrl-C."))
+    p.add_argument("target", metavar="JOB[:NODE]", help="the job (and node; default: the job's first node, "
+                   "where the batch script's output is written)")
+    p.add_argument("--node", help="the node whose agent reads the log (same as JOB:NODE)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stderr", action="store_true", help="the job's stderr instead of its stdout")
+    which.add_argument("--agent", action="store_true", help="the agent's own log on that node")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines as they are written")
+    p.add_argument("-n", "--lines", type=int, metavar="K", help="only the last K lines (default: all)")
+    p.set_defaults(func=cmd_logs)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from dxflow.cli.util import parse_target
+    from dxflow.errors import UsageError
+    from dxflow.master.client import MasterClient, check
+
+    job, node = parse_target(args.target)
+    if args.node:
+        if node and node != args.node:
+            raise UsageError(f"two nodes named: {node} (in {args.target}) and --node {args.node}")
+        node = args.node
+    if args.lines is not None and args.lines < 0:
+        raise UsageError("--lines must be 0 or more")
+    name = "agent" if args.agent else "stderr" if args.stderr else "stdout"
+    client = MasterClient().ensure()
+    query = f"?lines={args.lines}" if args.lines is not None else ""
+    path = client.agent_path(job, node, f"/api/logs/{name}" + ("/follow" if args.follow else "") + query)
+    resp = client.request("GET", path, timeout=None)
+    check(resp)
+    out = sys.stdout.buffer
+    if not args.follow:
+        while True:
+            chunk = resp.read1(256 * 1024)
+            if not chunk:
+                return 0
+            out.write(chunk)
+            out.flush()
+    return follow(resp, out, client, job, node)
+
+
+def read_events(resp):
+    """Server-sent events from ``resp``, as (event, data) pairs; comments and ids are skipped."""
+    event, data = "", []
+    while True:
+        raw = resp.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r")
+        if not line:
+            if data or event:
+                yield event or "message", "\n".join(data)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            event = value
+
+
+def follow(resp, out, client, job: str, node: str | None) -> int:
+    import http.client
+
+    try:
+        for event, data in read_events(resp):
+            if event == "end":
+                print(f"dxflow: {data}", file=sys.stderr)
+                return 0
+            out.write(data.encode() + b"\n")
+            out.flush()
+    except (http.client.HTTPException, ConnectionError) as e:
+        return _stream_lost(client, job, node, e)
+    return _stream_lost(client, job, node, None)
+
+
+def _stream_lost(client, job: str, node: str | None, error: Exception | None) -> int:
+    """The stream broke off without its end event: the job ended (the epilog stops the agent) or the link broke."""
+    import time
+
+    from dxflow.errors import AgentUnreachable
+
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # the master notices a removed registration within a second
+        try:
+            agents = client.json("GET", "/api/agents?all=1&refresh=1")
+        except Exception:  # noqa: BLE001 - the master itself is gone: say what we know
+            break
+        mine = [a for a in agents if a["job"] == job and (node is None or a["node"] == node)]
+        if not mine or all(a["state"] == "gone" for a in mine):
+            print(f"dxflow: job {job} ended", file=sys.stderr)
+            return 0
+        time.sleep(0.3)
+    why = f": {error}" if error else ""
+    raise AgentUnreachable(f"the log stream of job {job} broke off{why}; run `dxflow logs -f` again")

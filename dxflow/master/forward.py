@@ -1,0 +1,126 @@
+"""``/api/forward/JOB/NODE/PORT``: a raw TCP pipe from the CLI to a service of the job on a node.
+
+A plain ``GET`` checks, through the agent's ``/api/ports/PORT``, that a process of
+the user listens on PORT there (and no other user's could answer) and says where
+it leads. With ``Connection: Upgrade`` and ``Upgrade: dxflow-tcp`` the master then
+answers ``101 Switching Protocols`` and pipes the connection's bytes both ways
+through a direct-tcpip channel of the node's SSH transport. ``dxflow forward``
+opens one such pipe per local connection, so anything that speaks TCP works
+(HTTP, server-sent events, WebSockets).
+
+Only the standard library is imported at module level: the CLI uses :func:`pipe`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+
+log = logging.getLogger(__name__)
+
+UPGRADE = "dxflow-tcp"
+CHECK_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 10.0
+
+
+def pipe(a, b, bufsize: int = 64 * 1024) -> None:
+    """Copy bytes both ways between two sockets (or paramiko channels) until both directions ended.
+
+    End of input on one side is passed on as a half close of the other; an error on
+    either side ends both directions.
+    """
+    peer = {a: b, b: a}
+    reading = {a, b}
+    while reading:
+        ready, _, _ = select.select(list(reading), [], [])
+        for src in ready:
+            dst = peer[src]
+            try:
+                data = src.recv(bufsize)
+            except OSError:
+                return
+            if data:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+                continue
+            reading.discard(src)
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+def check(fleet, agent, port: int) -> tuple[int, dict]:
+    """Ask the agent whether PORT is the user's: (HTTP status, its JSON answer)."""
+    from dxflow.errors import AgentUnreachable
+
+    conn = fleet.connection(agent, timeout=CHECK_TIMEOUT)
+    try:
+        conn.request("GET", f"/api/ports/{port}", headers={"Authorization": f"Bearer {fleet.token(agent)}"})
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as e:
+        raise AgentUnreachable(f"agent {agent.name}: {e}") from e
+    finally:
+        conn.close()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = {"error": "bad_gateway", "message": raw.decode(errors="replace")[:300]}
+    return resp.status, data
+
+
+def open_channel(fleet, agent, connect: str, port: int):
+    """A byte stream to ``connect:port`` on the agent's node, through its SSH transport."""
+    import paramiko
+
+    from dxflow.errors import AgentUnreachable
+
+    address = agent.reg.address
+    if connect == "127.0.0.1":
+        return fleet.pool.channel(address, port)
+    try:
+        if address in fleet.pool.local_names:
+            return socket.create_connection((connect, port), timeout=CONNECT_TIMEOUT)
+        return fleet.pool.transport(address).open_channel("direct-tcpip", (connect, port), ("127.0.0.1", 0),
+                                                          timeout=CONNECT_TIMEOUT)
+    except (paramiko.SSHException, OSError) as e:
+        raise AgentUnreachable(f"{address}: cannot reach {connect}:{port}: {e}") from e
+
+
+def init_app(app, fleet) -> None:
+    from flask import Response, jsonify, request
+
+    class Hijacked(Response):
+        """The connection was taken over: gunicorn closes it and writes nothing more."""
+
+        def __call__(self, environ, start_response):
+            raise StopIteration()
+
+    @app.get("/api/forward/<job>/<node>/<int:port>")
+    def forward(job: str, node: str, port: int):
+        agent = fleet.find(job, None if node == "-" else node)
+        status, info = check(fleet, agent, port)
+        if status != 200:
+            return jsonify(info), status
+        info.update(job=agent.reg.job, node=agent.reg.node)
+        if request.headers.get("Upgrade", "").lower() != UPGRADE:
+            return jsonify(info)
+        sock = request.environ.get("gunicorn.socket")
+        if sock is None:
+            return jsonify(error="bad_request", message="this server cannot hand over connections"), 400
+        chan = open_channel(fleet, agent, info["connect"], port)
+        try:
+            sock.sendall(f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE}\r\n"
+                         f"X-Dxflow-Agent: {agent.name}\r\n\r\n".encode())
+            sock.settimeout(None)
+            pipe(sock, chan)
+        except OSError as e:
+            log.info("forward to %s port %d: %s", agent.name, port, e)
+        finally:
+            chan.close()
+        return Hijacked()

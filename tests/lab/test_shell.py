@@ -1,0 +1,76 @@
+"""``dxflow shell`` on the lab: a real terminal through the master, the SSH tunnel and the agent's PTY."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DXFLOW, as_user, job_state, wait_agents, wait_for
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def shell(user: str, target: str, *, rows: int = 24, cols: int = 80):
+    child = pexpect.spawn("runuser", ["-l", user, "-c", shlex.join([DXFLOW, "shell", target])], timeout=30,
+                          dimensions=(rows, cols))
+    return child
+
+
+def two_node_job(jobs) -> str:
+    job = jobs.submit("alice", "sleep 600", nodes=2)
+    jobs.wait_running(job)
+    wait_agents("alice", job, 2)
+    return job
+
+
+def test_shell_on_a_node_of_the_job(jobs):
+    job = two_node_job(jobs)
+    child = shell("alice", f"{job}:n2")
+    child.sendline("hostname; echo user=$(id -un)x job=${SLURM_JOB_ID}x dx=${DXFLOW_NODE}x")
+    child.expect(r"[\r\n]n2\r\n")
+    child.expect("user=alicex")
+    child.expect(f"job={job}x")
+    child.expect("dx=n2x")
+    child.sendline("stty size")
+    child.expect("24 80")
+    child.setwinsize(40, 120)  # the CLI gets SIGWINCH and tells the agent
+    time.sleep(0.5)
+    child.sendline("stty size")
+    child.expect("40 120")
+    child.sendline("sleep 30; echo not-interrupted")
+    time.sleep(0.5)
+    child.sendcontrol("c")  # raw mode: Ctrl-C reaches the remote foreground job through the PTY
+    child.sendline("echo rc=$?x")
+    child.expect("rc=130x", timeout=10)
+    child.sendline("exit 3")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 3, child.before
+
+
+def test_shell_first_node_and_piped_input(jobs):
+    job = two_node_job(jobs)
+    out = as_user("alice", [DXFLOW, "shell", job], input="hostname\nexit 0\n", timeout=60)
+    assert re.search(r"^n1\r?$", out.stdout, re.M), out.stdout
+
+
+def test_no_shell_left_after_the_job_is_cancelled(jobs):
+    job = two_node_job(jobs)
+    child = shell("alice", f"{job}:n2")
+    child.sendline("sleep 777 & echo bg=$!x; echo sh=$$x")
+    child.expect(r"bg=(\d+)x")
+    bg = int(child.match.group(1))
+    child.expect(r"sh=(\d+)x")
+    sh = int(child.match.group(1))
+    assert Path(f"/proc/{sh}").exists() and Path(f"/proc/{bg}").exists()
+    as_user("alice", ["scancel", job])
+    wait_for(lambda: job_state(job) == "GONE", 60, what=f"job {job} gone")
+    wait_for(lambda: not Path(f"/proc/{sh}").exists() and not Path(f"/proc/{bg}").exists(), 15,
+             what=f"shell {sh} and its job {bg} gone")
+    child.expect(pexpect.EOF, timeout=15)  # the CLI notices and ends
+    child.close()
+    assert child.exitstatus != 0

@@ -1,0 +1,64 @@
+"""The agent's Flask app in-process: every request needs the user's fresh token for this agent."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from dxflow import auth
+from dxflow.agent import create_app
+from dxflow.agent.state import AgentState
+
+
+@pytest.fixture
+def parts(tmp_path):
+    user_key = auth.new_key()
+    agent_key = auth.new_key()
+    pub = auth.public_pem(agent_key)
+    state = AgentState(scheduler="local", cluster="t", job="7", node="n1", user=getpass.getuser(),
+                       home=tmp_path, key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
+                       user_public_key=auth.public_pem(user_key), started=time.time())
+    app = create_app(state, {"TESTING": True})
+    return app.test_client(), state, user_key
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_node_with_token(parts):
+    client, state, key = parts
+    resp = client.get("/api/node", headers=bearer(auth.mint_token(key, state.user, state.audience)))
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert body["job"] == "7" and body["cpus"] >= 1 and body["memory_total"] > 0 and len(body["load"]) == 3
+
+
+@pytest.mark.parametrize("make", [
+    lambda s, k: None,
+    lambda s, k: "garbage",
+    lambda s, k: auth.mint_token(auth.new_key(), s.user, s.audience),            # another user's key
+    lambda s, k: auth.mint_token(k, s.user, "SHA256:someone-else"),              # another agent
+    lambda s, k: auth.mint_token(k, "mallory", s.audience),                      # another user named
+    lambda s, k: jwt.encode({"sub": s.user, "aud": s.audience, "iat": int(time.time()) - 600,
+                             "exp": int(time.time()) - 300}, k, "RS256"),        # expired
+])
+def test_refused_without_a_valid_token(parts, make):
+    client, state, key = parts
+    token = make(state, key)
+    resp = client.get("/api/node", headers=bearer(token) if token else {})
+    assert resp.status_code == 401
+    assert resp.get_json()["error"] == "unauthorized"
+    assert "Bearer" in resp.headers["WWW-Authenticate"]
+
+
+def test_health_signs_challenge(parts):
+    client, state, key = parts
+    tok = auth.mint_token(key, state.user, state.audience)
+    body = client.get("/api/health?challenge=abc", headers=bearer(tok)).get_json()
+    assert auth.check_challenge(state.public_key, "abc", body["signature"])
+    assert client.get("/api/health?challenge=" + "x" * 300, headers=bearer(tok)).status_code == 400

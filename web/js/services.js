@@ -1,0 +1,51 @@
+// The job's web services on this node: the TCP ports its processes listen on, opened through the proxy.
+
+import { api } from './api.js';
+import { clear, every, h, icon } from './util.js';
+
+const POLL_MS = 5000;
+
+export async function render(body, { node, base, signal }) {
+  const tbody = h('tbody');
+  const table = h('table', { class: 'table services' },
+    h('thead', {}, h('tr', {}, ['Port', 'Address', 'Process', 'PID', ''].map((c) => h('th', {}, c)))), tbody);
+  const empty = h('div', { class: 'empty', hidden: true },
+    h('div', { class: 'empty-icon' }, icon('globe')),
+    h('h2', {}, 'No web services on this node'),
+    h('p', {}, 'None of the job\u2019s processes listens on a TCP port here. Start one, for example ',
+      h('code', {}, 'python3 -m http.server 8000'), ', Jupyter or TensorBoard, and it appears here.'));
+  const error = h('div', { class: 'alert alert-error', hidden: true });
+  clear(body).append(
+    h('div', { class: 'toolbar' },
+      h('div', { class: 'muted' }, `Ports the job's processes listen on, on ${node}. Each opens in a new tab through the dxflow proxy.`),
+      h('div', { class: 'toolbar-right' }, h('div', { class: 'live' }, h('span', { class: 'live-dot' }), 'live'))),
+    error,
+    h('section', { class: 'card' }, h('div', { class: 'table-wrap' }, table), empty));
+
+  const poll = async () => {
+    let ports;
+    try {
+      ports = await api(`${base}/api/ports`, { signal });
+      error.hidden = true;
+    } catch (e) {
+      if (e.name === 'AbortError') return;
+      error.textContent = `Cannot list the node's ports: ${e.message}`;
+      error.hidden = false;
+      return;
+    }
+    ports.sort((a, b) => a.port - b.port);
+    table.hidden = !ports.length;
+    empty.hidden = !!ports.length;
+    clear(tbody).append(ports.map((p) => {
+      const href = `${base}/proxy/${p.port}/`;
+      return h('tr', { dataset: { port: p.port } },
+        h('td', { class: 'num strong' }, String(p.port)),
+        h('td', { class: 'mono muted' }, p.address || ''),
+        h('td', { class: 'mono' }, p.process || ''),
+        h('td', { class: 'num muted' }, p.pid ? String(p.pid) : ''),
+        h('td', { class: 'cell-actions' }, h('a', { class: 'btn btn-small', href, target: '_blank', rel: 'noopener noreferrer',
+          'aria-label': `Open port ${p.port}` }, icon('external'), 'Open')));
+    }));
+  };
+  every(POLL_MS, poll, signal);
+}
