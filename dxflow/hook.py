@@ -95,8 +95,8 @@ def agent_argv(site: SiteConfig, job: HookJob) -> list[str]:
     argv = [python, "-I", "-m", "dxflow.agent", "--scheduler", job.scheduler, "--cluster", job.cluster,
             "--job", job.job, "--node", job.node]
     for flag, value in (("--work-dir", job.work_dir), ("--stdout", job.stdout), ("--stderr", job.stderr)):
-        if value:
-            argv += [flag, value]
+        if value:  # one element, FLAG=VALUE: a value starting with "-" is still that flag's value
+            argv.append(f"{flag}={value}")
     return argv
 
 

@@ -22,7 +22,7 @@ Install, as root on the PBS server host (docs/admin-pbs.md):
   qmgr -c "set hook dxflow alarm = 30"
   qmgr -c "set hook dxflow order = 900"
   qmgr -c "set hook dxflow fail_action = none"
-  qmgr -c "import hook dxflow application/x-python default /opt/dxflow/pbs/dxflow_hook.py"
+  qmgr -c "import hook dxflow application/x-python default /etc/dxflow/hooks/pbs/dxflow_hook.py"
   qmgr -c "list hook dxflow"
 Any execjob_prologue / execjob_epilogue hook makes pbs_mom skip the classic
 mom_priv/prologue / epilogue: a site that keeps its own classic scripts sets

@@ -6,13 +6,13 @@ import { api, loadConfig, logout, nodeBase, session } from './js/api.js';
 import { renderFleet, nodeHref, TABS } from './js/fleet.js';
 import { badge, clear, every, h, icon } from './js/util.js';
 
-const VIEWS = {
-  overview: () => import('./js/overview.js'),
-  files: () => import('./js/files.js'),
-  logs: () => import('./js/logs.js'),
-  terminal: () => import('./js/terminal.js'),
-  services: () => import('./js/services.js'),
-};
+import * as files from './js/files.js';
+import * as logs from './js/logs.js';
+import * as overview from './js/overview.js';
+import * as services from './js/services.js';
+import * as terminal from './js/terminal.js';
+
+const VIEWS = { overview, files, logs, terminal, services };
 
 const view = document.getElementById('view');
 const crumbs = document.getElementById('crumbs');
@@ -36,7 +36,7 @@ function setCrumbs(items) {
   clear(crumbs);
   items.forEach(([label, href], i) => {
     if (i) crumbs.append(h('span', { class: 'crumb-sep' }, '/'));
-    crumbs.append(href ? h('a', { href }, label) : h('span', { class: 'crumb-current' }, label));
+    crumbs.append(href ? h('a', { href }, label) : h('span', { class: href === '' ? 'crumb-plain' : 'crumb-current' }, label));
   });
 }
 
@@ -75,11 +75,11 @@ async function renderNode(job, node, tab, params, signal) {
   document.title = `${node} · ${label} · dxflow`;
   setCrumbs(session.mode === 'fleet'
     ? [['Fleet', '#/'], [`Job ${job}`, '#/'], [node, nodeHref(job, node)], [label, null]]
-    : [[`Job ${job}`, null], [node, nodeHref(job, node)], [label, null]]);
+    : [[`Job ${job}`, ''], [node, nodeHref(job, node)], [label, null]]);
   const stateBadge = h('span', { class: 'badge' }, '…');
   const host = h('span', { class: 'muted' });
   const body = h('div', { class: 'node-body' });
-  clear(view).append(
+  clear(view, 
     h('div', { class: 'node-head' },
       h('div', { class: 'node-title' }, icon('server', 'icon-lg'),
         h('div', {}, h('h1', {}, node), h('div', { class: 'muted' }, `Job ${job} `, host)), stateBadge),
@@ -91,10 +91,8 @@ async function renderNode(job, node, tab, params, signal) {
   api(`${nodeBase(job, node)}/api/node`, { signal })
     .then((info) => { host.textContent = `\u00b7 host ${info.hostname} \u00b7 ${info.user}`; })
     .catch(() => {});
-  const module = await VIEWS[tab]();
-  if (signal.aborted) return;
   try {
-    await module.render(body, { job, node, base: nodeBase(job, node), params, signal });
+    await VIEWS[tab].render(body, { job, node, base: nodeBase(job, node), params, signal });
   } catch (e) {
     if (e.name !== 'AbortError') body.append(h('div', { class: 'alert alert-error' }, e.message));
   }
@@ -106,7 +104,7 @@ function watchNode(job, node, stateBadge, signal) {
     stateBadge.replaceWith(badge(state));
     stateBadge = document.querySelector('.node-title .badge');
     if (state === 'lost') showBanner('warning', text || `Node ${node} cannot be reached. Retrying\u2026`);
-    else if (state === 'gone') showBanner('error', text || `Job ${job} has ended: the agent on ${node} is gone.`);
+    else if (state === 'gone') showBanner('error', text || `Job ${job} has ended: its agent on ${node} has stopped.`);
     else showBanner('', '');
     document.body.classList.toggle('node-gone', state === 'gone');
   };
@@ -120,8 +118,7 @@ function watchNode(job, node, stateBadge, signal) {
         return;
       }
       const a = agents.find((x) => x.job === job && x.node === node);
-      if (!a || a.state === 'gone') show('gone', `Job ${job} has ended: the agent on ${node} is gone.`
-        + (a && a.detail ? ` (${a.detail})` : ''));
+      if (!a || a.state === 'gone') show('gone', `Job ${job} has ended: its agent on ${node} has stopped.`);
       else if (a.state === 'lost') show('lost', `Node ${node} cannot be reached: ${a.detail || 'its agent does not answer'}. Retrying\u2026`);
       else show(a.state);
     }, signal);
@@ -143,7 +140,7 @@ async function main() {
   try {
     await loadConfig();
   } catch (e) {
-    clear(view).append(h('div', { class: 'alert alert-error' }, `The console cannot start: ${e.message}`));
+    clear(view, h('div', { class: 'alert alert-error' }, `The console cannot start: ${e.message}`));
     return;
   }
   document.getElementById('user').textContent = session.user;

@@ -56,7 +56,8 @@ def parse_request(body) -> dict:
     cwd = body.get("cwd")
     if cwd is not None:
         _strings(cwd, '"cwd"')
-    env = body.get("env") or {}
+    env = body.get("env")
+    env = {} if env is None else env
     if not isinstance(env, dict):
         raise UsageError('"env" must be an object of NAME: value strings')
     for k, v in env.items():
@@ -118,7 +119,8 @@ def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:
 
 
 def stream(proc: subprocess.Popen, watch: ClientWatch, stdin: bytes | None,
-           keepalive: float = KEEPALIVE) -> Iterator[bytes]:
+           keepalive: float | None = None) -> Iterator[bytes]:
+    keepalive = KEEPALIVE if keepalive is None else keepalive
     if stdin is not None:
         threading.Thread(target=_feed, args=(proc, stdin), daemon=True, name="exec-stdin").start()
     sel = selectors.DefaultSelector()

@@ -126,7 +126,7 @@ class Roots:
         if root is None:
             shown = f"{asked!r}" + (f" (resolves to {real})" if real != os.path.normpath(asked) else "")
             raise AccessDenied(f"{shown} lies outside the folders this agent serves "
-                               f"({', '.join(r.path for r in self.all())}); "
+                               f"({', '.join(dict.fromkeys(r.path for r in self.all()))}); "
                                "paths must stay in the job's work dir, your home or the site's scratch")
         home = os.path.realpath(self.home) if self.home else ""
         private = os.path.join(home, PRIVATE_DIR) if home else ""

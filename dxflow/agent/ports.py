@@ -2,7 +2,7 @@
 
 A listening socket counts as the user's only when its inode is held open by one of
 the user's own processes (``/proc/<pid>/fd``), read against the listeners of this
-node's network namespace (``/proc/net/tcp`` and ``tcp6``). A port that another
+node's network namespace (netlink sock_diag, else ``/proc/net/tcp`` and ``tcp6``). A port that another
 user's socket could answer on the loopback address is refused as a whole.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+import time
 from dataclasses import dataclass
 
 from flask import Blueprint, current_app, jsonify
@@ -66,7 +68,46 @@ def parse_proc_net_tcp(text: str) -> list[Listener]:
     return out
 
 
+# sock_diag (netlink): the kernel lists only listening sockets, where reading /proc/net/tcp walks
+# every connection's hash bucket (over 10 ms on a big node). /proc/net/tcp stays the fallback.
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+TCP_LISTEN_STATE = 10
+_NLMSG = struct.Struct("=IHHII")                 # nlmsghdr
+_REQ = struct.Struct("=BBBBI48s")                 # inet_diag_req_v2 (family, protocol, ext, pad, states, id)
+_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")   # inet_diag_msg
+
+
+def _diag_listeners(family: int) -> list[Listener]:
+    out: list[Listener] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN_STATE, bytes(48))
+        nl.sendall(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
+        while True:
+            data = nl.recv(65536)
+            if not data:
+                return out
+            pos = 0
+            while pos + _NLMSG.size <= len(data):
+                length, kind, _, _, _ = _NLMSG.unpack_from(data, pos)
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR or length < _NLMSG.size:
+                    raise OSError("sock_diag refused the request")
+                (fam, _, _, _, sport, _, src, _, _, _, _, _, _, uid, inode) = _MSG.unpack_from(data, pos + _NLMSG.size)
+                raw = src[:4] if fam == socket.AF_INET else src
+                out.append(Listener(socket.inet_ntop(fam, raw), int.from_bytes(sport, "big"), uid, inode))
+                pos += (length + 3) & ~3
+
+
 def listeners() -> list[Listener]:
+    """Listening TCP sockets of this node's network namespace (IPv4 and IPv6)."""
+    try:
+        return _diag_listeners(socket.AF_INET) + _diag_listeners(socket.AF_INET6)
+    except OSError:
+        pass
     out: list[Listener] = []
     for path in PROC_NET:
         try:
@@ -101,6 +142,25 @@ def socket_owners(uid: int | None = None) -> dict[int, int]:
     return owners
 
 
+OWNER_TTL = 5.0
+_owner_cache: dict[int, tuple[float, int]] = {}
+
+
+def owners_of(inodes: set[int]) -> dict[int, int]:
+    """Socket inode -> pid for these inodes; a full scan only when one of them was not seen lately.
+
+    A socket's inode stays with its socket, so a recent answer for it still holds.
+    """
+    now = time.monotonic()
+    hits = {i: _owner_cache[i] for i in inodes if i in _owner_cache}
+    if len(hits) == len(inodes) and all(now - t < OWNER_TTL for t, _ in hits.values()):
+        return {i: pid for i, (_, pid) in hits.items()}
+    owners = socket_owners()
+    _owner_cache.clear()
+    _owner_cache.update({i: (now, pid) for i, pid in owners.items()})
+    return owners
+
+
 def process_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -117,15 +177,27 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def is_agent(pid: int) -> bool:
+    """The process is a dxflow agent (this job's or another's): its ports are not the job's services."""
+    if pid in (os.getpid(), os.getppid()):
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(a == b"-m" and b == b"dxflow.agent" for a, b in zip(argv, argv[1:]))
+
+
 def own_ports(found: list[Listener] | None = None, owners: dict[int, int] | None = None) -> list[dict]:
     """The user's listening ports (not the agent's own), one entry per address and port."""
     found = listeners() if found is None else found
     owners = socket_owners() if owners is None else owners
-    uid, me = os.getuid(), os.getpid()
+    uid = os.getuid()
     out, seen = [], set()
     for sock in found:
         pid = owners.get(sock.inode)
-        if pid is None or sock.uid != uid or pid == me or (sock.address, sock.port) in seen:
+        if pid is None or sock.uid != uid or (sock.address, sock.port) in seen or is_agent(pid):
             continue
         seen.add((sock.address, sock.port))
         out.append({"port": sock.port, "address": sock.address, "pid": pid, "process": process_name(pid),
@@ -141,9 +213,9 @@ def check_port(port: int, found: list[Listener] | None = None, owners: dict[int,
     if not 1 <= port <= 65535:
         raise UsageError(f"port {port} is not a TCP port (1-65535)")
     found = listeners() if found is None else found
-    owners = socket_owners() if owners is None else owners
-    uid, me = os.getuid(), os.getpid()
+    uid = os.getuid()
     on_port = [s for s in found if s.port == port]
+    owners = owners_of({s.inode for s in on_port}) if owners is None else owners
     if not on_port:
         raise NotFound(f"nothing listens on port {port} on this node: start your service first "
                        f"(see `dxflow ports` for the ports your job listens on)")
@@ -151,8 +223,8 @@ def check_port(port: int, found: list[Listener] | None = None, owners: dict[int,
     def mine(s: Listener) -> bool:
         return s.uid == uid and s.inode in owners
 
-    if any(owners.get(s.inode) == me for s in on_port):
-        raise AccessDenied(f"port {port} is the dxflow agent's own port, not a service of your job")
+    if any(s.inode in owners and is_agent(owners[s.inode]) for s in on_port):
+        raise AccessDenied(f"port {port} is a dxflow agent's own port, not a service of your job")
     for target, group in (("127.0.0.1", [s for s in on_port if s.address in REACHES_LOOPBACK4]),
                           ("::1", [s for s in on_port if s.address == "::1"])):
         if not group:

@@ -48,6 +48,26 @@ def target_uri(environ: dict, path: str) -> str:
     return rest
 
 
+#: dxflow's own session cookies (agent and master console): never handed to the job's services.
+OWN_COOKIES = ("dxflow_agent", "dxflow_console")
+
+
+def forwarded_headers(headers, drop: set[str]) -> list[tuple[str, str]]:
+    """The client's headers for the service: without ``drop`` and without dxflow's own cookies."""
+    out = []
+    for key, value in headers.items():
+        low = key.lower()
+        if low in drop:
+            continue
+        if low == "cookie":
+            kept = [c for c in value.split(";") if c.strip().partition("=")[0] not in OWN_COOKIES]
+            if not kept:
+                continue
+            value = ";".join(kept).strip()
+        out.append((key, value))
+    return out
+
+
 def _host_header(connect: str, port: int) -> str:
     return f"[{connect}]:{port}" if ":" in connect else f"{connect}:{port}"
 
@@ -59,8 +79,9 @@ def _error(status: int, error: str, message: str):
 
 
 # werkzeug matches WebSocket upgrades only to rules marked websocket=True: one set each.
-@bp.route("/proxy/<int:port>", defaults={"path": ""}, methods=METHODS)
-@bp.route("/proxy/<int:port>/", defaults={"path": ""}, methods=METHODS)
+# (distinct endpoints: werkzeug redirects between rules of one endpoint with the same defaults)
+@bp.route("/proxy/<int:port>", defaults={"path": ""}, methods=METHODS, endpoint="proxy_bare")
+@bp.route("/proxy/<int:port>/", defaults={"path": ""}, methods=METHODS, endpoint="proxy_root")
 @bp.route("/proxy/<int:port>/<path:path>", methods=METHODS)
 @bp.route("/proxy/<int:port>", defaults={"path": ""}, websocket=True, endpoint="proxy_ws_bare")
 @bp.route("/proxy/<int:port>/", defaults={"path": ""}, websocket=True, endpoint="proxy_ws_root")
@@ -84,9 +105,8 @@ def _http(connect: str, port: int, uri: str):
     try:
         conn.putrequest(request.method, uri, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", _host_header(connect, port))
-        for key, value in request.headers.items():
-            if key.lower() not in HOP_HEADERS:
-                conn.putheader(key, value)
+        for key, value in forwarded_headers(request.headers, HOP_HEADERS):
+            conn.putheader(key, value)
         if length is not None:
             conn.putheader("Content-Length", str(length))
         elif chunked:
@@ -158,9 +178,9 @@ def _upgrade(connect: str, port: int, uri: str):
     except OSError as e:
         return _error(502, "bad_gateway", f"nothing answers on {_host_header(connect, port)}: {e}")
     head = [f"{request.method} {uri} HTTP/1.1", f"Host: {_host_header(connect, port)}"]
-    for key, value in request.headers.items():
-        if key.lower() not in ("host", "authorization", "content-length", "proxy-authorization"):
-            head.append(f"{key}: {value}")
+    for key, value in forwarded_headers(request.headers, {"host", "authorization", "content-length",
+                                                           "proxy-authorization"}):
+        head.append(f"{key}: {value}")
     try:
         backend.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         early = _buffered(request.environ)

@@ -34,7 +34,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from dxflow.agent.jobenv import job_environment, job_workdir
-from dxflow.errors import UsageError
+from dxflow.errors import DxflowError, UsageError
 from dxflow.procs import all_procs
 
 log = logging.getLogger(__name__)
@@ -57,30 +57,31 @@ CTTY_HELPER = ("import fcntl, os, signal, sys, termios\n"
                "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
                "os.execvp(sys.argv[1], sys.argv[1:])\n")
 
+_ERR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
 OPENAPI = {
-    "/api/shell": {
-        "get": {
-            "summary": "Interactive shell (WebSocket)",
-            "description": (
-                "Upgrade to a WebSocket running the user's login shell (`$SHELL -l`) in a PTY, in the job's "
-                "environment and work dir, TERM=xterm-256color. Binary frames are terminal bytes both ways. "
-                "Text frames are JSON control: from the client `{\"resize\": [cols, rows]}` and "
-                "`{\"signal\": \"INT\"|\"TERM\"|\"HUP\"|\"KILL\"|\"QUIT\"|\"TSTP\"|\"CONT\"|\"USR1\"|\"USR2\"}` "
-                "(to the terminal's foreground process group); from the agent, last, `{\"exit\": code}`. "
-                "Closing the WebSocket hangs up the terminal (SIGHUP to the shell's session)."),
-            "parameters": [
-                {"name": "cols", "in": "query", "required": False, "description": "terminal width (default 80)",
-                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}},
-                {"name": "rows", "in": "query", "required": False, "description": "terminal height (default 24)",
-                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}},
-            ],
-            "responses": {
-                "101": {"description": "switching to the WebSocket protocol"},
-                "400": {"description": "not a WebSocket upgrade, or a bad cols/rows"},
-                "401": {"description": "missing or invalid token"},
-            },
+    "/api/shell": {"get": {
+        "summary": "an interactive shell in a PTY, over a WebSocket",
+        "operationId": "shell", "tags": ["shell"],
+        "description": (
+            "Upgrade to a WebSocket running the user's login shell (`$SHELL -l`) in a PTY, in the job's "
+            "environment and work dir, TERM=xterm-256color. Binary frames are terminal bytes both ways. "
+            "Text frames are JSON control: from the client `{\"resize\": [cols, rows]}` and "
+            "`{\"signal\": \"INT\"|\"TERM\"|\"HUP\"|\"KILL\"|\"QUIT\"|\"TSTP\"|\"CONT\"|\"USR1\"|\"USR2\"}` "
+            "(to the terminal's foreground process group); from the agent `{\"error\": ..., \"message\": ...}` "
+            "for a bad control message and, last, `{\"exit\": code}`. Closing the WebSocket hangs up the "
+            "terminal (SIGHUP to the shell's session)."),
+        "parameters": [
+            {"name": "cols", "in": "query", "required": False, "description": "terminal width (default 80)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}},
+            {"name": "rows", "in": "query", "required": False, "description": "terminal height (default 24)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}},
+        ],
+        "responses": {
+            "101": {"description": "switching to the WebSocket protocol"},
+            "400": {"description": "not a WebSocket upgrade, or a bad cols/rows", **_ERR},
         },
-    },
+    }},
 }
 
 
@@ -109,9 +110,14 @@ def check_size():
 def shell(ws) -> None:
     state = current_app.config["AGENT"]
     cols, rows = _size_arg("cols", 80), _size_arg("rows", 24)
-    env = job_environment(state)
-    env["TERM"] = "xterm-256color"
-    session = PtySession.spawn(login_shell(env), env, job_workdir(state), cols, rows)
+    try:
+        env = job_environment(state)
+        env["TERM"] = "xterm-256color"
+        session = PtySession.spawn(login_shell(env), env, job_workdir(state), cols, rows)
+    except (OSError, DxflowError) as e:  # the upgrade is done: say it in the protocol, not as an HTTP 500
+        log.warning("cannot start a shell: %s", e)
+        ws.send(json.dumps({"error": "shell_failed", "message": f"cannot start a shell: {e}"}))
+        return
     log.info("shell %d started (%dx%d)", session.pid, cols, rows)
     try:
         session.serve(ws)

@@ -43,7 +43,6 @@ def master_link(port: int | None) -> dict:
     import getpass
     import json
     import os
-    import socket
     import time
 
     from dxflow.errors import UsageError
@@ -69,11 +68,19 @@ def master_link(port: int | None) -> dict:
     if port is not None and data["port"] != port:
         raise UsageError(f"your master's console listens on port {data['port']}, not {port}: stop the "
                          f"master (`dxflow master stop`), then run `dxflow console --port {port}`")
-    host = socket.getfqdn()
+    host = login_host()
     p = data["port"]
     return {"url": data["url"], "port": p, "token": data["token"], "expires": data["expires"],
             "valid_seconds": max(0, int(data["expires"] - time.time())), "login_host": host,
             "ssh": f"ssh -N -L {p}:127.0.0.1:{p} {getpass.getuser()}@{host}"}
+
+
+def login_host() -> str:
+    """This login node's name as a laptop would reach it (the FQDN, unless that only says localhost)."""
+    import socket
+
+    fqdn = socket.getfqdn()
+    return fqdn if fqdn and not fqdn.startswith("localhost") else socket.gethostname()
 
 
 def agent_link(target: str) -> dict:

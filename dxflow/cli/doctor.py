@@ -11,7 +11,6 @@ import argparse
 import os
 import stat
 import sys
-from pathlib import Path
 from typing import Any
 
 #: Lines of the hook log shown (the newest).

@@ -93,10 +93,20 @@ class Agent:
         q = urlencode({k: v for k, v in query.items() if v is not None})
         return self.client.agent_path(self.job, self.node, endpoint) + (f"?{q}" if q else "")
 
+    def request(self, method: str, url: str, body: Any = None, headers: dict | None = None):
+        """One request through the master; restart the master once if it has gone away meanwhile."""
+        from dxflow.errors import MasterUnavailable
+
+        try:
+            return self.client.request(method, url, body, headers or {}, TIMEOUT)
+        except MasterUnavailable:  # raised on connecting, before any of the body was read: safe to retry
+            self.client.ensure()
+            return self.client.request(method, url, body, headers or {}, TIMEOUT)
+
     def call(self, method: str, endpoint: str, body: Any = None, **query: Any) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        resp = self.client.request(method, self.url(endpoint, **query), data, headers, TIMEOUT)
+        resp = self.request(method, self.url(endpoint, **query), data, headers)
         raw = resp.read()
         check(resp, raw)
         return json.loads(raw) if raw else None
@@ -194,9 +204,11 @@ class Copier:
         from dxflow.cli.progress import bar
         from dxflow.errors import DxflowError
 
-        part = dst.with_name(dst.name + PART_SUFFIX)
+        # a device or pipe (/dev/null, a fifo) is written straight: no part file, no resume
+        direct = dst.exists() and not dst.is_file() and not dst.is_dir()
+        part = dst if direct else dst.with_name(dst.name + PART_SUFFIX)
         digest = hashlib.sha256()
-        offset = part.stat().st_size if part.exists() else 0
+        offset = part.stat().st_size if part.exists() and not direct else 0
         if offset > size:  # the file on the node shrank: what we have is stale
             offset = 0
         if offset:
@@ -204,13 +216,13 @@ class Copier:
                 digest = hashlib.file_digest(f, "sha256")
             self.note(f"resuming {path} at byte {offset} of {size} (from {part})")
         received = 0
-        with open(part, "r+b" if part.exists() else "wb") as out:
-            out.seek(offset)
-            out.truncate()
+        with open(part, "wb" if direct or not part.exists() else "r+b") as out:
+            if not direct:
+                out.seek(offset)
+                out.truncate()
             if offset < size or size == 0:
                 headers = {"Range": f"bytes={offset}-"} if offset else {}
-                resp = self.client.request("GET", agent.url("/api/files/content", path=path), None, headers,
-                                           TIMEOUT)
+                resp = agent.request("GET", agent.url("/api/files/content", path=path), None, headers)
                 check(resp)
                 if resp.status == 200 and offset:  # the agent sent the whole file after all
                     offset = 0
@@ -222,37 +234,41 @@ class Copier:
                                       f"not from byte {offset}; remove {part} and retry")
                 expected = int(resp.getheader("Content-Length") or -1)
                 progress = bar(offset + max(expected, 0), offset, posixpath.basename(path), not self.quiet)
+                buf = memoryview(bytearray(CHUNK))
                 try:
                     while True:
-                        chunk = resp.read1(CHUNK)
-                        if not chunk:
+                        n = resp.readinto(buf)  # whole CHUNKs until the end: few, large writes
+                        if not n:
                             break
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        progress.update(len(chunk))
+                        out.write(buf[:n])
+                        digest.update(buf[:n])
+                        received += n
+                        progress.update(n)
                 finally:
                     progress.close()
                     resp.close()
                 if expected >= 0 and received != expected:
                     raise DxflowError(f"{path}: transfer broken off after {offset + received} of "
                                       f"{offset + expected} bytes; run the same command again to resume")
-            out.flush()
-            os.fsync(out.fileno())
+            if not direct:
+                out.flush()
+                os.fsync(out.fileno())
         log.info("%s: %d bytes requested from byte %d, %d received", path, size - offset, offset, received)
-        self.verify(agent, path, part, digest.hexdigest(), offset + received)
-        os.replace(part, dst)
+        self.verify(agent, path, None if direct else part, digest.hexdigest(), offset + received)
+        if not direct:
+            os.replace(part, dst)
         self.files += 1
         self.bytes += received
 
-    def verify(self, agent: Agent, path: str, part: Path, local_sha: str, local_size: int) -> None:
+    def verify(self, agent: Agent, path: str, part: Path | None, local_sha: str, local_size: int) -> None:
         from dxflow.errors import DxflowError, NotFound
 
         st = agent.stat(path, sha256=True)
         if st is None:
             raise NotFound(f"{path} vanished from the node during the copy")
         if st.get("sha256") != local_sha or st["size"] != local_size:
-            part.unlink(missing_ok=True)
+            if part is not None:
+                part.unlink(missing_ok=True)
             raise DxflowError(f"{path}: the copy's sha256 {local_sha[:16]}… ({local_size} bytes) differs from "
                               f"the node's {str(st.get('sha256'))[:16]}… ({st['size']} bytes): the file may have "
                               "changed while it was copied; the partial copy was removed, run the command again")
@@ -324,9 +340,8 @@ class Copier:
                     yield chunk
 
             try:
-                resp = self.client.request("PUT", agent.url("/api/files/content", path=target, overwrite="1"),
-                                           body(), {"Content-Length": str(size),
-                                                    "Content-Type": "application/octet-stream"}, TIMEOUT)
+                resp = agent.request("PUT", agent.url("/api/files/content", path=target, overwrite="1"), body(),
+                                     {"Content-Length": str(size), "Content-Type": "application/octet-stream"})
                 raw = resp.read()
             finally:
                 progress.close()

@@ -230,7 +230,7 @@ def _serve_http(server, client, job: str, node: str | None, port: int) -> None:
                 resp = conn.getresponse()
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
-                    if k.lower() not in hop or k.lower() == "content-length":
+                    if (k.lower() not in hop or k.lower() == "content-length") and k.lower() not in ("server", "date"):
                         self.send_header(k, v)
                 if resp.getheader("Content-Length") is None and self.command != "HEAD" \
                         and resp.status >= 200 and resp.status not in (204, 304):

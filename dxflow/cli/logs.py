@@ -93,14 +93,15 @@ def _stream_lost(client, job: str, node: str | None, error: Exception | None) ->
     """The stream broke off without its end event: the job ended (the epilog stops the agent) or the link broke."""
     import time
 
-    from dxflow.errors import AgentUnreachable
+    from dxflow.errors import AgentUnreachable, DxflowError
 
-    deadline = time.monotonic() + 3.0
+    deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:  # the master notices a removed registration within a second
         try:
-            agents = client.json("GET", "/api/agents?all=1&refresh=1")
-        except Exception:  # noqa: BLE001 - the master itself is gone: say what we know
-            break
+            agents = client.json("GET", "/api/agents?all=1&refresh=1", timeout=5)
+        except (DxflowError, OSError):  # the master itself restarts: ask again
+            time.sleep(0.3)
+            continue
         mine = [a for a in agents if a["job"] == job and (node is None or a["node"] == node)]
         if not mine or all(a["state"] == "gone" for a in mine):
             print(f"dxflow: job {job} ended", file=sys.stderr)

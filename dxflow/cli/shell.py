@@ -6,6 +6,8 @@ import argparse
 
 #: exit code when the connection ends before the shell told its own (as ssh does)
 LOST = 255
+#: seconds between checks of the window size, besides SIGWINCH
+RESIZE_POLL = 0.5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +41,9 @@ def cmd_shell(args: argparse.Namespace) -> int:
     client = MasterClient().ensure()
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     interactive = os.isatty(stdin)
-    cols, rows = terminal_size(stdin if interactive else stdout)
+    size_fd = stdin if interactive else stdout
+    size = terminal_size(size_fd)
+    cols, rows = size
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(60)
@@ -58,10 +62,11 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    resized = []
+    # SIGWINCH says at once when the window changes; a poll covers a terminal that is not our controlling
+    # one (`su -c`, `runuser -c` start the command in a new session, and SIGWINCH never comes).
+    poll = RESIZE_POLL if os.isatty(size_fd) else None
 
     def on_winch(signum, frame):
-        resized.append(1)
         try:
             os.write(wake_w, b"w")
         except OSError:
@@ -79,12 +84,12 @@ def cmd_shell(args: argparse.Namespace) -> int:
             tty.setraw(stdin, termios.TCSANOW)
         reading = [ws, wake_r, stdin]
         while True:
-            ready, _, _ = select.select(reading, [], [])
+            ready, _, _ = select.select(reading, [], [], poll)
             if wake_r in ready:
                 os.read(wake_r, 512)
-                if resized:
-                    resized.clear()
-                    ws.send(json.dumps({"resize": list(terminal_size(stdin if interactive else stdout))}))
+            if poll is not None and (now := terminal_size(size_fd)) != size:
+                size = now
+                ws.send(json.dumps({"resize": list(size)}))
             if stdin in ready:
                 data = os.read(stdin, 65536)
                 if data:
@@ -97,7 +102,11 @@ def cmd_shell(args: argparse.Namespace) -> int:
                     if message[0] == "binary":
                         write_all(stdout, message[1])
                     elif message[0] == "text":
-                        exit_code = control(message[1], exit_code)
+                        news = control(message[1])
+                        if "exit" in news:
+                            exit_code = news["exit"]
+                        if "error" in news:  # \r: the terminal may be raw
+                            write_all(sys.stderr.fileno(), f"dxflow: {news['error']}\r\n".encode())
                     else:
                         raise _Closed()
     except _Closed:
@@ -135,21 +144,22 @@ def terminal_size(fd: int) -> tuple[int, int]:
     return 80, 24
 
 
-def control(text: str, exit_code: int | None) -> int | None:
-    """A control message from the agent: remember the shell's exit code, show errors."""
+def control(text: str) -> dict:
+    """What a control message from the agent says: ``{"exit": code}`` and/or ``{"error": message}``."""
     import json
-    import logging
 
     try:
         message = json.loads(text)
     except ValueError:
-        return exit_code
-    if isinstance(message, dict):
-        if "exit" in message:
-            return int(message["exit"])
-        if "error" in message:
-            logging.getLogger("dxflow.shell").warning("agent: %s", message.get("message", message["error"]))
-    return exit_code
+        return {}
+    if not isinstance(message, dict):
+        return {}
+    news = {}
+    if isinstance(message.get("exit"), int):
+        news["exit"] = message["exit"]
+    if "error" in message:
+        news["error"] = str(message.get("message") or message["error"])
+    return news
 
 
 def write_all(fd: int, data: bytes) -> None:

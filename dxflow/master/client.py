@@ -39,8 +39,10 @@ class MasterClient:
     # -- lifecycle ------------------------------------------------------------
     def running(self) -> bool:
         try:
-            self.request("GET", "/api/master", timeout=5)
-            return True
+            resp = self.request("GET", "/api/master", timeout=5)
+            resp.read()
+            resp.close()
+            return resp.status == 200
         except (OSError, MasterUnavailable, DxflowError):
             return False
 

@@ -59,6 +59,7 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inl
 STATE_FILE = "console.json"
 KEY_FILE = "console.key"
 PORT_ENV = "DXFLOW_CONSOLE_PORT"
+PORT_WAIT = 2.0  # seconds to wait for the remembered port to be free again
 
 
 # -- the port -------------------------------------------------------------------
@@ -91,8 +92,9 @@ def saved_port(base: Path) -> int | None:
 
 
 def console_port(base: Path) -> int:
-    """The port the master's console listens on: ``$DXFLOW_CONSOLE_PORT``, else the one used last
-    time (so a laptop's ``ssh -L`` keeps working), else a free one; remembered in console.json."""
+    """The port the master's console is to listen on: ``$DXFLOW_CONSOLE_PORT``, else the one used
+    last time (so a laptop's ``ssh -L`` keeps working), else a free one. The server remembers it
+    with :func:`remember_port` once it listens there."""
     wanted = os.environ.get(PORT_ENV, "").strip()
     port = None
     if wanted:
@@ -101,14 +103,22 @@ def console_port(base: Path) -> int:
         except ValueError:
             log.warning("%s=%r is not a port number: choosing a free port", PORT_ENV, wanted)
     port = port or saved_port(base)
+    if port and 0 < port < 65536:
+        deadline = time.monotonic() + PORT_WAIT  # a master that is stopping may hold it a moment longer
+        while not port_is_free(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
     if not port or not 0 < port < 65536 or not port_is_free(port):
         if port:
             log.warning("console port %d is taken or invalid: choosing a free port", port)
         port = free_port()
+    return port
+
+
+def remember_port(base: Path, port: int) -> None:
+    """Write console.json: the port the running master's console listens on."""
     tmp = base / f".{STATE_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps({"port": port}) + "\n")
     os.replace(tmp, base / STATE_FILE)
-    return port
 
 
 # -- tokens and sessions ----------------------------------------------------------

@@ -8,6 +8,7 @@ The TCP port is open to every user of the login node: there the console's guard
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import logging
 import os
@@ -43,7 +44,7 @@ class MasterServer(BaseApplication):
             "threads": self.threads, "timeout": 300, "graceful_timeout": 3, "umask": 0o077,
             "pidfile": str(self.base / "master.pid"), "errorlog": str(self.base / "logs" / "master.log"),
             "loglevel": "info", "proc_name": "dxflow-master", "post_worker_init": self._post_worker_init,
-            "worker_exit": self._worker_exit,
+            "worker_exit": self._worker_exit, "when_ready": self._when_ready,
         }
         for key, value in settings.items():
             if key in self.cfg.settings:  # settings added by newer gunicorn releases are skipped on older ones
@@ -57,6 +58,11 @@ class MasterServer(BaseApplication):
         app = create_app(self.fleet)
         app.config["CONSOLE_PORT"] = self.console_port
         return app
+
+    def _when_ready(self, server) -> None:
+        from dxflow.master.console import remember_port
+
+        remember_port(self.base, self.console_port)  # listening now: the next start reuses it
 
     def _post_worker_init(self, worker) -> None:
         self.fleet.start()
@@ -75,6 +81,13 @@ def serve() -> int:
     os.close(fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [master] %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    socket_path(base).unlink(missing_ok=True)
+    # One master per user: the lock is held for the master's lifetime (the arbiter keeps the fd).
+    lock = os.open(base / "master.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("another master of this user is running: nothing to do")
+        return 0
+    socket_path(base).unlink(missing_ok=True)  # left by a master that died: no one holds the lock
     MasterServer(base).run()
     return 0

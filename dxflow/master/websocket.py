@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 DROP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "host", "authorization", "cookie", "content-length"}
 #: response headers never passed on when the agent refuses the upgrade.
-DROP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade"}
+DROP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "date", "server"}
 MAX_HEAD = 64 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 CLOSE_GRACE = 5.0   # seconds one direction may go on after the other has ended
@@ -58,10 +58,10 @@ def relay_websocket(fleet: Fleet, agent: Agent, target: str):
         upstream.settimeout(HANDSHAKE_TIMEOUT)
         upstream.sendall(_request_head(target, agent.reg.port, fleet.token(agent)))
         head, rest = _read_head(upstream)
-    except (OSError, EOFError) as e:
+        status, headers = _parse_head(head)
+    except (OSError, EOFError, ValueError) as e:
         _close(upstream)
         raise AgentUnreachable(f"agent {agent.name}: WebSocket upgrade failed: {e}") from e
-    status, headers = _parse_head(head)
     if status != 101:  # the agent refused (401, 404, 400 …): an ordinary answer
         body = _read_body(upstream, headers, rest)
         _close(upstream)
@@ -71,10 +71,13 @@ def relay_websocket(fleet: Fleet, agent: Agent, target: str):
     try:
         upstream.settimeout(None)
         client.sendall(head + rest)
+        early = _read_ahead(request.environ)
+        if early:
+            upstream.sendall(early)
         pipe(client, upstream)
     finally:
         _close(upstream)
-        _close(client)
+        _cut(client)  # gunicorn closes it (closing it here would make its own close fail)
     return Hijacked()
 
 
@@ -94,6 +97,16 @@ def _request_head(target: str, port: int, token: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def _read_ahead(environ: dict) -> bytes:
+    """Bytes the client sent after its upgrade request that gunicorn's parser has already read, if any."""
+    unreader = getattr(getattr(environ.get("wsgi.input"), "reader", None), "unreader", None)
+    take = getattr(unreader, "take_buffered", None)
+    try:
+        return (take() or b"") if take else b""
+    except Exception:  # noqa: BLE001 - a gunicorn without it: nothing read ahead that we could get
+        return b""
+
+
 def _read_head(sock) -> tuple[bytes, bytes]:
     """The response head (status line and headers, with the blank line) and whatever came after it."""
     buf = b""
@@ -111,10 +124,9 @@ def _read_head(sock) -> tuple[bytes, bytes]:
 def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    try:
-        status = int(parts[1])
-    except (IndexError, ValueError):
-        raise AgentUnreachable(f"the agent answered the upgrade with {lines[0][:100]!r}") from None
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"the agent answered with {lines[0][:100]!r}")
+    status = int(parts[1])
     headers = []
     for line in lines[1:]:
         key, sep, value = line.partition(":")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from dxflow.errors import SchedulerError, UsageError
-from dxflow.schedulers.base import SAFE_NAME, JobInfo, JobState, Scheduler, check_name, run
+from dxflow.schedulers.base import SAFE_NAME, JobInfo, JobState, Scheduler, check_name, first_env, run
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,10 @@ class PBS(Scheduler):
             if gid is not None:
                 out["gid"] = str(gid)
         out["nodes"] = " ".join(self.nodefile_hosts(job))
+        for key in ("stdout", "stderr"):  # Output_Path / Error_Path name the submit host: host:/path
+            value = first_env(self.environ, self.hook_env[key])
+            if value:
+                out[key] = strip_host(value)
         return out
 
     @staticmethod

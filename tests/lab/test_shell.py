@@ -14,15 +14,17 @@ from conftest import DXFLOW, as_user, job_state, wait_agents, wait_for
 pexpect = pytest.importorskip("pexpect")
 
 
-def shell(user: str, target: str, *, rows: int = 24, cols: int = 80):
-    child = pexpect.spawn("runuser", ["-l", user, "-c", shlex.join([DXFLOW, "shell", target])], timeout=30,
-                          dimensions=(rows, cols))
-    return child
+def shell(user: str, target: str, *, rows: int = 24, cols: int = 80, same_session: bool = False):
+    """``dxflow shell`` as ``user`` in a terminal. ``runuser -c`` runs it in a new session, where the terminal is
+    not its controlling one (no SIGWINCH); ``same_session`` keeps it there, as in a login shell."""
+    option = "--session-command" if same_session else "-c"
+    return pexpect.spawn("runuser", ["-l", user, option, shlex.join([DXFLOW, "shell", target])], timeout=30,
+                         dimensions=(rows, cols))
 
 
 def two_node_job(jobs) -> str:
     job = jobs.submit("alice", "sleep 600", nodes=2)
-    jobs.wait_running(job)
+    jobs.wait_running(job, timeout=180)  # other tests may hold the nodes for a while
     wait_agents("alice", job, 2)
     return job
 
@@ -60,7 +62,13 @@ def test_shell_first_node_and_piped_input(jobs):
 
 def test_no_shell_left_after_the_job_is_cancelled(jobs):
     job = two_node_job(jobs)
-    child = shell("alice", f"{job}:n2")
+    child = shell("alice", f"{job}:n2", rows=30, cols=90, same_session=True)
+    child.sendline("stty size")
+    child.expect("30 90")
+    child.setwinsize(35, 110)  # SIGWINCH to the CLI
+    time.sleep(0.3)
+    child.sendline("stty size")
+    child.expect("35 110")
     child.sendline("sleep 777 & echo bg=$!x; echo sh=$$x")
     child.expect(r"bg=(\d+)x")
     bg = int(child.match.group(1))

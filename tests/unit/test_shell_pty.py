@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -297,6 +298,62 @@ def test_agent_shell_refuses_bad_size_and_missing_token(servers):
     with pytest.raises(HandshakeRejected) as e:
         agent_shell(servers, token="")
     assert e.value.status == 401
+
+
+def test_pty_session_in_process(tmp_path):
+    """PtySession without a server: a fake WebSocket, a plain sh, exit code and clean up."""
+    import queue
+
+    from simple_websocket import ConnectionClosed
+
+    from dxflow.agent.shell import PtySession
+
+    class FakeWS:
+        connected = True
+
+        def __init__(self):
+            self.inbox: queue.Queue = queue.Queue()
+            self.sent: list = []
+
+        def receive(self, timeout=None):
+            try:
+                return self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+        def send(self, data):
+            if not self.connected:
+                raise ConnectionClosed()
+            self.sent.append(data)
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        PtySession.spawn(["/bin/sh"], {"PATH": "/usr/bin:/bin"}, str(tmp_path / "missing"))
+    assert len(os.listdir("/proc/self/fd")) == fds  # no PTY left open
+    session = PtySession.spawn(["/bin/sh"], {"PATH": "/usr/bin:/bin", "PS1": "$ "}, str(tmp_path), 50, 10)
+    ws = FakeWS()
+    server = threading.Thread(target=session.serve, args=(ws,))
+    server.start()
+
+    def output():
+        return b"".join(x for x in ws.sent if isinstance(x, bytes))
+
+    ws.inbox.put(b"stty size; echo in=$(pwd)x\n")
+    deadline = time.monotonic() + 10
+    while b"10 50" not in output():
+        assert time.monotonic() < deadline, output()
+        time.sleep(0.05)
+    ws.inbox.put(json.dumps({"resize": [70, 20]}))
+    ws.inbox.put(b"stty size; exit 9\n")
+    server.join(15)
+    assert not server.is_alive()
+    session.close()
+    session.close()  # idempotent
+    out = b"".join(x for x in ws.sent if isinstance(x, bytes))
+    assert b"10 50" in out and b"20 70" in out and f"in={tmp_path}x".encode() in out
+    assert ws.sent[-1] == '{"exit": 9}' and session.exit_code == 9
+    assert not alive(session.pid)
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 # -- the master's relay -----------------------------------------------------------------------------

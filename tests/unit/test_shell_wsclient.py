@@ -148,9 +148,9 @@ def test_cli_error_mapping_and_helpers():
         check(SimpleNamespace(status=404), b'{"error": "NotFound", "message": "no agent on n9"}')
     with pytest.raises(AgentUnreachable):
         check(SimpleNamespace(status=502), b"bad gateway")
-    assert control('{"exit": 7}', None) == 7
-    assert control('{"error": "bad_request", "message": "x"}', 3) == 3
-    assert control("not json", None) is None
+    assert control('{"exit": 7}') == {"exit": 7}
+    assert control('{"error": "bad_request", "message": "bad size"}') == {"error": "bad size"}
+    assert control("not json") == {} and control("[1]") == {} and control('{"exit": "x"}') == {}
     r, w = os.pipe()
     try:
         assert terminal_size(r) == (80, 24)  # not a terminal
@@ -164,3 +164,30 @@ def test_cli_registers_shell():
 
     args = build_parser().parse_args(["shell", "7:n2"])
     assert args.target == "7:n2" and args.func.__name__ == "cmd_shell"
+
+
+def test_relay_request_head_keeps_websocket_headers_only():
+    from flask import Flask
+
+    from dxflow.master.websocket import _parse_head, _request_head
+
+    app = Flask("t")
+    headers = {"Upgrade": "websocket", "Connection": "keep-alive, Upgrade", "Sec-WebSocket-Key": "abc==",
+               "Sec-WebSocket-Version": "13", "Cookie": "dxflow_session=secret", "Authorization": "Bearer user's",
+               "Origin": "http://127.0.0.1:8080", "Keep-Alive": "300", "Host": "127.0.0.1:8080"}
+    with app.test_request_context("/api/fleet/7/n1/api/shell?cols=80", headers=headers):
+        head = _request_head("/api/shell?cols=80", 4242, "TOKEN").decode()
+    lines = head.split("\r\n")
+    assert lines[0] == "GET /api/shell?cols=80 HTTP/1.1" and head.endswith("\r\n\r\n")
+    fields = [tuple(x.split(": ", 1)) for x in lines[1:] if x]
+    assert ("Host", "127.0.0.1:4242") in fields and ("Authorization", "Bearer TOKEN") in fields
+    assert ("Upgrade", "websocket") in fields and ("Connection", "Upgrade") in fields
+    assert ("Sec-Websocket-Key", "abc==") in fields or ("Sec-WebSocket-Key", "abc==") in fields
+    names = [k.lower() for k, _ in fields]
+    assert "cookie" not in names and "keep-alive" not in names
+    assert names.count("host") == 1 and names.count("authorization") == 1 and names.count("connection") == 1
+    status, parsed = _parse_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Sec-WebSocket-Accept: xyz\r\n\r\n")
+    assert status == 101 and ("Sec-WebSocket-Accept", "xyz") in parsed
+    with pytest.raises(ValueError):
+        _parse_head(b"garbage\r\n\r\n")

@@ -5,6 +5,7 @@ import { h } from './util.js';
 const NS = 'http://www.w3.org/2000/svg';
 const W = 600;
 const H = 160;
+const MIN_WINDOW = 15;  // samples
 
 function svg(tag, attrs) {
   const el = document.createElementNS(NS, tag);
@@ -14,8 +15,9 @@ function svg(tag, attrs) {
 
 export class LineChart {
   // series: [{label, color}]; max: number or () => number (null: from the data); format: value -> text
-  constructor({ title, series, max = null, format = (v) => v.toFixed(1), capacity = 150, subtitle = '' }) {
+  constructor({ title, series, max = null, format = (v) => v.toFixed(1), capacity = 150, interval = 2, subtitle = '' }) {
     this.series = series;
+    this.interval = interval;
     this.max = max;
     this.format = format;
     this.capacity = capacity;
@@ -38,6 +40,7 @@ export class LineChart {
     this.values = series.map((s) => h('span', { class: 'chart-value' }, '–'));
     this.axisTop = h('span', { class: 'chart-axis chart-axis-top' }, '');
     this.axisMid = h('span', { class: 'chart-axis chart-axis-mid' }, '');
+    this.span = h('span', { class: 'chart-span' }, '');
     this.el = h('section', { class: 'card chart' },
       h('header', { class: 'chart-head' },
         h('div', {}, h('h3', {}, title), subtitle ? h('div', { class: 'chart-sub' }, subtitle) : null),
@@ -46,7 +49,7 @@ export class LineChart {
           series.length > 1 ? h('span', { class: 'legend-label' }, s.label) : null, this.values[i])))),
       h('div', { class: 'chart-body' }, plot, this.axisTop, this.axisMid,
         h('span', { class: 'chart-axis chart-axis-bottom' }, '0'),
-        h('span', { class: 'chart-span' }, `last ${Math.round((capacity * 2) / 60)} min`)));
+        this.span));
   }
 
   push(values) {
@@ -70,9 +73,12 @@ export class LineChart {
 
   render() {
     const top = this.top();
-    const step = W / (this.capacity - 1);
+    // the window grows with the samples, from one minute up to the capacity
+    const shown = Math.min(this.capacity, Math.max(MIN_WINDOW, ...this.data.map((l) => l.length)));
+    const step = W / (shown - 1);
+    this.span.textContent = `last ${Math.round((shown * this.interval) / 60)} min`;
     this.data.forEach((list, i) => {
-      const offset = this.capacity - list.length;
+      const offset = shown - list.length;
       let d = '';
       let first = null;
       let last = null;

@@ -19,7 +19,7 @@ export async function render(body, { job, node, base, params, signal }) {
         h('th', {}, 'Modified'), h('th', {}, 'Mode'), h('th', {}, ''))),
       tbody)),
     status, dropHint);
-  clear(body).append(
+  clear(body, 
     h('div', { class: 'toolbar' }, rootsBar,
       h('div', { class: 'toolbar-right' },
         h('button', { class: 'btn', type: 'button', onclick: () => refresh() }, icon('refresh'), 'Refresh'),
@@ -43,8 +43,12 @@ export async function render(body, { job, node, base, params, signal }) {
   if (!dir) dir = roots.length ? roots[0].path : '/';
 
   const hrefFor = (path) => `#/node/${encodeURIComponent(job)}/${encodeURIComponent(node)}/files?path=${encodeURIComponent(path)}`;
-  const rootOf = (path) => roots.filter((r) => path === r.path || path.startsWith(r.path.replace(/\/?$/, '/')))
-    .sort((a, b) => b.path.length - a.path.length)[0];
+  let picked = null;  // the root last chosen: workdir and home are often the same folder
+  const rootOf = (path) => {
+    const inside = roots.filter((r) => path === r.path || path.startsWith(r.path.replace(/\/?$/, '/')))
+      .sort((a, b) => b.path.length - a.path.length);
+    return inside.find((r) => r === picked && r.path.length === inside[0].path.length) || inside[0];
+  };
 
   function go(path) {
     dir = path;
@@ -54,8 +58,8 @@ export async function render(body, { job, node, base, params, signal }) {
 
   function drawPath() {
     const root = rootOf(dir);
-    clear(rootsBar).append(roots.map((r) => h('button', { type: 'button', title: r.path,
-      class: root && root.path === r.path ? 'seg seg-active' : 'seg', onclick: () => go(r.path) }, icon(r.name === 'home' ? 'home' : 'folder'), r.name)));
+    clear(rootsBar, roots.map((r) => h('button', { type: 'button', title: r.path,
+      class: r === root ? 'seg seg-active' : 'seg', onclick: () => { picked = r; go(r.path); } }, icon(r.name === 'home' ? 'home' : 'folder'), r.name)));
     clear(crumbs);
     const start = root ? root.path : '/';
     crumbs.append(h('a', { href: hrefFor(start), onclick: (e) => { e.preventDefault(); go(start); }, title: start },
@@ -98,9 +102,10 @@ export async function render(body, { job, node, base, params, signal }) {
     }
     for (const entry of entries) tbody.append(row(entry));
     const nfiles = entries.filter((e) => e.type !== 'dir').length;
+    const count = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
     status.textContent = entries.length
-      ? `${entries.length - nfiles} folder(s), ${nfiles} file(s) \u00b7 drop files here to upload to ${dir}`
-      : `Empty folder \u00b7 drop files here to upload to ${dir}`;
+      ? `${count(entries.length - nfiles, 'folder')}, ${count(nfiles, 'file')} \u00b7 drop files here to upload them to ${dir}`
+      : `Empty folder \u00b7 drop files here to upload them to ${dir}`;
   }
 
   function row(entry) {

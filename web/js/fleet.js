@@ -29,16 +29,21 @@ export function renderFleet(view, signal) {
   const list = h('div', { class: 'jobs' });
   const empty = h('div', { class: 'empty', hidden: true },
     h('div', { class: 'empty-icon' }, icon('server')),
-    h('h2', {}, 'No jobs with dxflow agents yet'),
+    h('h2', {}, 'No running jobs with dxflow agents'),
     h('p', {}, 'Submit a job as usual (for example ', h('code', {}, 'sbatch job.sh'),
       '). Its nodes appear here as soon as their agents start.'));
   const error = h('div', { class: 'alert alert-error', hidden: true });
-  clear(view).append(
+  clear(view, 
     h('div', { class: 'page-head' },
       h('div', {}, h('h1', {}, 'Fleet'), h('p', { class: 'muted' }, 'Your jobs\u2019 nodes, reached through their agents.')),
       h('div', { class: 'live' }, h('span', { class: 'live-dot' }), 'live')),
     summary, error, empty, list);
 
+  const endedBody = h('tbody');
+  const endedCard = h('section', { class: 'card job ended-jobs', hidden: true },
+    h('header', { class: 'job-head' }, h('div', { class: 'job-title' }, h('h2', {}, 'Ended recently')),
+      h('span', { class: 'muted' }, 'kept here for a few minutes')),
+    h('div', { class: 'table-wrap' }, h('table', { class: 'table' }, endedBody)));
   const metrics = new Map();   // "job/node" -> latest /api/node answer
   const jobs = new Map();      // job -> {card, tbody, rows: Map(node -> row)}
   let agents = [];
@@ -72,18 +77,22 @@ export function renderFleet(view, signal) {
       if (!byJob.has(a.job)) byJob.set(a.job, []);
       byJob.get(a.job).push(a);
     }
-    empty.hidden = byJob.size > 0;
+    const isEnded = (members) => members.every((a) => a.state === 'gone');
+    const live = [...byJob.keys()].filter((j) => !isEnded(byJob.get(j)));
+    const ended = [...byJob.keys()].filter((j) => isEnded(byJob.get(j)));
+    const newest = (a, b) => b.localeCompare(a, undefined, { numeric: true });
+    live.sort(newest);
+    ended.sort(newest);
+    empty.hidden = live.length > 0;
     const counts = { ready: 0, starting: 0, lost: 0, gone: 0 };
     for (const a of agents) counts[a.state] = (counts[a.state] || 0) + 1;
-    const running = [...byJob.values()].filter((as) => as.some((a) => a.state !== 'gone')).length;
-    clear(summary).append(
-      stat('Jobs', running), stat('Nodes', agents.length - counts.gone), stat('Ready', counts.ready, 'ready'),
+    clear(summary, 
+      stat('Running jobs', live.length), stat('Nodes', agents.length - counts.gone), stat('Ready', counts.ready, 'ready'),
       stat('Starting', counts.starting, 'starting'), stat('Lost', counts.lost, 'lost'));
     for (const [job, card] of jobs) {
-      if (!byJob.has(job)) { card.card.remove(); jobs.delete(job); }
+      if (!live.includes(job)) { card.card.remove(); jobs.delete(job); }
     }
-    const order = [...byJob.keys()].sort((a, b) => b.localeCompare(a, undefined, { numeric: true }));
-    for (const job of order) {
+    for (const job of live) {
       const members = byJob.get(job).sort((a, b) => a.node.localeCompare(b.node, undefined, { numeric: true }));
       let card = jobs.get(job);
       if (!card) {
@@ -93,17 +102,28 @@ export function renderFleet(view, signal) {
       list.append(card.card);  // keeps the order
       updateJob(card, members);
     }
+    endedCard.hidden = !ended.length;
+    clear(endedBody, ended.map((job) => {
+      const members = byJob.get(job);
+      return h('tr', { class: 'state-gone', dataset: { job } },
+        h('td', { class: 'strong' }, `Job ${job}`),
+        h('td', {}, members.map((a) => a.node).sort().join(', ')),
+        h('td', {}, badge('gone')),
+        h('td', { class: 'muted' }, 'The job has ended; its agents have stopped.'));
+    }));
+    list.append(endedCard);
   }
 
   function updateJob(card, members) {
     const a0 = members[0];
-    const ended = members.every((a) => a.state === 'gone');
-    card.card.classList.toggle('job-ended', ended);
+    const gone = members.filter((a) => a.state === 'gone').length;
     card.meta.textContent = `${a0.scheduler} \u00b7 cluster ${a0.cluster} \u00b7 ${members.length} node${members.length > 1 ? 's' : ''}`;
-    card.status.textContent = ended ? 'ended' : 'running';
-    card.status.className = `badge ${ended ? 'badge-gone' : 'badge-ready'}`;
-    card.note.hidden = !ended;
-    card.note.textContent = ended ? `Job ${a0.job} has ended: its agents are gone. ${a0.detail || ''}` : '';
+    const lost = members.filter((a) => a.state === 'lost').length;
+    card.status.textContent = lost ? 'degraded' : 'running';
+    card.status.className = `badge ${lost ? 'badge-lost' : 'badge-ready'}`;
+    card.note.hidden = !lost && !gone;
+    card.note.textContent = lost ? `${lost} node(s) cannot be reached: dxflow keeps retrying through the SSH tunnel.`
+      : gone ? `${gone} node(s) of this job have no agent any more.` : '';
     const seen = new Set();
     for (const a of members) {
       seen.add(a.node);
@@ -137,7 +157,9 @@ function jobCard(job) {
       h('div', { class: 'job-title' }, h('h2', {}, `Job ${job}`), status), meta),
     note,
     h('div', { class: 'table-wrap' }, h('table', { class: 'table nodes' },
-      h('thead', {}, h('tr', {}, ['Node', 'State', 'Uptime', 'CPU', 'Memory', 'Load', ''].map((c) => h('th', {}, c)))),
+      h('colgroup', {}, ['14%', '14%', '10%', '20%', '22%', '7%', '13%'].map((w) => h('col', { style: `width:${w}` }))),
+      h('thead', {}, h('tr', {}, ['Node', 'State', 'Uptime', 'CPU', 'Memory', 'Load', ''].map((c, i) =>
+        h('th', { class: i === 2 || i === 5 ? 'num' : null }, c)))),
       tbody)));
   return { card, tbody, meta, status, note, rows: new Map() };
 }
@@ -163,12 +185,12 @@ function updateRow(row, a, m) {
   if (row.key !== key) {
     row.key = key;
     row.tr.className = `state-${a.state}`;
-    clear(cells.node).append(live
+    clear(cells.node, live
       ? h('a', { href: nodeHref(a.job, a.node), class: 'node-link' }, icon('server'), a.node)
       : h('span', { class: 'node-link' }, icon('server'), a.node));
-    clear(cells.state).append(badge(a.state),
+    clear(cells.state, badge(a.state),
       a.state !== 'ready' && a.detail ? h('div', { class: 'state-detail', title: a.detail }, a.detail) : null);
-    clear(cells.actions).append(live
+    clear(cells.actions, live
       ? TABS.map(([tab, label, ic]) => h('a', { class: 'icon-btn', href: nodeHref(a.job, a.node, tab), title: label,
         'aria-label': `${label} of ${a.node}` }, icon(ic)))
       : h('span', { class: 'muted' }, a.state === 'gone' ? 'job ended' : ''));
@@ -177,9 +199,9 @@ function updateRow(row, a, m) {
   const gone = a.state === 'gone';
   cells.uptime.textContent = gone ? '–' : duration(uptimeOf(a));
   const cpu = info.cpu_percent;
-  clear(cells.cpu).append(gone || cpu === null || cpu === undefined ? '–' : meter(cpu / 100, `${cpu.toFixed(0)}%`));
+  clear(cells.cpu, gone || cpu === null || cpu === undefined ? '–' : meter(cpu / 100, `${cpu.toFixed(0)}%`));
   const total = info.memory_total;
   const used = total ? total - info.memory_available : null;
-  clear(cells.mem).append(gone || !total ? '–' : meter(used / total, `${bytes(used)} / ${bytes(total)}`));
+  clear(cells.mem, gone || !total ? '–' : meter(used / total, `${bytes(used)} / ${bytes(total)}`));
   cells.load.textContent = gone || !info.load ? '–' : info.load[0].toFixed(2);
 }

@@ -18,7 +18,7 @@ export async function render(body, { job, node, base, params, signal }) {
   const out = h('div', { class: 'log', role: 'log', 'aria-live': 'off', tabindex: '0' });
   const jump = h('button', { class: 'btn btn-small jump', type: 'button', hidden: true }, 'Jump to the end');
   const error = h('div', { class: 'alert alert-error', hidden: true });
-  clear(body).append(
+  clear(body, 
     h('div', { class: 'toolbar' }, picker,
       h('div', { class: 'toolbar-right' },
         h('div', { class: 'search' }, icon('search'), search),
@@ -37,12 +37,16 @@ export async function render(body, { job, node, base, params, signal }) {
     return;
   }
   const wanted = params.get('name');
-  const name = (logs.find((l) => l.name === wanted) || logs.find((l) => l.name === 'stdout') || logs[0] || {}).name;
-  clear(picker).append(logs.map((l) => h('a', { class: l.name === name ? 'seg seg-active' : 'seg', title: l.path,
+  const current = logs.find((l) => l.name === wanted) || logs.find((l) => l.name === 'stdout' && l.path)
+    || logs.find((l) => l.exists) || logs[0] || {};
+  const { name } = current;
+  clear(picker, logs.map((l) => h('a', { class: l.name === name ? 'seg seg-active' : 'seg', title: l.path,
     href: `#/node/${encodeURIComponent(job)}/${encodeURIComponent(node)}/logs?name=${encodeURIComponent(l.name)}` },
-  l.name, h('span', { class: 'seg-note' }, bytes(l.size)))));
-  if (!name) {
-    out.append(h('div', { class: 'log-empty' }, 'This job has no logs on this node.'));
+  l.name, h('span', { class: 'seg-note' }, l.same_as ? `= ${l.same_as}` : l.exists === false ? 'not yet' : bytes(l.size)))));
+  if (!name || !current.path) {
+    out.append(h('div', { class: 'log-empty' }, name
+      ? `The scheduler does not say where this job writes its ${name}: there is nothing to follow.`
+      : 'This job has no logs on this node.'));
     return;
   }
 
@@ -55,11 +59,16 @@ export async function render(body, { job, node, base, params, signal }) {
   let retry = null;
   let term = '';
 
+  let link = 'connecting'; // connecting, live or broken
   const setPill = (kind, text) => { pill.className = `pill pill-${kind}`; pill.textContent = text; };
   const drawPause = () => {
-    clear(pauseBtn).append(icon(paused ? 'play' : 'pause'), paused ? 'Resume' : 'Pause');
+    clear(pauseBtn, icon(paused ? 'play' : 'pause'), paused ? 'Resume' : 'Pause');
+    const held = pending.length ? ` \u00b7 ${pending.length} new` : '';
     if (ended) setPill('ended', 'ended');
-    else if (paused) setPill('paused', pending.length ? `paused \u00b7 ${pending.length} new` : 'paused');
+    else if (link === 'broken') setPill('lost', `reconnecting${held}`);
+    else if (paused) setPill('paused', `paused${held}`);
+    else if (link === 'connecting') setPill('connecting', 'connecting');
+    else setPill('live', 'live');
   };
 
   function lineEl(text) {
@@ -123,24 +132,34 @@ export async function render(body, { job, node, base, params, signal }) {
     }
   }
 
-  function connect(first) {
-    const url = withQuery(`${base}/api/logs/${encodeURIComponent(name)}/follow`, { lines: first ? FIRST_LINES : 0 });
-    source = new EventSource(url);
-    source.onopen = () => { error.hidden = true; if (!paused) setPill('live', 'live'); };
-    source.onmessage = (e) => receive(e.data);
+  let lastId = '';         // byte offset after the last line received: where to resume
+
+  // The browser reconnects by itself after a broken stream, resuming at Last-Event-ID; when the server
+  // refused the stream (node lost, 502) the console reconnects later, from the last offset it saw.
+  function connect() {
+    const query = lastId ? { offset: lastId } : { lines: FIRST_LINES };
+    source = new EventSource(withQuery(`${base}/api/logs/${encodeURIComponent(name)}/follow`, query));
+    source.onopen = () => { error.hidden = true; link = 'live'; drawPause(); };
+    source.onmessage = (e) => { if (e.lastEventId) lastId = e.lastEventId; receive(e.data); };
     source.addEventListener('end', () => {
       ended = true;
       source.close();
-      setPill('ended', 'ended');
-      receiveMarker(`\u2014 the job has ended: ${name} is complete \u2014`);
+      drawPause();
+      receiveMarker(`\u2014 job ${job} has ended: this is the whole ${name} log \u2014`);
     });
     source.onerror = () => {
       if (ended || signal.aborted) return;
-      source.close();
-      setPill('lost', 'reconnecting');
+      link = 'broken';
+      drawPause();
       error.textContent = 'The log stream broke (the node may be unreachable). Reconnecting\u2026';
       error.hidden = false;
-      retry = setTimeout(() => { receiveMarker('\u2014 reconnected \u2014'); connect(false); }, 3000);
+      if (source.readyState === EventSource.CLOSED) {  // refused: ask why, then try again later
+        api(withQuery(`${base}/api/logs/${encodeURIComponent(name)}`, { lines: 0 }), { signal })
+          .then(() => {}, (e) => {
+            if (e.name !== 'AbortError') error.textContent = `${e.message}. Trying again\u2026`;
+          });
+        retry = setTimeout(connect, 3000);
+      }
     };
   }
 
@@ -156,7 +175,6 @@ export async function render(body, { job, node, base, params, signal }) {
       const b = pending;
       pending = [];
       add(b);
-      if (!ended) setPill('live', 'live');
     }
     drawPause();
   });
@@ -173,7 +191,6 @@ export async function render(body, { job, node, base, params, signal }) {
   jump.addEventListener('click', () => { stick = true; out.scrollTop = out.scrollHeight; jump.hidden = true; });
   signal.addEventListener('abort', () => { clearTimeout(retry); if (source) source.close(); });
 
-  setPill('connecting', 'connecting');
   drawPause();
-  connect(true);
+  connect();
 }

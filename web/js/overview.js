@@ -12,15 +12,15 @@ export async function render(body, { base, signal }) {
   const charts = h('div', { class: 'charts' });
   const gpuCharts = h('div', { class: 'charts' });
   const error = h('div', { class: 'alert alert-error', hidden: true });
-  clear(body).append(error, facts, charts, gpuCharts);
+  clear(body, error, facts, charts, gpuCharts);
 
   let info = null;
   const cpu = new LineChart({ title: 'CPU', subtitle: 'all cores, % busy', series: [{ label: 'CPU', color: COLORS[0] }],
     max: 100, format: (v) => `${v.toFixed(0)}%` });
   const mem = new LineChart({ title: 'Memory', subtitle: 'used', series: [{ label: 'used', color: COLORS[1] }],
     max: () => info && info.memory_total, format: bytes });
-  const load = new LineChart({ title: 'Load', subtitle: 'run queue, averaged over 1, 5 and 15 min',
-    series: [{ label: '1 min', color: COLORS[2] }, { label: '5 min', color: COLORS[3] }, { label: '15 min', color: COLORS[5] }],
+  const load = new LineChart({ title: 'Load', subtitle: 'averages over 1, 5, 15 min',
+    series: [{ label: '1m', color: COLORS[2] }, { label: '5m', color: COLORS[3] }, { label: '15m', color: COLORS[5] }],
     format: (v) => v.toFixed(2) });
   charts.append(cpu.el, mem.el, load.el);
   let gpuUtil = null;
@@ -32,6 +32,7 @@ export async function render(body, { base, signal }) {
       error.hidden = true;
     } catch (e) {
       if (e.name === 'AbortError') return;
+      if (e.kind === 'gone') return;  // the page's banner says the job has ended
       error.textContent = `No metrics from the node: ${e.message}`;
       error.hidden = false;
       cpu.push([null]);
@@ -65,12 +66,12 @@ function drawFacts(el, info) {
   const gpus = info.gpus || [];
   const items = [
     ['Hostname', info.hostname, `${info.scheduler} job ${info.job}, cluster ${info.cluster}`],
-    ['CPUs', `${info.cpus}`, `${info.cpus_allowed} usable by the agent \u00b7 ${info.cpu_percent.toFixed(0)}% busy`],
-    ['Memory', `${bytes(used)}`, `used of ${bytes(info.memory_total)} \u00b7 ${bytes(info.memory_available)} available`],
+    ['CPUs', `${info.cpus}`, `${info.cpu_percent.toFixed(0)}% busy \u00b7 ${info.cpus_allowed} usable`],
+    ['Memory', `${bytes(used)}`, `used of ${bytes(info.memory_total)}`],
     ['Load', info.load.map((x) => x.toFixed(2)).join('  '), '1, 5 and 15 min'],
     ['Uptime', duration(info.agent_uptime), `agent \u00b7 node up ${duration(info.uptime)}`],
     ['GPUs', gpus.length ? `${gpus.length}` : 'none', gpus.length ? gpus[0].name : 'no nvidia-smi on this node'],
   ];
-  clear(el).append(items.map(([label, value, sub]) => h('div', { class: 'card fact' },
+  clear(el, items.map(([label, value, sub]) => h('div', { class: 'card fact' },
     h('div', { class: 'fact-label' }, label), h('div', { class: 'fact-value' }, value), h('div', { class: 'fact-sub' }, sub))));
 }

@@ -8,14 +8,16 @@ const POLL_MS = 5000;
 export async function render(body, { node, base, signal }) {
   const tbody = h('tbody');
   const table = h('table', { class: 'table services' },
-    h('thead', {}, h('tr', {}, ['Port', 'Address', 'Process', 'PID', ''].map((c) => h('th', {}, c)))), tbody);
+    h('colgroup', {}, ['10%', '14%', '52%', '10%', '14%'].map((w) => h('col', { style: `width:${w}` }))),
+    h('thead', {}, h('tr', {}, h('th', {}, 'Port'), h('th', {}, 'Address'), h('th', {}, 'Process'),
+      h('th', { class: 'num' }, 'PID'), h('th', {}, ''))), tbody);
   const empty = h('div', { class: 'empty', hidden: true },
     h('div', { class: 'empty-icon' }, icon('globe')),
     h('h2', {}, 'No web services on this node'),
     h('p', {}, 'None of the job\u2019s processes listens on a TCP port here. Start one, for example ',
       h('code', {}, 'python3 -m http.server 8000'), ', Jupyter or TensorBoard, and it appears here.'));
   const error = h('div', { class: 'alert alert-error', hidden: true });
-  clear(body).append(
+  clear(body, 
     h('div', { class: 'toolbar' },
       h('div', { class: 'muted' }, `Ports the job's processes listen on, on ${node}. Each opens in a new tab through the dxflow proxy.`),
       h('div', { class: 'toolbar-right' }, h('div', { class: 'live' }, h('span', { class: 'live-dot' }), 'live'))),
@@ -36,12 +38,13 @@ export async function render(body, { node, base, signal }) {
     ports.sort((a, b) => a.port - b.port);
     table.hidden = !ports.length;
     empty.hidden = !!ports.length;
-    clear(tbody).append(ports.map((p) => {
+    clear(tbody, ports.map((p) => {
       const href = `${base}/proxy/${p.port}/`;
       return h('tr', { dataset: { port: p.port } },
-        h('td', { class: 'num strong' }, String(p.port)),
+        h('td', { class: 'strong port' }, String(p.port)),
         h('td', { class: 'mono muted' }, p.address || ''),
-        h('td', { class: 'mono' }, p.process || ''),
+        h('td', {}, h('div', { class: 'strong' }, p.process || ''),
+          p.command ? h('div', { class: 'mono muted command', title: p.command }, p.command) : null),
         h('td', { class: 'num muted' }, p.pid ? String(p.pid) : ''),
         h('td', { class: 'cell-actions' }, h('a', { class: 'btn btn-small', href, target: '_blank', rel: 'noopener noreferrer',
           'aria-label': `Open port ${p.port}` }, icon('external'), 'Open')));

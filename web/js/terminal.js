@@ -6,7 +6,7 @@ import { clear, h, icon } from './util.js';
 
 export async function render(body, { node, base, signal }) {
   const [{ Terminal }, { FitAddon }] = await Promise.all([
-    import('../vendor/xterm/xterm.mjs'), import('../vendor/xterm/addon-fit.mjs')]);
+    importRetrying('../vendor/xterm/xterm.mjs', signal), importRetrying('../vendor/xterm/addon-fit.mjs', signal)]);
   if (signal.aborted) return;
   if (!document.querySelector('link[data-xterm]')) {
     document.head.append(h('link', { rel: 'stylesheet', href: 'vendor/xterm/xterm.css', 'data-xterm': '1' }));
@@ -15,7 +15,7 @@ export async function render(body, { node, base, signal }) {
   const reconnect = h('button', { class: 'btn', type: 'button', hidden: true }, icon('refresh'), 'Reconnect');
   const interrupt = h('button', { class: 'btn', type: 'button', title: 'Send SIGINT to the foreground process' }, 'Ctrl-C');
   const screen = h('div', { class: 'term-screen', 'data-testid': 'terminal' });
-  clear(body).append(
+  clear(body, 
     h('div', { class: 'toolbar' },
       h('div', { class: 'muted' }, `A shell on ${node}, in the job's environment, as the job's user.`),
       h('div', { class: 'toolbar-right' }, interrupt, reconnect, pill)),
@@ -81,4 +81,17 @@ export async function render(body, { node, base, signal }) {
     term.dispose();
   });
   connect();
+}
+
+// xterm.js is loaded when a terminal is first opened. The browser remembers a failed module load
+// (the master may have been restarting), so a retry asks under another URL.
+async function importRetrying(url, signal) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await import(attempt ? `${url}?retry=${attempt}` : url);
+    } catch (e) {
+      if (attempt >= 4 || signal.aborted) throw e;
+      await new Promise((resolve) => { setTimeout(resolve, 1000 * (attempt + 1)); });
+    }
+  }
 }

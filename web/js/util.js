@@ -23,8 +23,10 @@ function append(el, children) {
   }
 }
 
-export function clear(el) {
+// Empty el, then put children in (arrays flattened; null, undefined and false left out).
+export function clear(el, ...children) {
   while (el.firstChild) el.removeChild(el.firstChild);
+  append(el, children);
   return el;
 }
 

@@ -1,0 +1,495 @@
+"""Contract tests of the PBS, Torque and LSF hooks on the lab's nodes.
+
+Each test runs the real hook scripts from ``pbs/`` and ``lsf/`` as their scheduler would
+(CONTRACTS.md §2–3): as root (or, for LSF, as the job's user), with exactly the documented
+argv, environment, working directory and stdio, in the node's network and UTS namespaces —
+and then does what the scheduler does next: pbs_mom SIGKILLs the script's process group
+as soon as it exits, sbatchd kills the pre-exec's group on a timeout. Stand-ins for
+``qstat``/``bjobs`` (tests/lab/fakes/) print the documented JSON (and Torque's XML); the
+user's master on the login node, started with them on its PATH, must see each agent as
+``ready`` through its SSH tunnel. The matching epilogue / post-exec must remove it.
+
+Hostile values in every field must leave the job unharmed (exit 0, promptly) and run
+nothing they contain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dxflow.schedulers.lsf import LSF
+from tests.lab.conftest import DXFLOW, NETNS, run, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKES = Path(__file__).parent / "fakes"
+USER = "alice"
+SERVER = "dxlab"              # the PBS server: job ids are NNN.dxlab, so the agents' cluster is dxlab
+RUNTIME = Path("/run/dxflow")  # the lab's site config keeps the default
+# What pbs_mom hands a classic script: its own (small) environment; PBS_JOBDIR is added.
+MOM_ENV = {"PATH": "/bin:/usr/bin", "LANG": "C"}
+HOOK_TIMEOUT = 15.0           # far above what a hook may take; a hook holding a pipe hits it
+
+
+class Kit:
+    """A throwaway install: hook scripts with the documented modes, stand-ins, their job tables."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="dxflow-contract-"))
+        self.root.chmod(0o755)
+        self.bin = self.root / "bin"
+        self.pbs_python = self.root / "pbs_python"
+        self.mom_priv = self.root / "pbs_home" / "mom_priv"
+        self.torque_priv = self.root / "torque_home" / "mom_priv"
+        self.lsf = self.root / "lsf"
+        self.evil = self.root / "evil"
+        self.marker = self.root / "evil" / "PWNED"
+        for d in (self.bin, self.pbs_python, self.mom_priv, self.torque_priv, self.lsf, self.evil,
+                  self.root / "pbs_home" / "aux", self.root / "hooks"):
+            d.mkdir(parents=True)
+            d.chmod(0o755)
+        for name in ("qstat", "bjobs", "sbatchd"):
+            shutil.copy(FAKES / name, self.bin / name)
+            (self.bin / name).chmod(0o755)
+        shutil.copy(FAKES / "pbs.py", self.pbs_python / "pbs.py")
+        (self.bin / "calls.log").touch(mode=0o666)
+        (self.bin / "calls.log").chmod(0o666)
+        self.pbs_jobs({})
+        self.lsf_jobs([])
+        # as the admin docs install them: root-owned, 0500 for pbs_mom; LSF's run as the job's user
+        for src, dst in ((ROOT / "pbs" / "prologue", self.mom_priv / "prologue"),
+                         (ROOT / "pbs" / "epilogue", self.mom_priv / "epilogue")):
+            shutil.copy(src, dst)
+            dst.chmod(0o500)
+        for name in ("prologue", "prologue.parallel", "epilogue", "epilogue.parallel"):
+            shutil.copy(ROOT / "pbs" / "torque" / name, self.torque_priv / name)
+            (self.torque_priv / name).chmod(0o500)
+        for name in ("host_pre_exec", "host_post_exec"):
+            shutil.copy(ROOT / "lsf" / name, self.lsf / name)
+            (self.lsf / name).chmod(0o755)
+        shutil.copy(ROOT / "pbs" / "dxflow_hook.py", self.root / "hooks" / "dxflow_hook.py")
+        # a bjobs and a sitecustomize that must never run: the job's environment points at them
+        touch = f"#!/bin/sh\ntouch {shlex.quote(str(self.marker))}\n"
+        (self.evil / "bjobs").write_text(touch)
+        (self.evil / "bjobs").chmod(0o755)
+        (self.evil / "sitecustomize.py").write_text(f"open({str(self.marker)!r}, 'w').close()\n")
+        self.started: list[Path] = []   # agent records made by the tests, for the clean-up
+
+    # -- stand-ins' job tables --------------------------------------------------
+    def pbs_jobs(self, jobs: dict) -> None:
+        path = self.bin / "pbs-jobs.json"
+        path.write_text(json.dumps(jobs))
+        path.chmod(0o644)
+
+    def lsf_jobs(self, records: list) -> None:
+        path = self.bin / "lsf-jobs.json"
+        path.write_text(json.dumps(records))
+        path.chmod(0o644)
+
+    def calls(self) -> list[list[str]]:
+        return [json.loads(line) for line in (self.bin / "calls.log").read_text().splitlines()]
+
+    # -- running a hook as its scheduler does ------------------------------------
+    def on_node(self, node: str, argv: list[str], env: dict, cwd: Path | str = "/",
+                stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+        """Run argv on NODE (its network and UTS namespaces, host name NODE) as the scheduler's
+        child: a session and process group of its own, stdout/stderr on pipes the caller reads to
+        EOF; once it has exited, SIGKILL its process group (pbs_mom does exactly that)."""
+        wrapper = ["nsenter", f"--net=/var/run/netns/{NETNS.format(node=node)}", "unshare", "--uts",
+                   "/bin/sh", "-c", 'hostname "$1" && shift && exec "$@"', "sh", node, *argv]
+        t0 = time.monotonic()
+        proc = subprocess.Popen(wrapper, env=env, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, text=True)
+        try:
+            out, err = proc.communicate(timeout=HOOK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise AssertionError(f"{argv[0]} still ran (or held its stdout/stderr) after {HOOK_TIMEOUT:.0f} s")
+        result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        result.pgid = proc.pid  # type: ignore[attr-defined]
+        result.seconds = time.monotonic() - t0  # type: ignore[attr-defined]
+        kill_group(proc.pid)
+        return result
+
+    def lsf_exec(self, node: str, script: str, job_env: dict, user: str | None) -> dict:
+        """Run an LSF host pre/post-exec the way sbatchd does (fakes/sbatchd): /bin/sh -c in /tmp,
+        stdio on /dev/null, the job's environment, as USER or root; then kill its process group."""
+        env_file = self.root / f"env-{secrets.token_hex(4)}.json"
+        env_file.write_text(json.dumps(job_env))
+        site_env = ["env", "-i", "PATH=/usr/bin:/bin", f"LSF_BINDIR={self.bin}", f"LSF_ENVDIR={self.bin}"]
+        argv = [*site_env, str(self.bin / "sbatchd"), str(env_file), str(self.lsf / script), *([user] if user else [])]
+        result = self.on_node(node, argv, MOM_ENV)
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout)
+        kill_group(outcome["pid"])  # what sbatchd does to a pre-exec on timeout: nothing may depend on it
+        return outcome
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def proc_stat(pid: int) -> dict | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    uid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:")))
+    return {"ppid": int(fields[1]), "pgid": int(fields[2]), "sid": int(fields[3]), "uid": uid}
+
+
+def agent_leaders(job: str, node: str) -> list[int]:
+    """Session leaders running this job's agent on NODE (workers share the command line, not the session)."""
+    out = run(["pgrep", "-f", f"dxflow.agent .*--job {job} --node {node}( |$)"], check=False).stdout.split()
+    return [pid for pid in map(int, out) if (st := proc_stat(pid)) and st["sid"] == pid]
+
+
+def record_path(cluster: str, job: str, node: str, user: str | None = None) -> Path:
+    base = RUNTIME if user is None else Path(pwd.getpwnam(user).pw_dir) / ".dxflow" / "run"
+    return base / f"{cluster}.{job}.{node}.json"
+
+
+def registration_path(cluster: str, job: str, node: str) -> Path:
+    return Path(pwd.getpwnam(USER).pw_dir) / ".dxflow" / "fleet" / f"{cluster}.{job}.{node}.json"
+
+
+def pbs_job_id() -> str:
+    return f"{secrets.randbelow(900000) + 100000}.{SERVER}"
+
+
+def expect_agent(kit: Kit, cluster: str, job: str, node: str, hook_pgid: int, *, user_record: bool = False) -> int:
+    """The agent of JOB on NODE: started as the job's user, in a session of its own (not the hook's,
+    which was just SIGKILLed), alive, and registered in the user's fleet folder. Returns its pid."""
+    path = record_path(cluster, job, node, USER if user_record else None)
+    kit.started.append(path)
+    record = wait_for(lambda: path.exists() and json.loads(path.read_text()), 10, what=f"record {path}")
+    pid = record["pid"]
+    st = wait_for(lambda: proc_stat(pid), 5, what=f"agent {pid} alive")
+    assert st["uid"] == pwd.getpwnam(USER).pw_uid, "the agent must run as the job's user"
+    assert st["sid"] == pid and st["pgid"] == pid, "the agent must lead a session of its own"
+    assert st["sid"] != hook_pgid
+    reg = registration_path(cluster, job, node)
+    data = wait_for(lambda: reg.exists() and json.loads(reg.read_text()), 15, what=f"registration {reg}")
+    assert (data["job"], data["node"], data["user"]) == (job, node, USER)
+    assert proc_stat(pid), "the agent must survive the kill of the hook's process group"
+    return pid
+
+
+def expect_gone(cluster: str, job: str, node: str, pid: int, *, user_record: bool = False) -> None:
+    wait_for(lambda: proc_stat(pid) is None, 5, what=f"agent {pid} stopped")
+    assert not agent_leaders(job, node)
+    assert not registration_path(cluster, job, node).exists()
+    assert not record_path(cluster, job, node, USER if user_record else None).exists()
+
+
+# -- fixtures -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kit(lab) -> Iterator[Kit]:
+    k = Kit()
+    yield k
+    from dxflow.procs import stop_tree  # the installed dxflow's: what the epilog uses
+
+    for path in k.started:  # whatever a failed test left running
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        stop_tree(int(record["pid"]), int(record["uid"]), leader_alive=proc_stat(int(record["pid"])) is not None)
+        registration_path(record["cluster"], record["job"], record["node"]).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    shutil.rmtree(k.root, ignore_errors=True)
+
+
+class Master:
+    """USER's master on the login node, run with the stand-ins first on its PATH."""
+
+    def __init__(self, kit: Kit) -> None:
+        self.kit = kit
+        self.path = f"{kit.bin}:/usr/local/bin:/usr/bin:/bin"
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        line = f"PATH={shlex.quote(self.path)} exec {DXFLOW} {shlex.join(args)}"
+        return run(["runuser", "-l", USER, "-c", line], check=check, timeout=60)
+
+    def restart(self) -> None:
+        # Other lab tests may restart USER's master (without the stand-ins) at any moment, and a
+        # start that loses a race leaves no socket behind: stop what the pid file names, retry.
+        for _ in range(3):
+            self("master", "stop", check=False)
+            if self("master", "start", check=False).returncode == 0:
+                return
+        pytest.fail(f"{USER}'s master does not start: see ~{USER}/.dxflow/logs/master.log")
+
+    def wait_ready(self, job: str, nodes: set[str], asked: list[str], timeout: float = 25) -> list[dict]:
+        """Until the master lists JOB's agents on NODES as ready, having listed USER's jobs through the
+        scheduler stand-in (a call ``asked`` + anything that does not name a job)."""
+        seen = len(self.kit.calls())
+        deadline = time.monotonic() + timeout
+        restart_at = time.monotonic() + timeout / 3
+        while time.monotonic() < deadline:
+            listed = self("ls", "--json", check=False)  # a master being restarted by others: try again
+            agents = [a for a in json.loads(listed.stdout or "[]") if a["job"] == job] if listed.returncode == 0 else []
+            queried = any(c[:len(asked)] == asked and job.split(".")[0] not in " ".join(c)
+                          for c in self.kit.calls()[seen:])
+            if queried and {a["node"] for a in agents} == nodes and all(a["state"] == "ready" for a in agents):
+                return agents
+            if not queried and time.monotonic() > restart_at:  # a master without the stand-ins
+                self.restart()
+                restart_at = deadline
+            time.sleep(0.5)
+        raise AssertionError(f"agents of {job} not ready on {sorted(nodes)} via the master "
+                             f"(stand-in asked: {queried}); last: {agents!r}")
+
+
+@pytest.fixture(scope="module")
+def master(kit) -> Iterator[Master]:
+    m = Master(kit)
+    m.restart()
+    yield m
+    run(["runuser", "-l", USER, "-c", f"{DXFLOW} master stop"], check=False)  # next use: a normal PATH
+
+
+def pbs_attrs(nodes: list[str], state: str = "R") -> dict:
+    """A running job as ``qstat -f -F json`` shows it."""
+    return {"Job_Name": "contract", "Job_Owner": f"{USER}@dxlab-login", "job_state": state, "queue": "workq",
+            "euser": USER, "egroup": USER, "exec_host": "+".join(f"{n}/0" for n in nodes),
+            "Output_Path": f"dxlab-login:/home/{USER}/contract.o1",
+            "Error_Path": f"dxlab-login:/home/{USER}/contract.e1",
+            "Variable_List": {"PBS_O_WORKDIR": f"/home/{USER}", "PBS_O_HOST": "dxlab-login"}}
+
+
+# -- OpenPBS / PBS Pro ----------------------------------------------------------
+def test_pbs_classic_prologue_and_epilogue(kit, master):
+    job = pbs_job_id()
+    kit.pbs_jobs({job: pbs_attrs(["n1"])})
+    (kit.root / "pbs_home" / "aux" / job).write_text("n1\n")
+    env = {**MOM_ENV, "PBS_HOME": str(kit.root / "pbs_home"), "PBS_JOBDIR": f"/home/{USER}"}
+    pro = kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], env, cwd=kit.mom_priv)
+    assert pro.returncode == 0 and pro.stdout == "" and pro.seconds < 5
+    pid = expect_agent(kit, SERVER, job, "n1", pro.pgid)
+    # the master asked PBS (the stand-in) whether the job runs there before calling the agent ready
+    master.wait_ready(job, {"n1"}, asked=["qstat", "-f", "-F", "json"])
+    epi = kit.on_node("n1", [str(kit.mom_priv / "epilogue"), job, USER, USER, "contract", "4242",
+                             "ncpus=1,walltime=00:10:00", "cput=00:00:01", "workq", "null", "0"], env, cwd=kit.mom_priv)
+    assert epi.returncode == 0
+    expect_gone(SERVER, job, "n1", pid)
+
+
+def pbs_hook(kit: Kit, node: str, event: str, job: str, **attrs) -> subprocess.CompletedProcess:
+    """The PBS Pro hook as pbs_mom runs it: pbs_python, root, forked and setsid; group killed after."""
+    job_attrs = {"id": job, "euser": USER, "egroup": USER, "Output_Path": f"dxlab-login:/home/{USER}/o",
+                 "Error_Path": f"dxlab-login:/home/{USER}/e", "Variable_List": {"PBS_O_WORKDIR": f"/home/{USER}"}}
+    job_attrs.update(attrs)
+    env = {**MOM_ENV, "PYTHONPATH": str(kit.pbs_python), "FAKE_PBS_EVENT": event,
+           "FAKE_PBS_JOB": json.dumps(job_attrs), "PBS_HOME": str(kit.root / "pbs_home")}
+    result = kit.on_node(node, ["/usr/bin/python3", str(kit.root / "hooks" / "dxflow_hook.py")], env,
+                         cwd=kit.mom_priv)
+    assert result.returncode == 0 and "rejected" not in result.stderr, result.stderr
+    return result
+
+
+def test_pbs_hook_every_host_and_never_twice(kit, master):
+    job = pbs_job_id()
+    kit.pbs_jobs({job: pbs_attrs(["n1", "n2"])})
+    first = pbs_hook(kit, "n1", "execjob_begin", job)
+    sister = pbs_hook(kit, "n2", "execjob_begin", job)
+    pid1 = expect_agent(kit, SERVER, job, "n1", first.pgid)
+    pid2 = expect_agent(kit, SERVER, job, "n2", sister.pgid)
+    # execjob_prologue and a classic prologue on the same host: same record key, the agent is alive
+    pbs_hook(kit, "n1", "execjob_prologue", job)
+    env = {**MOM_ENV, "PBS_HOME": str(kit.root / "pbs_home")}
+    kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], env, cwd=kit.mom_priv)
+    assert json.loads(record_path(SERVER, job, "n1").read_text())["pid"] == pid1
+    assert agent_leaders(job, "n1") == [pid1] and agent_leaders(job, "n2") == [pid2]
+    master.wait_ready(job, {"n1", "n2"}, asked=["qstat", "-f", "-F", "json"])
+    pbs_hook(kit, "n1", "execjob_epilogue", job)
+    pbs_hook(kit, "n2", "execjob_end", job)
+    pbs_hook(kit, "n1", "execjob_end", job)  # the second stop finds nothing: fine
+    expect_gone(SERVER, job, "n1", pid1)
+    expect_gone(SERVER, job, "n2", pid2)
+
+
+# -- Torque ---------------------------------------------------------------------
+def test_torque_prologue_on_mother_superior_and_sisters(kit, master):
+    job = pbs_job_id()
+    kit.pbs_jobs({job: {**pbs_attrs(["n1", "n2"]), "exec_host": "n1/0-1+n2/0"}})
+    nodefile = kit.root / "torque_home" / "aux"
+    nodefile.mkdir(exist_ok=True)
+    (nodefile / job).write_text("n1\nn1\nn2\n")
+    # the prologue environment Torque's source sets (prolog.c), argv 1-8 (1-11 for the epilogue)
+    env = {**MOM_ENV, "PBS_NODEFILE": str(nodefile / job), "PBS_MSHOST": "n1", "PBS_NODENUM": "0",
+           "PBS_O_WORKDIR": f"/home/{USER}", "PBS_NUM_NODES": "2", "PBS_NUM_PPN": "1", "PBS_NP": "3",
+           "TMPDIR": f"/tmp/{job}"}
+    pro_args = [job, USER, USER, "contract", "nodes=2:ppn=1,walltime=00:10:00", "batch", "acct",
+                f"/var/spool/torque/mom_priv/jobs/{job}.SC"]
+    ms = kit.on_node("n1", [str(kit.torque_priv / "prologue"), *pro_args], env, cwd=kit.torque_priv)
+    sister = kit.on_node("n2", [str(kit.torque_priv / "prologue.parallel"), *pro_args],
+                         {**env, "PBS_NODENUM": "1"}, cwd=kit.torque_priv)
+    assert ms.returncode == 0 and sister.returncode == 0
+    pid1 = expect_agent(kit, SERVER, job, "n1", ms.pgid)
+    pid2 = expect_agent(kit, SERVER, job, "n2", sister.pgid)
+    assert json.loads(registration_path(SERVER, job, "n1").read_text())["scheduler"] == "torque"
+    master.wait_ready(job, {"n1", "n2"}, asked=["qstat", "-f", "-x"])  # Torque's way: XML, not JSON
+    epi_args = [job, USER, USER, "contract", "4242", "nodes=2:ppn=1", "cput=00:00:01", "batch", "acct", "0",
+                f"/var/spool/torque/mom_priv/jobs/{job}.SC"]
+    kit.on_node("n1", [str(kit.torque_priv / "epilogue"), *epi_args], env, cwd=kit.torque_priv)
+    kit.on_node("n2", [str(kit.torque_priv / "epilogue.parallel"), *epi_args], env, cwd=kit.torque_priv)
+    expect_gone(SERVER, job, "n1", pid1)
+    expect_gone(SERVER, job, "n2", pid2)
+
+
+# -- LSF ------------------------------------------------------------------------
+def lsf_job_env(kit: Kit, job: str, nodes: list[str], **extra: str) -> dict:
+    """What a pre-exec sees (LSF 10.1 env page): the job's own environment plus LSF's LSB_* variables."""
+    home = pwd.getpwnam(USER).pw_dir
+    env = {"HOME": home, "USER": USER, "LOGNAME": USER, "SHELL": "/bin/bash", "LANG": "C.UTF-8",
+           "LSB_JOBID": job, "LSB_JOBINDEX": "0", "LSB_QUEUE": "normal", "LSB_JOBNAME": "contract",
+           "LSB_HOSTS": " ".join(nodes), "LSB_MCPU_HOSTS": " ".join(f"{n} 1" for n in nodes),
+           "LS_SUBCWD": home, "LS_EXECCWD": home, "LSB_OUTPUTFILE": f"{home}/contract.%J.out",
+           "LSF_BINDIR": str(kit.bin), "LSF_ENVDIR": str(kit.bin)}
+    env.update(extra)
+    return env
+
+
+def lsf_record(job: str, nodes: list[str], user: str = USER) -> dict:
+    return {"JOBID": job, "JOBINDEX": "0", "USER": user, "STAT": "RUN", "EXEC_HOST": ":".join(nodes),
+            "JOB_NAME": "contract", "EXEC_CWD": f"/home/{USER}", "OUTPUT_FILE": f"/home/{USER}/contract.%J.out",
+            "ERROR_FILE": ""}
+
+
+def test_lsf_host_pre_exec_as_the_jobs_user(kit, master):
+    job = str(secrets.randbelow(900000) + 100000)
+    nodes = ["n1", "n2"]
+    kit.lsf_jobs([lsf_record(job, nodes)])
+    env = lsf_job_env(kit, job, nodes)
+    pre = {n: kit.lsf_exec(n, "host_pre_exec", env, USER) for n in nodes}
+    assert all(o["returncode"] == 0 for o in pre.values())
+    pids = {n: expect_agent(kit, "default", job, n, pre[n]["pid"], user_record=True) for n in nodes}
+    master.wait_ready(job, set(nodes), asked=["bjobs", "-json", "-o", " ".join(LSF.fields), "-u", USER])
+    for n in nodes:
+        assert kit.lsf_exec(n, "host_post_exec", env, USER)["returncode"] == 0
+    for n in nodes:
+        expect_gone("default", job, n, pids[n], user_record=True)
+
+
+def test_lsf_host_pre_exec_as_root_trusts_lsf_not_the_job(kit, master):
+    """LSB_PRE_POST_EXEC_USER=root: the job's environment (its user's to write) points bjobs and
+    Python at code that must never run as root; LSF's own bjobs names the user."""
+    job = str(secrets.randbelow(900000) + 100000)
+    kit.lsf_jobs([lsf_record(job, ["n1"])])
+    env = lsf_job_env(kit, job, ["n1"], LSF_BINDIR=str(kit.evil), LSF_ENVDIR=str(kit.evil),
+                      PYTHONPATH=str(kit.evil), USER="bob", LOGNAME="bob")
+    pre = kit.lsf_exec("n1", "host_pre_exec", env, None)
+    assert pre["returncode"] == 0
+    pid = expect_agent(kit, "default", job, "n1", pre["pid"])
+    assert not kit.marker.exists(), "the job's environment ran code as root"
+    assert any(c[0] == "bjobs" and c[-1] == job for c in kit.calls())
+    master.wait_ready(job, {"n1"}, asked=["bjobs", "-json", "-o", " ".join(LSF.fields), "-u", USER])
+    assert kit.lsf_exec("n1", "host_post_exec", env, None)["returncode"] == 0
+    expect_gone("default", job, "n1", pid)
+    assert not kit.marker.exists()
+
+
+# -- hostile values ---------------------------------------------------------------
+def hostile_values(marker: Path) -> list[str]:
+    m = shlex.quote(str(marker))
+    return [f"1.{SERVER};touch {m}", f"$(touch {m})", f"`touch {m}`", f"'; touch {m}; '", f'"; touch {m}; "',
+            f"x\ntouch {m}\n", "1" * 20000 + f".{SERVER}", f"../../../tmp/x.{SERVER}", "-h", "--scheduler=lsf"]
+
+
+def agent_records_since(t0: float) -> list[str]:
+    """Records of PBS/Torque/LSF agents made after t0 (Slurm tests may run alongside)."""
+    out = []
+    user_run = Path(pwd.getpwnam(USER).pw_dir) / ".dxflow" / "run"
+    for path in [*RUNTIME.glob("*.json"), *user_run.glob("*.json")]:
+        try:
+            if path.stat().st_mtime >= t0 and json.loads(path.read_text()).get("scheduler") in ("pbs", "torque", "lsf"):
+                out.append(path.name)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def test_hostile_pbs_and_torque_arguments_start_nothing(kit):
+    t0 = time.time()
+    env = {**MOM_ENV, "PBS_HOME": str(kit.root / "pbs_home")}
+    good = pbs_job_id()
+    cases = [[v, USER, USER] for v in hostile_values(kit.marker)]
+    cases += [[good, v, USER] for v in hostile_values(kit.marker)]
+    cases += [[good, "no-such-user-dxflow", USER], [good, "root", "root"], [good], []]
+    for argv in cases:
+        for script in (kit.mom_priv / "prologue", kit.torque_priv / "prologue.parallel"):
+            result = kit.on_node("n1", [str(script), *argv], env, cwd=kit.mom_priv)
+            assert result.returncode == 0 and result.seconds < 5, (argv, result)
+    assert not kit.marker.exists(), "a hostile argument ran as a command"
+    assert agent_records_since(t0) == []
+
+
+def test_hostile_group_and_environment_leave_the_job_unharmed(kit):
+    """Valid job and user, hostile everything else: the agent starts as the user, runs nothing
+    it was handed, and is stopped again."""
+    job = pbs_job_id()
+    m = shlex.quote(str(kit.marker))
+    env = {**MOM_ENV, "PBS_NODEFILE": "/etc/shadow", "PBS_O_WORKDIR": f"$(touch {m})",
+           "PBS_JOBDIR": f"/tmp;touch {m}", "DXFLOW_JOB_STDOUT": f"--bind=0.0.0.0:1`touch {m}`"}
+    pro = kit.on_node("n1", [str(kit.torque_priv / "prologue"), job, USER, f"root;touch {m}"], env,
+                      cwd=kit.torque_priv)
+    assert pro.returncode == 0
+    path = record_path(SERVER, job, "n1")
+    kit.started.append(path)
+    record = wait_for(lambda: path.exists() and json.loads(path.read_text()), 10, what="record")
+    assert record["gid"] == pwd.getpwnam(USER).pw_gid  # not root's group, whatever argv 3 said
+    kit.on_node("n1", [str(kit.torque_priv / "epilogue"), job, USER, USER], env, cwd=kit.torque_priv)
+    wait_for(lambda: proc_stat(record["pid"]) is None, 5, what="agent stopped")
+    assert not kit.marker.exists()
+    # the PBS Pro hook with hostile job attributes: an unknown user, quotes, newlines
+    for attrs in ({"euser": "no-such-user-dxflow"}, {"id": f"1;touch {m}"}, {"egroup": f"x\n$(touch {m})"},
+                  {"Output_Path": f"h:/tmp/'$(touch {m})'"}, {"Variable_List": {"PBS_O_WORKDIR": f"`touch {m}`"}}):
+        hjob = pbs_job_id()
+        pbs_hook(kit, "n1", "execjob_begin", hjob, **attrs)
+        kit.started.append(record_path(SERVER, hjob, "n1"))
+        pbs_hook(kit, "n1", "execjob_end", hjob, **attrs)
+    assert not kit.marker.exists()
+
+
+def test_hostile_lsf_environment_starts_nothing(kit):
+    t0 = time.time()
+    m = shlex.quote(str(kit.marker))
+    good = str(secrets.randbelow(900000) + 100000)
+    kit.lsf_jobs([lsf_record(good, ["n1"], user="no-such-user-dxflow"),
+                  lsf_record("424242", ["n1"], user=f"alice;touch {m}")])
+    cases = [{"LSB_JOBID": v} for v in hostile_values(kit.marker)]
+    cases += [{"LSB_JOBID": good},                   # as root: bjobs names a user that does not exist
+              {"LSB_JOBID": "424242"},               # as root: bjobs names a hostile user
+              {"LSB_JOBID": good, "LSB_JOBINDEX": f"1];touch {m}"},
+              {"LSB_JOBID": "", "LSB_HOSTS": f"n1 $(touch {m})"}]
+    for extra in cases:
+        env = lsf_job_env(kit, good, ["n1"], PYTHONPATH=str(kit.evil), LSF_BINDIR=str(kit.evil), **extra)
+        outcome = kit.lsf_exec("n1", "host_pre_exec", env, None)
+        assert outcome["returncode"] == 0, extra
+    # as the job's user, hostile ids and hosts start nothing either
+    for extra in cases[:4]:
+        outcome = kit.lsf_exec("n1", "host_pre_exec", lsf_job_env(kit, good, ["n1"], **extra), USER)
+        assert outcome["returncode"] == 0, extra
+    assert not kit.marker.exists(), "a hostile value or environment ran code"
+    assert agent_records_since(t0) == []

@@ -1,0 +1,317 @@
+"""The web console's login, session and guard: the master's (fleet) and an agent's (node), in-process."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from dxflow import auth
+from dxflow.master import console as mconsole
+from dxflow.webfiles import web_root
+
+UNIX = {"gunicorn.socket": socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)}
+
+
+class FakeRegistry:
+    def all(self):
+        return []
+
+
+class FakePool:
+    def status(self):
+        return {}
+
+
+class FakeFleet:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.user = getpass.getuser()
+        self.registry = FakeRegistry()
+        self.pool = FakePool()
+
+    def refresh(self):
+        pass
+
+
+@pytest.fixture
+def master(tmp_path):
+    from dxflow.master.app import create_app
+
+    app = create_app(FakeFleet(tmp_path))
+    app.config.update(TESTING=True, CONSOLE_PORT=8765)
+    return app
+
+
+def tcp(app):
+    """A browser on the TCP port (Host 127.0.0.1:8765)."""
+    return app.test_client()
+
+
+def unix_token(app) -> str:
+    resp = app.test_client().post("/api/console/token", environ_base=UNIX)
+    assert resp.status_code == 200, resp.data
+    data = resp.get_json()
+    assert data["url"] == f"http://127.0.0.1:8765/login?token={data['token']}"
+    return data["token"]
+
+
+def logged_in(app):
+    client = tcp(app)
+    resp = client.get(f"/login?token={unix_token(app)}")
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("/console/")
+    csrf = client.get("/console/config.json").get_json()["csrf"]
+    return client, csrf
+
+
+def test_web_root_has_the_console():
+    root = web_root()
+    for name in ("index.html", "app.js", "style.css", "js/api.js", "vendor/xterm/xterm.mjs",
+                 "vendor/xterm/addon-fit.mjs", "vendor/xterm/xterm.css", "vendor/xterm/LICENSE", "vendor/README.md"):
+        assert (root / name).is_file(), name
+
+
+def test_unix_socket_is_trusted(master):
+    client = master.test_client()
+    assert client.get("/api/agents", environ_base=UNIX).status_code == 200
+    assert client.get("/api/console", environ_base=UNIX).get_json()["port"] == 8765
+
+
+@pytest.mark.parametrize("path", ["/api/agents", "/api/master", "/api/fleet/1/n1/api/node", "/console/config.json"])
+def test_tcp_without_session_is_refused(master, path):
+    resp = tcp(master).get(path)
+    if path.startswith("/api/"):
+        assert resp.status_code == 401
+        assert resp.get_json()["error"] == "unauthorized"
+    else:
+        assert resp.status_code == 302 and resp.headers["Location"] == "/login"
+    assert resp.headers["X-Frame-Options"] == "DENY"
+
+
+def test_tcp_without_session_gets_the_login_page_only(master):
+    client = tcp(master)
+    for path in ("/", "/console/", "/console/app.js", "/console/js/fleet.js"):
+        resp = client.get(path, base_url="http://127.0.0.1:8765", follow_redirects=True)
+        assert resp.status_code == 200 and b"Log in to your console" in resp.data, path
+        assert master.config["FLEET"].user.encode() not in resp.data
+    assert client.get("/console/style.css").status_code == 200
+    resp = client.post("/api/shutdown")
+    assert resp.status_code == 401
+    resp = client.post("/api/console/token")
+    assert resp.status_code == 401
+
+
+def test_login_sets_a_strict_httponly_cookie_once(master):
+    token = unix_token(master)
+    client = tcp(master)
+    resp = client.get(f"/login?token={token}")
+    cookie = resp.headers["Set-Cookie"]
+    assert cookie.startswith(f"{mconsole.COOKIE}=")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert client.get("/api/agents").status_code == 200
+    # the token works once
+    again = tcp(master).get(f"/login?token={token}")
+    assert again.status_code == 403 and b"not valid" in again.data
+    # the login form posts the token too
+    form = tcp(master).post("/login", data={"token": unix_token(master)})
+    assert form.status_code == 303
+
+
+def test_login_token_only_on_the_unix_socket(master):
+    client, csrf = logged_in(master)
+    resp = client.post("/api/console/token", headers={"X-CSRF-Token": csrf})
+    assert resp.status_code == 403
+
+
+def test_expired_token_refused(master):
+    auth_ = master.config["CONSOLE_AUTH"]
+    token, _ = auth_.new_login_token()
+    auth_._tokens[mconsole._digest(token)] = time.time() - 1
+    assert tcp(master).get(f"/login?token={token}").status_code == 403
+    assert tcp(master).get("/login?token=made-up").status_code == 403
+
+
+def test_csrf_needed_for_state_changes(master):
+    client, csrf = logged_in(master)
+    assert csrf
+    resp = client.post("/logout")
+    assert resp.status_code == 403 and resp.get_json()["error"] == "csrf"
+    assert client.post("/logout", headers={"X-CSRF-Token": "0" * 64}).status_code == 403
+    assert client.delete("/api/fleet/1/n1/api/files?path=x").status_code == 403
+    resp = client.post("/logout", headers={"X-CSRF-Token": csrf})
+    assert resp.status_code == 200
+    assert f"{mconsole.COOKIE}=;" in resp.headers["Set-Cookie"]
+
+
+def test_other_origin_and_host_refused(master):
+    client, csrf = logged_in(master)
+    resp = client.post("/logout", headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"})
+    assert resp.status_code == 403
+    ws = client.get("/api/fleet/1/n1/api/shell", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                         "Origin": "http://evil.example"})
+    assert ws.status_code == 403
+    rebound = client.get("/api/agents", base_url="http://evil.example:8765")
+    assert rebound.status_code == 421
+
+
+def test_session_cookie_is_signed_and_expires(master):
+    auth_ = master.config["CONSOLE_AUTH"]
+    client = tcp(master)
+    client.set_cookie(mconsole.COOKIE, "forged.value.here")
+    assert client.get("/api/agents").status_code == 401
+    short = mconsole.ConsoleAuth(b"k" * 32, session_lifetime=-10)
+    assert short.session(short.new_session()) is None
+    good = auth_.new_session()
+    assert auth_.session(good)
+    assert mconsole.ConsoleAuth(b"other" * 8).session(good) is None
+
+
+def test_pages_forbid_framing(master):
+    client, _ = logged_in(master)
+    for path in ("/console/", "/console/config.json", "/api/agents", "/login"):
+        resp = client.get(path)
+        assert resp.headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"], path
+    page = client.get("/console/")
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert b'src="app.js"' in page.data
+
+
+def test_config_names_fleet_mode(master):
+    client, _ = logged_in(master)
+    cfg = client.get("/console/config.json").get_json()
+    assert cfg["mode"] == "fleet" and cfg["user"] == getpass.getuser() and cfg["csrf_header"] == "X-CSRF-Token"
+
+
+def test_console_key_kept_private(tmp_path):
+    key = mconsole.console_key(tmp_path)
+    assert (tmp_path / mconsole.KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert mconsole.console_key(tmp_path) == key
+
+
+def test_console_port_remembered(tmp_path, monkeypatch):
+    monkeypatch.delenv(mconsole.PORT_ENV, raising=False)
+    port = mconsole.console_port(tmp_path)
+    assert not (tmp_path / "console.json").exists()  # only a master that listens remembers its port
+    mconsole.remember_port(tmp_path, port)
+    assert json.loads((tmp_path / "console.json").read_text())["port"] == port
+    assert mconsole.console_port(tmp_path) == port
+    wanted = mconsole.free_port()
+    monkeypatch.setenv(mconsole.PORT_ENV, str(wanted))
+    assert mconsole.console_port(tmp_path) == wanted
+    # a taken port is not used
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    monkeypatch.setattr(mconsole, "PORT_WAIT", 0.3)
+    try:
+        monkeypatch.setenv(mconsole.PORT_ENV, str(s.getsockname()[1]))
+        assert mconsole.console_port(tmp_path) != s.getsockname()[1]
+    finally:
+        s.close()
+
+
+# -- the agent's console (node mode) -------------------------------------------------------------------
+@pytest.fixture
+def agent(tmp_path):
+    from dxflow.agent import create_app
+    from dxflow.agent.state import AgentState
+
+    user_key = auth.new_key()
+    agent_key = auth.new_key()
+    pub = auth.public_pem(agent_key)
+    state = AgentState(scheduler="local", cluster="t", job="7", node="n1", user=getpass.getuser(), home=tmp_path,
+                       key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
+                       user_public_key=auth.public_pem(user_key), work_dir=str(tmp_path), started=time.time())
+    app = create_app(state, {"TESTING": True, "FILE_SCRATCH_ROOTS": []})
+    return app, state, user_key
+
+
+def test_agent_console_login_with_user_token(agent):
+    from dxflow.agent import console as aconsole
+
+    app, state, key = agent
+    client = app.test_client()
+    page = client.get("/console/")
+    assert page.status_code == 401 and b"Log in to this node" in page.data
+    assert client.get("/api/node").status_code == 401
+    assert client.get("/console/config.json").status_code == 401
+    assert client.get("/console/app.js").status_code == 200   # the page's own files are public
+    token = auth.mint_token(key, state.user, state.audience)
+    resp = client.get(f"/console/login?token={token}")
+    assert resp.status_code == 303
+    cookie = resp.headers["Set-Cookie"]
+    assert cookie.startswith(f"{aconsole.COOKIE}=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert client.get("/api/node").status_code == 200
+    cfg = client.get("/console/config.json").get_json()
+    assert cfg["mode"] == "node" and cfg["node"] == "n1" and cfg["job"] == "7" and cfg["csrf"]
+    assert client.get("/console/").status_code == 200
+    # a token logs in once
+    assert app.test_client().get(f"/console/login?token={token}").status_code == 403
+
+
+def test_agent_console_refuses_bad_tokens(agent):
+    app, state, key = agent
+    client = app.test_client()
+    for token in ("garbage", auth.mint_token(auth.new_key(), state.user, state.audience),
+                  auth.mint_token(key, state.user, "SHA256:another-agent")):
+        assert client.get(f"/console/login?token={token}").status_code == 403
+    client.set_cookie("dxflow_agent", "made-up-session")
+    assert client.get("/api/node").status_code == 401
+
+
+def test_agent_console_csrf(agent, tmp_path):
+    app, state, key = agent
+    client = app.test_client()
+    client.get(f"/console/login?token={auth.mint_token(key, state.user, state.audience)}")
+    csrf = client.get("/console/config.json").get_json()["csrf"]
+    body = {"path": str(tmp_path / "made"), "parents": False}
+    assert client.post("/api/files/mkdir", json=body).status_code == 403
+    assert client.post("/api/files/mkdir", json=body, headers={"X-CSRF-Token": "bad"}).status_code == 403
+    assert not (tmp_path / "made").exists()
+    resp = client.post("/api/files/mkdir", json=body, headers={"X-CSRF-Token": csrf})
+    assert resp.status_code in (200, 201), resp.data
+    assert (tmp_path / "made").is_dir()
+    # the bearer token still works without any cookie or CSRF header
+    other = app.test_client()
+    tok = auth.mint_token(key, state.user, state.audience)
+    assert other.get("/api/node", headers={"Authorization": f"Bearer {tok}"}).status_code == 200
+
+
+def test_agent_console_headers(agent):
+    app, _, _ = agent
+    resp = app.test_client().get("/console/")
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+def test_cli_registers_console():
+    from dxflow.cli import build_parser
+
+    args = build_parser().parse_args(["console", "--json", "--port", "9000"])
+    assert args.port == 9000 and args.json and args.func.__name__ == "cmd_console"
+
+
+def test_cli_agent_link(tmp_path, monkeypatch):
+    from dxflow import registration
+    from dxflow.cli.console import agent_link
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = tmp_path / ".dxflow"
+    (base / "fleet").mkdir(parents=True)
+    key = auth.user_key(base)
+    agent_key = auth.new_key()
+    reg = registration.Registration(cluster="local", scheduler="local", job="local", node="ws", address="ws",
+                                    port=4321, pid=1, user=getpass.getuser(), started="2026-01-01T00:00:00+00:00",
+                                    public_key=auth.public_pem(agent_key), api_version=1, version="0")
+    registration.write(base / "fleet", reg)
+    link = agent_link("local")
+    assert link["url"].startswith("http://127.0.0.1:4321/console/login?token=")
+    token = link["url"].split("token=", 1)[1]
+    claims = auth.verify_token(token, auth.public_pem(key), getpass.getuser(), auth.fingerprint(reg.public_key))
+    assert claims["sub"] == getpass.getuser()
