@@ -227,8 +227,10 @@ def config():
     state = current_app.config["AGENT"]
     sid = g.get("console_session")
     sessions: Sessions = current_app.config["CONSOLE_SESSIONS"]
-    return jsonify(mode="node", user=state.user, job=state.job, node=state.node, cluster=state.cluster,
+    resp = jsonify(mode="node", user=state.user, job=state.job, node=state.node, cluster=state.cluster,
                    version=__version__, csrf=sessions.csrf(sid) if sid else None, csrf_header=CSRF_HEADER)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 @bp.get("/console/<path:name>")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from pathlib import Path
 
 from dxflow.errors import ConfigError, SchedulerError, UsageError
 from dxflow.lab import daemons, install, network, packages, procs, slurm, users
@@ -154,9 +155,22 @@ def down(layout: Layout | None = None) -> None:
         for name in state.users_created:
             users.remove_user(name)
         install.remove_hooks(state)
+    _remove_agent_records(layout)
     shutil.rmtree(layout.root, ignore_errors=True)
     shutil.rmtree(layout.runtime, ignore_errors=True)
     log.info("lab is down")
+
+
+def _remove_agent_records(layout: Layout) -> None:
+    """The hooks' records of the lab's agents (job ids start again at 1 in the next lab)."""
+    from dxflow.config import SiteConfig
+
+    try:
+        rundir = Path(SiteConfig.load().runtime_dir)
+    except ConfigError:
+        rundir = Path(SiteConfig().runtime_dir)
+    for record in rundir.glob(f"{layout.cluster_name}.*.json"):
+        record.unlink(missing_ok=True)
 
 
 def _lab_veths() -> list[str]:

@@ -342,8 +342,10 @@ def init_app(app: Flask, fleet) -> None:
     @app.get("/console/config.json")
     def console_config():
         session = request.environ.get("dxflow.console.session")
-        return jsonify(mode="fleet", user=fleet.user, version=__version__,
+        resp = jsonify(mode="fleet", user=fleet.user, version=__version__,
                        csrf=auth.csrf(session) if session else None, csrf_header=CSRF_HEADER)
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
 
     @app.get("/console/<path:name>")
     def console_static(name: str):

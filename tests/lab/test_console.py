@@ -237,8 +237,11 @@ def test_log_view_follows_the_job(console):
     page.get_by_placeholder("Search").fill(f"console-line {first}")
     wait_for(lambda: page.locator(".log mark").count() >= 1, 10, what="the search highlighting a match")
     assert f"console-line {first}" in page.locator(".log").inner_text()
-    page.get_by_placeholder("Search").fill("")
+    page.get_by_label("matching lines only").uncheck()  # every line, the matches highlighted
+    page.get_by_placeholder("Search").fill("from n1")
+    wait_for(lambda: page.locator(".log mark").count() >= 5, 10, what="every match highlighted")
     shot(page, "logs")
+    page.get_by_placeholder("Search").fill("")
 
 
 def test_service_opens_through_the_proxy(console):
