@@ -12,7 +12,15 @@ or curl without keep-alive does):
 * **api**: the master → agent API round trip, ``/api/fleet/JOB/-/api/health``.
 
 The added latency is master − node (medians); the design's target is ≤ 2 ms.
-Usage: /opt/dxflow/venv/bin/python bench/proxy_latency.py [--requests 300] [--user alice]
+
+The master is a private instance of the installed master (same code, its own socket
+in ``~/.dxflow-bench-PID``, reading the user's registrations), so that other users
+of a shared lab restarting the user's master do not disturb the run.
+``--tunnel-nodelay`` sets TCP_NODELAY on that master's SSH sockets, to measure the
+effect of that setting (without it, Nagle's algorithm and delayed ACKs hold each
+small request for about 40 ms).
+
+Usage: /opt/dxflow/venv/bin/python bench/proxy_latency.py [--requests 300] [--user alice] [--tunnel-nodelay]
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import pwd
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,16 +55,13 @@ MEASURE = textwrap.dedent("""
             out.setdefault(name, []).append(time.perf_counter() - t0)
 
     if mode == "login":
+        from pathlib import Path
         from dxflow.master.client import MasterClient
-        c = MasterClient().ensure()
+        c = MasterClient(Path(sys.argv[6]))
         job = sys.argv[4]
-        from dxflow.errors import MasterUnavailable
         def via(path):
             def go():
-                try:
-                    resp = c.request("GET", path, timeout=30)
-                except MasterUnavailable:  # restarted by someone meanwhile (a reinstall): once more
-                    resp = c.ensure().request("GET", path, timeout=30)
+                resp = c.request("GET", path, timeout=30)
                 body = resp.read()
                 assert resp.status == 200, (resp.status, body[:200])
             return go
@@ -104,10 +110,64 @@ def stats(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs) * 1000, xs[min(len(xs) - 1, int(0.95 * len(xs)))] * 1000
 
 
-def wait_ready(user: str, job: str, timeout: float = 60) -> dict:
+# Runs as the user: the installed master, on a private base folder (argv: base, nodelay 0/1).
+MASTER = textwrap.dedent("""
+    import socket, sys
+    from pathlib import Path
+    if sys.argv[2] == "1":
+        import dxflow.master.tunnels as tunnels
+        connect = tunnels.TunnelPool._connect
+        def _connect(self, address, depth=0):
+            t = connect(self, address, depth)
+            t.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return t
+        tunnels.TunnelPool._connect = _connect
+    from dxflow.master.server import MasterServer, socket_path
+    base = Path(sys.argv[1])
+    socket_path(base).unlink(missing_ok=True)
+    MasterServer(base).run()
+""")
+
+AGENTS = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from dxflow.master.client import MasterClient
+    print(json.dumps(MasterClient(Path(sys.argv[1])).json("GET", "/api/agents?refresh=1", timeout=10)))
+""")
+
+
+def private_master(pw: pwd.struct_passwd, nodelay: bool) -> tuple[str, subprocess.Popen]:
+    """A master of the user's own, on ``~/.dxflow-bench-PID``, sharing the user's registrations and key."""
+    home = os.path.join(pw.pw_dir, ".dxflow")
+    base = os.path.join(pw.pw_dir, f".dxflow-bench-{os.getpid()}")
+    os.makedirs(os.path.join(base, "logs"), mode=0o700)
+    os.symlink(os.path.join(home, "fleet"), os.path.join(base, "fleet"))
+    for name in ("id_rsa", "id_rsa.pub"):
+        with open(os.path.join(home, name), "rb") as src, open(os.path.join(base, name), "wb") as dst:
+            dst.write(src.read())
+    os.chmod(os.path.join(base, "id_rsa"), 0o600)
+    for root, dirs, files in os.walk(base):
+        for name in [root, *[os.path.join(root, f) for f in files + dirs]]:
+            os.lchown(name, pw.pw_uid, pw.pw_gid)
+    proc = subprocess.Popen(["runuser", "-l", pw.pw_name, "-c", shlex.join([PYTHON, "-c", MASTER, base,
+                                                                            "1" if nodelay else "0"])],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(os.path.join(base, "master.sock")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the private master did not start; see {base}/logs/master.log")
+        time.sleep(0.1)
+    return base, proc
+
+
+def wait_ready(user: str, job: str, base: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        agents = json.loads(as_user(user, ["dxflow", "ls", "--json"]))
+        try:
+            agents = json.loads(as_user(user, [PYTHON, "-c", AGENTS, base]))
+        except subprocess.CalledProcessError:
+            agents = []
         mine = [a for a in agents if a["job"] == job]
         if mine and all(a["state"] == "ready" for a in mine):
             return mine[0]
@@ -120,6 +180,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=300, help="requests per kind and round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--user", default="alice")
+    p.add_argument("--tunnel-nodelay", action="store_true",
+                   help="set TCP_NODELAY on the master's SSH sockets (measures that setting)")
     a = p.parse_args()
     try:
         return bench(a)
@@ -136,10 +198,12 @@ def bench(a: argparse.Namespace) -> int:
     for path in (www, os.path.join(www, "small.txt")):
         os.chown(path, pw.pw_uid, pw.pw_gid)
     script = f"cd {shlex.quote(www)} && exec python3 -m http.server {PORT} --bind 127.0.0.1"
-    job = as_user(a.user, ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1",
-                           f"--chdir={pw.pw_dir}", "--output=/dev/null", f"--wrap={script}"]).strip().split(";")[0]
+    base, master = private_master(pw, a.tunnel_nodelay)
+    job = None
     try:
-        agent = wait_ready(a.user, job)
+        job = as_user(a.user, ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", f"--chdir={pw.pw_dir}",
+                               "--output=/dev/null", f"--wrap={script}"]).strip().split(";")[0]
+        agent = wait_ready(a.user, job, base)
         node = agent["node"]
         reg = next(os.path.join(pw.pw_dir, ".dxflow", "fleet", n) for n in os.listdir(
             os.path.join(pw.pw_dir, ".dxflow", "fleet")) if n.endswith(f".{job}.{node}.json"))
@@ -156,19 +220,27 @@ def bench(a: argparse.Namespace) -> int:
         results: dict[str, list[float]] = {}
         for _ in range(a.rounds):
             for mode, netns, extra in (("node", f"dxlab-{node}", reg), ("login", None, job)):
-                out = json.loads(as_user(a.user, [PYTHON, "-c", MEASURE, mode, str(a.requests), "1", extra, str(PORT)],
-                                         netns=netns))
+                out = json.loads(as_user(a.user, [PYTHON, "-c", MEASURE, mode, str(a.requests), "1", extra,
+                                                  str(PORT), base], netns=netns))
                 for k, v in out.items():
                     results.setdefault(k, []).extend(v)
     finally:
-        run(["scancel", job])
-        subprocess.run(["rm", "-rf", www], check=False)
+        if job:
+            subprocess.run(["scancel", job], check=False)
+        try:
+            os.killpg(master.pid, signal.SIGTERM)
+            master.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        subprocess.run(["rm", "-rf", www, base], check=False)
 
     print(f"proxy latency, job {job} on {node}, {len(results['node'])} requests each "
-          f"(new connection per request, 100-byte file)")
+          f"(new connection per request, 100-byte file); tunnel TCP_NODELAY: "
+          f"{'set by this bench' if a.tunnel_nodelay else 'as the master sets it'}")
     print(f"{'path':<44} {'median ms':>10} {'p95 ms':>10}")
     labels = {"node": "node: 127.0.0.1:PORT directly (baseline)", "agent": "node: agent /proxy/PORT/",
-              "master": "login: master → tunnel → agent → /proxy/PORT/", "api": "login: master → agent /api/health"}
+              "master": "login: master → tunnel → agent → /proxy/PORT/",
+              "api": "login: master → agent /api/health"}
     med = {}
     for key in ("node", "agent", "master", "api"):
         m, p95 = stats(results[key])

@@ -40,13 +40,13 @@ function setCrumbs(items) {
   });
 }
 
-export function showBanner(kind, text) {
+export function showBanner(kind, text, detail = '') {
   if (!text) {
     banner.hidden = true;
     return;
   }
   banner.className = `banner banner-${kind}`;
-  banner.textContent = text;
+  clear(banner, h('span', {}, text), detail ? h('span', { class: 'banner-detail' }, detail) : null);
   banner.hidden = false;
 }
 
@@ -100,10 +100,10 @@ async function renderNode(job, node, tab, params, signal) {
 
 // Keeps the node's state badge current and says plainly when the node is lost or the job has ended.
 function watchNode(job, node, stateBadge, signal) {
-  const show = (state, text) => {
+  const show = (state, text, detail) => {
     stateBadge.replaceWith(badge(state));
     stateBadge = document.querySelector('.node-title .badge');
-    if (state === 'lost') showBanner('warning', text || `Node ${node} cannot be reached. Retrying\u2026`);
+    if (state === 'lost') showBanner('warning', `Node ${node} cannot be reached: its agent does not answer. Retrying\u2026`, detail);
     else if (state === 'gone') showBanner('error', text || `Job ${job} has ended: its agent on ${node} has stopped.`);
     else showBanner('', '');
     document.body.classList.toggle('node-gone', state === 'gone');
@@ -118,9 +118,22 @@ function watchNode(job, node, stateBadge, signal) {
         return;
       }
       const a = agents.find((x) => x.job === job && x.node === node);
-      if (!a || a.state === 'gone') show('gone', `Job ${job} has ended: its agent on ${node} has stopped.`);
-      else if (a.state === 'lost') show('lost', `Node ${node} cannot be reached: ${a.detail || 'its agent does not answer'}. Retrying\u2026`);
-      else show(a.state);
+      if (!a || a.state === 'gone') {
+        show('gone', `Job ${job} has ended: its agent on ${node} has stopped.`);
+        return;
+      }
+      if (a.state === 'lost') {
+        show('lost', '', a.detail);
+        return;
+      }
+      try {  // the master checks each agent only now and then: ask this one now
+        await api(`${nodeBase(job, node)}/api/health`, { signal });
+        show(a.state);
+      } catch (e) {
+        if (e.name === 'AbortError') return;
+        if (e.kind === 'lost') show('lost', '', e.message);
+        else if (e.kind === 'gone') show('gone', `Job ${job} has ended: its agent on ${node} has stopped.`);
+      }
     }, signal);
   } else {
     every(5000, async () => {

@@ -16,7 +16,9 @@ import os
 import shutil
 import stat
 import tempfile
+import unicodedata
 from pathlib import Path
+from urllib.parse import quote
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -75,10 +77,13 @@ def fs_errors(view):
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InsufficientStorage() from e
+            if e.errno == errno.EROFS:
+                raise AccessDenied(f"{e.filename or 'path'}: {e.strerror}") from e
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
-                           errno.EINVAL, errno.ELOOP, errno.EXDEV):
+                           errno.EINVAL, errno.ELOOP, errno.EXDEV, errno.EBUSY, errno.EMLINK, errno.ETXTBSY,
+                           errno.EFBIG):
                 raise UsageError(f"{e.filename or 'path'}: {e.strerror}") from e
-            raise
+            raise  # EIO and the like: a real fault, logged as one
     return wrapper
 
 
@@ -205,10 +210,25 @@ def download():
     resp.content_length = stop - start
     resp.headers["Accept-Ranges"] = "bytes"
     resp.headers["Last-Modified"] = http_date(st.st_mtime)
-    resp.headers.set("Content-Disposition", "attachment", filename=path.name)
+    resp.headers["Content-Disposition"] = content_disposition(path.name)
     if status == 206:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     return resp
+
+
+def content_disposition(name: str) -> str:
+    """``attachment`` with the file's name; a name beyond ASCII goes in ``filename*`` (RFC 6266), as
+    headers must stay Latin-1."""
+    try:
+        name.encode("ascii")
+    except UnicodeError:
+        plain = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode() or "download"
+        return f'attachment; filename="{_quoted(plain)}"; filename*=UTF-8\'\'{quote(os.fsencode(name), safe="")}'
+    return f'attachment; filename="{_quoted(name)}"'
+
+
+def _quoted(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in '"\\' else "_" for c in text)
 
 
 def _read_span(f, length: int):
@@ -348,70 +368,84 @@ def delete():
 
 
 # -- OpenAPI fragment (merged by dxflow.agent.openapi) -----------------------------------
-_PATH_PARAM = {"name": "path", "in": "query", "schema": {"type": "string"},
-               "description": "relative to the job's work dir, or absolute inside a root"}
-_ERRORS = {
-    "400": {"description": "bad input (NUL byte, name too long, not a folder, exists)"},
-    "403": {"description": "outside the allowed roots (.., absolute path, symlink), or refused by the file system"},
-    "404": {"description": "no such file or folder"},
-}
-_ENTRY = {"type": "object", "properties": {
-    "name": {"type": "string"}, "type": {"type": "string", "enum": ["file", "dir", "link", "other"]},
-    "size": {"type": "integer"}, "mtime": {"type": "number"}, "mode": {"type": "integer"}}}
-
-
 def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _error(description: str) -> dict:
+    return _json({"$ref": "#/components/schemas/Error"}, description)
+
+
+def _flag_param(name: str, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", "enum": ["0", "1"]}}
+
+
+_PATH = {"name": "path", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "relative to the job's work dir (the default), or absolute inside a root"}
+_ERRORS = {
+    "400": _error("bad input: a NUL byte, a name over 255 bytes, not a folder, exists already …"),
+    "403": _error("outside the allowed roots (.., an absolute path elsewhere, a symlink pointing out), "
+                  "or refused by the file system"),
+    "404": _error("no such file or folder"),
+}
+_ENTRY = {"type": "object", "properties": {
+    "name": {"type": "string"},
+    "type": {"type": "string", "enum": ["file", "dir", "link", "other"],
+             "description": "link: a symlink itself (listings do not follow them); other: fifo, socket, device"},
+    "size": {"type": "integer"}, "mtime": {"type": "number", "description": "seconds since the epoch"},
+    "mode": {"type": "integer", "description": "permission bits (e.g. 420 = 0o644)"}}}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
 OPENAPI = {
     "/api/files/roots": {"get": {
-        "summary": "the allowed roots", "tags": ["files"],
+        "summary": "the allowed roots: the job's work dir, the user's home, the site's scratch",
+        "operationId": "files_roots", "tags": ["files"],
         "responses": {"200": _json({"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string", "enum": ["workdir", "home", "scratch"]}, "path": {"type": "string"}}}})}}},
     "/api/files": {
-        "get": {"summary": "list a folder", "tags": ["files"], "parameters": [_PATH_PARAM],
+        "get": {"summary": "list a folder", "operationId": "files_list", "tags": ["files"], "parameters": [_PATH],
                 "responses": {"200": _json({"type": "object", "properties": {
                     "path": {"type": "string"}, "entries": {"type": "array", "items": _ENTRY}}}), **_ERRORS}},
-        "delete": {"summary": "delete a file, a symlink, or a folder (with recursive)", "tags": ["files"],
-                   "parameters": [_PATH_PARAM, {"name": "recursive", "in": "query",
-                                                "schema": {"type": "string", "enum": ["0", "1"]}}],
+        "delete": {"summary": "delete a file, a symlink (never what it points to), or a folder with recursive=1",
+                   "operationId": "files_delete", "tags": ["files"],
+                   "parameters": [_PATH, _flag_param("recursive", "delete a folder and everything in it")],
                    "responses": {"200": _json({"type": "object", "properties": {
                        "path": {"type": "string"}, "deleted": {"type": "boolean"}}}), **_ERRORS}}},
     "/api/files/stat": {"get": {
-        "summary": "one entry (symlinks followed), plus its sha256 with sha256=1", "tags": ["files"],
-        "parameters": [_PATH_PARAM, {"name": "sha256", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
+        "summary": "one entry (symlinks followed), plus its sha256 with sha256=1",
+        "operationId": "files_stat", "tags": ["files"],
+        "parameters": [_PATH, _flag_param("sha256", "add the sha256 of a file's content")],
         "responses": {"200": _json({"allOf": [_ENTRY, {"type": "object", "properties": {
             "path": {"type": "string"}, "sha256": {"type": "string"}}}]}), **_ERRORS}}},
     "/api/files/content": {
-        "get": {"summary": "download a file, streamed; Range: bytes=N- resumes", "tags": ["files"],
-                "parameters": [_PATH_PARAM, {"name": "Range", "in": "header", "schema": {"type": "string"},
-                                             "example": "bytes=1048576-"}],
-                "responses": {"200": {"description": "the whole file",
-                                      "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                              "206": {"description": "the requested range (Content-Range tells which)",
-                                      "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                              "416": {"description": "the range starts past the end of the file"}, **_ERRORS}},
-        "put": {"summary": "upload the body: streamed to a temporary file in the same folder, fsynced, renamed",
-                "tags": ["files"],
-                "parameters": [_PATH_PARAM, {"name": "overwrite", "in": "query",
-                                             "schema": {"type": "string", "enum": ["0", "1"]}}],
-                "requestBody": {"required": True, "content": {"application/octet-stream": {
-                    "schema": {"type": "string", "format": "binary"}}}},
+        "get": {"summary": "download a file, streamed; Range: bytes=N- resumes it",
+                "operationId": "files_download", "tags": ["files"],
+                "parameters": [_PATH, {"name": "Range", "in": "header", "required": False,
+                                       "schema": {"type": "string"}, "example": "bytes=1048576-"}],
+                "responses": {"200": {"description": "the whole file", "content": _BINARY},
+                              "206": {"description": "the range asked for (Content-Range says which)",
+                                      "content": _BINARY},
+                              "416": _error("the range starts past the end of the file"), **_ERRORS}},
+        "put": {"summary": "upload the body: streamed to a temporary file in the same folder, fsynced, "
+                           "then renamed (a broken upload leaves nothing under the name)",
+                "operationId": "files_upload", "tags": ["files"],
+                "parameters": [_PATH, _flag_param("overwrite", "replace an existing file")],
+                "requestBody": {"required": True, "content": _BINARY},
                 "responses": {"200": _json({"type": "object", "properties": {
                     "path": {"type": "string"}, "size": {"type": "integer"}, "sha256": {"type": "string"}}},
-                    "replaced an existing file"),
-                    "201": {"description": "created (same body as 200)"},
-                    "507": {"description": "no space left or over quota"}, **_ERRORS}}},
+                    "replaced a file"),
+                    "201": _json({"type": "object"}, "created (same body as 200)"),
+                    "507": _error("no space left on the file system, or over quota"), **_ERRORS}}},
     "/api/files/mkdir": {"post": {
-        "summary": "make a folder", "tags": ["files"],
+        "summary": "make a folder", "operationId": "files_mkdir", "tags": ["files"],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["path"],
             "properties": {"path": {"type": "string"}, "parents": {"type": "boolean"}}}}}},
-        "responses": {"201": _json({"type": "object", "properties": {"path": {"type": "string"}}}, "created"),
+        "responses": {"201": _json({"type": "object", "properties": {"path": {"type": "string"}}}, "made"),
                       **_ERRORS}}},
     "/api/files/move": {"post": {
-        "summary": "move or rename (a symlink is moved itself)", "tags": ["files"],
+        "summary": "move or rename (a symlink is moved itself)", "operationId": "files_move", "tags": ["files"],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["src", "dst"],
             "properties": {"src": {"type": "string"}, "dst": {"type": "string"},

@@ -66,6 +66,9 @@ def _absolute(path: str, state: AgentState) -> str:
     return path
 
 
+_lookup_lock = threading.Lock()
+
+
 def job_output_paths(state: AgentState) -> dict[str, str]:
     """``{"stdout": path, "stderr": path}`` of the job, expanded; cached once the scheduler told."""
     cached = state.extra.get("log_paths")
@@ -106,9 +109,6 @@ def job_output_paths(state: AgentState) -> dict[str, str]:
         out = expand_pattern(given["stdout"], state) or DEFAULT_STDOUT.get(state.scheduler, "").format(job=state.job)
         err = expand_pattern(given["stderr"], state) or out
         return {"stdout": _absolute(out, state), "stderr": _absolute(err, state)}
-
-
-_lookup_lock = threading.Lock()
 
 
 def log_path(state: AgentState, name: str) -> str:

@@ -36,7 +36,8 @@ CORE_PATHS = {
                     "status": {"type": "string"}, "job": {"type": "string"}, "node": {"type": "string"},
                     "user": {"type": "string"}, "api_version": {"type": "integer"}, "version": {"type": "string"},
                     "uptime": {"type": "number"},
-                    "signature": {"type": "string", "description": "base64 PKCS#1 v1.5 signature of the challenge"}}}}}},
+                    "signature": {"type": "string",
+                                  "description": "base64 PKCS#1 v1.5 signature of the challenge"}}}}}},
             "400": {"description": "challenge longer than 256 characters", **_ERR}}}},
     "/api/node": {"get": {
         "summary": "this node: hostname, job, user, CPUs, memory, load, uptime, GPUs", "operationId": "node",

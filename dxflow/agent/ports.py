@@ -262,7 +262,8 @@ def port_check(port: int):
 _PORT_ITEM = {"type": "object", "properties": {
     "port": {"type": "integer"}, "address": {"type": "string"}, "pid": {"type": "integer"},
     "process": {"type": "string"}, "command": {"type": "string"}}}
-_ERRORS = {code: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+_ERRORS = {code: {"description": text, "content": _JSON_ERROR}
            for code, text in (("403", "another user's port, or the agent's own"), ("404", "nothing listens there"),
                               ("400", "not a TCP port"))}
 

@@ -10,17 +10,21 @@ resumes from the bytes already there.
 
 from __future__ import annotations
 
+# Only modules the CLI has loaded anyway: every command (the scheduler hooks too) imports this
+# module to build the parser. hashlib and pathlib are imported where they are used.
 import argparse
-import hashlib
+import collections
 import json
 import logging
 import os
 import posixpath
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
-from urllib.parse import urlencode
+import threading
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, Iterator
 
 log = logging.getLogger("dxflow.cp")
 
@@ -47,11 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # -- locations ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Location:
-    path: str
-    job: str | None = None
-    node: str | None = None
+class Location(collections.namedtuple("Location", "path job node", defaults=(None, None))):
+    """One side of a copy: a local path, or PATH on JOB's NODE (None: the job's first node)."""
+
+    __slots__ = ()
 
     @property
     def remote(self) -> bool:
@@ -90,6 +93,8 @@ class Agent:
         self.node = node
 
     def url(self, endpoint: str, **query: Any) -> str:
+        from urllib.parse import urlencode
+
         q = urlencode({k: v for k, v in query.items() if v is not None})
         return self.client.agent_path(self.job, self.node, endpoint) + (f"?{q}" if q else "")
 
@@ -102,6 +107,24 @@ class Agent:
         except MasterUnavailable:  # raised on connecting, before any of the body was read: safe to retry
             self.client.ensure()
             return self.client.request(method, url, body, headers or {}, TIMEOUT)
+
+    def upload(self, url: str, body: Any, headers: dict):
+        """PUT a streamed body, and read the answer even when the other side answered early and closed
+        (a refused upload): http.client alone would only report the broken pipe."""
+        import http.client
+
+        from dxflow.master.client import UnixHTTPConnection
+
+        self.client.ensure()
+        conn = UnixHTTPConnection(self.client.sock, timeout=TIMEOUT)
+        try:
+            conn.request("PUT", url, body=body, headers=headers)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            try:
+                return conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                raise e from None
+        return conn.getresponse()
 
     def call(self, method: str, endpoint: str, body: Any = None, **query: Any) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -142,6 +165,28 @@ def check(resp, raw: bytes | None = None) -> None:
     client_check(resp, raw)
 
 
+class _Background:
+    """One call in a daemon thread (an interrupted copy does not wait for it)."""
+
+    def __init__(self, fn, *args: Any) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by get()
+            self._error = e
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 # -- the command ----------------------------------------------------------------------
 class Copier:
     def __init__(self, client, quiet: bool, recursive: bool) -> None:
@@ -160,6 +205,8 @@ class Copier:
 
     # downloads ------------------------------------------------------------------------
     def download(self, src: Location, dst_text: str, many: bool) -> None:
+        from pathlib import Path
+
         from dxflow.errors import NotFound, UsageError
 
         agent = self.agent(src)
@@ -201,6 +248,8 @@ class Copier:
                 self.note(f"skipping {path}: not a file or folder")
 
     def download_file(self, agent: Agent, path: str, size: int, dst: Path) -> None:
+        import hashlib
+
         from dxflow.cli.progress import bar
         from dxflow.errors import DxflowError
 
@@ -215,6 +264,8 @@ class Copier:
             with open(part, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256")
             self.note(f"resuming {path} at byte {offset} of {size} (from {part})")
+        # the node hashes its file while it sends it (on a real cluster, another machine's CPU)
+        remote = _Background(agent.stat, path, True)
         received = 0
         with open(part, "wb" if direct or not part.exists() else "r+b") as out:
             if not direct:
@@ -250,20 +301,17 @@ class Copier:
                 if expected >= 0 and received != expected:
                     raise DxflowError(f"{path}: transfer broken off after {offset + received} of "
                                       f"{offset + expected} bytes; run the same command again to resume")
-            if not direct:
-                out.flush()
-                os.fsync(out.fileno())
         log.info("%s: %d bytes requested from byte %d, %d received", path, size - offset, offset, received)
-        self.verify(agent, path, None if direct else part, digest.hexdigest(), offset + received)
+        self.verify(path, remote.get(), None if direct else part, digest.hexdigest(), offset + received)
         if not direct:
             os.replace(part, dst)
         self.files += 1
         self.bytes += received
 
-    def verify(self, agent: Agent, path: str, part: Path | None, local_sha: str, local_size: int) -> None:
+    def verify(self, path: str, st: dict | None, part: Path | None, local_sha: str, local_size: int) -> None:
+        """Compare what arrived with the node's ``stat?sha256=1`` of the file; drop the copy if they differ."""
         from dxflow.errors import DxflowError, NotFound
 
-        st = agent.stat(path, sha256=True)
         if st is None:
             raise NotFound(f"{path} vanished from the node during the copy")
         if st.get("sha256") != local_sha or st["size"] != local_size:
@@ -303,6 +351,8 @@ class Copier:
             self.upload_file(agent, src, target)
 
     def upload_tree(self, agent: Agent, src: Path, target: str) -> None:
+        from pathlib import Path
+
         base = agent.mkdir(target)
         for dirpath, dirnames, filenames in os.walk(src):
             rel = os.path.relpath(dirpath, src)
@@ -320,6 +370,8 @@ class Copier:
                 self.upload_file(agent, local, posixpath.join(remote, f))
 
     def upload_file(self, agent: Agent, src: Path, target: str) -> None:
+        import hashlib
+
         from dxflow.cli.progress import bar
         from dxflow.errors import DxflowError
 
@@ -340,8 +392,8 @@ class Copier:
                     yield chunk
 
             try:
-                resp = agent.request("PUT", agent.url("/api/files/content", path=target, overwrite="1"), body(),
-                                     {"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+                resp = agent.upload(agent.url("/api/files/content", path=target, overwrite="1"), body(),
+                                    {"Content-Length": str(size), "Content-Type": "application/octet-stream"})
                 raw = resp.read()
             finally:
                 progress.close()
@@ -357,6 +409,8 @@ class Copier:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from dxflow.errors import DxflowError, UsageError
     from dxflow.master.client import MasterClient
 

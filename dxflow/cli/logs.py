@@ -9,7 +9,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("logs", help="show (or follow) a job's output", description=(
         "Show the job's own stdout (or stderr, or the agent's log) as its agent on the node reads "
-        "it: the path comes from the scheduler, with %%j-style patterns expanded. With -f, new lines "
+        "it: the path comes from the scheduler, with %j-style patterns expanded. With -f, new lines "
         "appear as the job writes them, until the job ends or you press Ctrl-C."))
     p.add_argument("target", metavar="JOB[:NODE]", help="the job (and node; default: the job's first node, "
                    "where the batch script's output is written)")

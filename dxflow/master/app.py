@@ -23,8 +23,9 @@ from dxflow.master.fleet import Fleet
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "host", "authorization", "cookie", "content-length"}
 CHUNK = 256 * 1024
+_RECV_ALL = 1 << 24  # more than any SSH channel window: one recv takes all that has arrived
 #: modules that add to the master's app: each has ``init_app(app, fleet)``.
-EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.console")
+EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.console")
 
 
 def create_app(fleet: Fleet) -> Flask:
@@ -57,7 +58,7 @@ def create_app(fleet: Fleet) -> Flask:
         items = [a.to_dict() for a in fleet.registry.all() if show_all or a.state != "gone"]
         return jsonify(items)
 
-    @app.route("/api/fleet/<job>/<node>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
+    @app.route("/api/fleet/<job>/<node>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     def relay(job: str, node: str, path: str):
         agent = fleet.find(job, None if node == "-" else node)
         if agent.state == "starting":
@@ -66,7 +67,7 @@ def create_app(fleet: Fleet) -> Flask:
         headers["Authorization"] = f"Bearer {fleet.token(agent)}"
         query = request.query_string.decode()
         target = "/" + path + (f"?{query}" if query else "")
-        conn = fleet.connection(agent, timeout=3600)
+        conn, reused = fleet.acquire(agent, timeout=3600)
         conn.response_class = _RelayResponse
         body = None
         length = request.content_length
@@ -76,16 +77,31 @@ def create_app(fleet: Fleet) -> Flask:
                 headers["Transfer-Encoding"] = "chunked"
             else:
                 headers["Content-Length"] = str(length)
-        try:
+
+        def send(conn):
             conn.request(request.method, target, body=body, headers=headers,
                          encode_chunked=body is not None and length is None)
-            resp = conn.getresponse()
+            return conn.getresponse()
+
+        try:
+            try:
+                resp = send(conn)
+            except (OSError, http.client.HTTPException):
+                if not reused or body is not None:
+                    raise
+                conn.close()  # a kept-alive channel the agent had closed meanwhile: once more, on a new one
+                conn = fleet.connection(agent, timeout=3600)
+                conn.response_class = _RelayResponse
+                resp = send(conn)
         except _BodyBroken as e:  # the client went away mid-upload: end the agent's side too
             conn.close()
             raise UsageError(f"request body to agent {agent.name} broken off: {e}") from e
-        except OSError as e:
-            conn.close()
-            raise AgentUnreachable(f"agent {agent.name}: {e}") from e
+        except (OSError, http.client.HTTPException) as e:
+            try:  # the agent may have refused (403, 404 …) and closed before taking the whole body
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                raise AgentUnreachable(f"agent {agent.name}: {e}") from e
 
         # A body of known length (a download) is passed on in full CHUNKs: fewer, larger writes
         # cost the master less CPU per byte. Anything else (SSE, NDJSON, chunked) is passed on as
@@ -99,8 +115,8 @@ def create_app(fleet: Fleet) -> Flask:
                     if not chunk:
                         break
                     yield chunk
-            finally:
-                conn.close()
+            finally:  # read to the end: keep the channel for the next request; else close it
+                fleet.release(agent, conn, resp.isclosed() and not resp.will_close)
 
         out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS]
         if resp.getheader("Content-Length"):
@@ -147,18 +163,27 @@ def _iter_body(stream, length: int | None = None, size: int = CHUNK):
 
 
 class _ChannelReader(io.RawIOBase):
-    """Raw reads from a paramiko channel (``recv``: whatever has arrived)."""
+    """Raw reads from a paramiko channel: whatever has arrived, taken in one piece.
+
+    paramiko keeps a channel's received bytes in an array and trims its front on every
+    partial read, which costs a copy of all the rest (up to the SSH window) per read; so
+    each ``recv`` here takes everything there is, and hands it out from a memoryview.
+    """
 
     def __init__(self, chan) -> None:
         self._chan = chan
+        self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf) -> int:
-        data = self._chan.recv(len(buf))
-        buf[:len(data)] = data
-        return len(data)
+        if not self._pending:
+            self._pending = memoryview(self._chan.recv(_RECV_ALL))
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 class _RelayResponse(http.client.HTTPResponse):

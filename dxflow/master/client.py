@@ -14,7 +14,8 @@ from typing import Any
 from urllib.parse import quote
 
 from dxflow.config import ensure_user_dir
-from dxflow.errors import AgentUnreachable, DxflowError, MasterUnavailable, NotFound, UsageError
+from dxflow.errors import (AccessDenied, AgentUnreachable, AuthError, DxflowError, MasterUnavailable, NotFound,
+                           UsageError)
 
 START_TIMEOUT = 15.0
 
@@ -121,5 +122,6 @@ def check(resp: http.client.HTTPResponse, raw: bytes | None = None) -> None:
         message = data.get("message") or data.get("error") or raw.decode(errors="replace")
     except ValueError:
         message = raw.decode(errors="replace")[:300]
-    cls = {400: UsageError, 403: DxflowError, 404: NotFound, 502: AgentUnreachable}.get(resp.status, DxflowError)
+    cls = {400: UsageError, 401: AuthError, 403: AccessDenied, 404: NotFound,
+           502: AgentUnreachable}.get(resp.status, DxflowError)
     raise cls(message)

@@ -29,7 +29,9 @@ SCAN_INTERVAL = 0.5
 SCHEDULER_INTERVAL = 5.0   # at most one scheduler query per scheduler per this many seconds
 HEALTH_INTERVAL = 30.0     # ready agents are pinged this often
 LOST_RETRY = 2.0           # unreachable agents are retried this often
-GONE_KEEP = 600.0          # rows of gone agents are kept this long for `dxflow ls --all`
+GONE_KEEP = 600.0
+IDLE_KEEP = 20.0           # idle kept-alive connections to agents are dropped after this (agents keep 30 s)
+IDLE_PER_AGENT = 8          # rows of gone agents are kept this long for `dxflow ls --all`
 
 
 class Fleet:
@@ -48,6 +50,7 @@ class Fleet:
         self._checks = ThreadPoolExecutor(max_workers=16, thread_name_prefix="agent-check")
         self._checking: set[str] = set()
         self._lock = threading.Lock()
+        self._idle: dict[str, list[tuple[TunnelHTTPConnection, float]]] = {}
 
     # -- tokens and requests ------------------------------------------------
     def token(self, agent: Agent) -> str:
@@ -62,6 +65,35 @@ class Fleet:
 
     def connection(self, agent: Agent, timeout: float = 60.0) -> TunnelHTTPConnection:
         return TunnelHTTPConnection(self.pool, agent.reg.address, agent.reg.port, timeout=timeout)
+
+    def acquire(self, agent: Agent, timeout: float = 60.0) -> tuple[TunnelHTTPConnection, bool]:
+        """A kept-alive connection to the agent if one is idle (True), else a new one (False).
+
+        Reusing the channel saves a channel open per request: the relay's added latency.
+        """
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(agent.name, [])
+            while idle:
+                conn, since = idle.pop()
+                if now - since < IDLE_KEEP and conn.sock is not None:
+                    conn.timeout = timeout
+                    conn.sock.settimeout(timeout)
+                    return conn, True
+                conn.close()
+        return self.connection(agent, timeout), False
+
+    def release(self, agent: Agent, conn: TunnelHTTPConnection, reusable: bool) -> None:
+        """Keep the connection for the next request when its response was read to the end."""
+        if not reusable or conn.sock is None:
+            conn.close()
+            return
+        with self._lock:
+            idle = self._idle.setdefault(agent.name, [])
+            if len(idle) < IDLE_PER_AGENT:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
 
     def get_json(self, agent: Agent, path: str, timeout: float = 15.0) -> dict:
         conn = self.connection(agent, timeout)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DXFLOW, Jobs, dxflow, on_node, run, wait_agents, wait_for
+from conftest import DXFLOW, Jobs, as_user, dxflow, on_node, run, wait_agents, wait_for
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,6 +259,8 @@ def test_service_opens_through_the_proxy(console):
     service = popup.value
     service.wait_for_load_state()
     assert "Directory listing" in service.content()
+    assert re.search(rf"/api/fleet/{job}/n1/proxy/{found.group(1)}/$", service.url)
+    shot(service, "service-page")
     service.get_by_role("link", name="from-the-job.txt").click()
     service.wait_for_load_state()
     assert f"hello from job {job}" in service.content()
@@ -276,6 +278,18 @@ def test_requests_without_the_session_cookie_are_refused(console, browser):
             raise AssertionError(f"{path} answered without a session")
         except urllib.error.HTTPError as e:
             assert e.code in (401, 302), (path, e.code)
+    # another user of the login node gets the login page and nothing else
+    probe = ("import sys, urllib.request, urllib.error\n"
+             "for path in sys.argv[2:]:\n"
+             "    try:\n"
+             "        r = urllib.request.urlopen(sys.argv[1] + path, timeout=10)\n"
+             "        print(path, r.status, r.url, 'Log in to your console' in r.read().decode())\n"
+             "    except urllib.error.HTTPError as e:\n"
+             "        print(path, e.code, '-', False)\n")
+    out = as_user("bob", ["python3", "-c", probe, base, "/console/", "/api/agents", f"/api/fleet/{job}/n1/api/node"]).stdout
+    answers = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    assert answers["/console/"] == ["200", f"{base}/login", "True"], out
+    assert answers["/api/agents"][0] == "401" and answers[f"/api/fleet/{job}/n1/api/node"][0] == "401", out
     # a browser without the cookie sees the login page and nothing else
     stranger = browser.new_context()
     page = stranger.new_page()
@@ -297,6 +311,19 @@ def test_requests_without_the_session_cookie_are_refused(console, browser):
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
+
+
+def test_lost_node_is_said_plainly(console):
+    """The agent on n2 dies (its job goes on): the node's pages say it cannot be reached."""
+    page, job = console["page"], console["job"]
+    record = next((ALICE_HOME / ".dxflow" / "fleet").glob(f"*.{job}.n2.json"))
+    page.goto(node_url(console, "n2", "overview"))
+    page.locator(".node-title .badge-ready").wait_for(timeout=TIMEOUT)
+    os.killpg(json.loads(record.read_text())["pid"], 9)  # the agent's own process group, nothing else
+    banner = page.locator("#banner")
+    wait_for(lambda: banner.is_visible() and "cannot be reached" in banner.inner_text(), 30,
+             what="the console saying the node cannot be reached")
+    shot(page, "lost")
 
 
 def test_ended_job_is_said_plainly(console):

@@ -223,3 +223,22 @@ def test_openapi_fragment_covers_every_route(client):
     from dxflow.agent.files import OPENAPI
     rules = {r.rule for r in client.application.url_map.iter_rules() if r.endpoint.startswith("files.")}
     assert rules == set(OPENAPI)
+
+
+@pytest.mark.parametrize("header", ["bytes=3871-,-107,351-", "bytes=-107", "bytes=5-2", "bytes=0-0", "items=0-5",
+                                    "bytes=99999999-", "garbage"])
+def test_odd_ranges(client, tree, header):
+    data = os.urandom(5000)
+    (tree / "home/alice/job/f").write_bytes(data)
+    r = client.get("/api/files/content?path=f", headers={"Range": header})
+    assert r.status_code in (200, 206, 416), r.data[:300]
+    if r.status_code == 200:
+        assert r.data == data
+
+
+@pytest.mark.parametrize("name", ["plain.txt", "𝕿𝖍𝖊 quick.bin", 'quo"te\\.txt', "été.csv"])
+def test_download_header_stays_latin1(client, tree, name):
+    (tree / "home/alice/job" / name).write_bytes(b"x")
+    r = client.get("/api/files/content", query_string={"path": name})
+    assert r.status_code == 200 and r.data == b"x"
+    r.headers["Content-Disposition"].encode("latin-1")  # what gunicorn will do with it

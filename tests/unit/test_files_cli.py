@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import socket
 import threading
@@ -18,6 +17,7 @@ from dxflow.agent import create_app
 from dxflow.agent.state import AgentState
 from dxflow.cli.files import PART_SUFFIX, Copier, Location, parse_location
 from dxflow.errors import AccessDenied, DxflowError, NotFound, UsageError
+from dxflow.master.client import MasterClient
 
 
 @pytest.mark.parametrize("text, want", [
@@ -43,24 +43,25 @@ def test_parse_location_needs_a_job():
 
 
 class FakeMaster:
-    """Stands in for MasterClient: ``/api/fleet/JOB/NODE/<path>`` goes straight to one agent app."""
+    """Stands in for the user's master on its Unix socket: ``/api/fleet/JOB/NODE/<path>`` goes
+    straight to one agent app, with the token added; the real MasterClient talks to it."""
 
-    def __init__(self, port: int, token: str) -> None:
-        self.port = port
+    def __init__(self, agent_app, token: str) -> None:
+        self.agent_app = agent_app
         self.token = token
         self.requests: list[tuple[str, str, dict]] = []
 
-    def agent_path(self, job, node, path):
-        return f"/api/fleet/{job}/{node or '-'}/{path.lstrip('/')}"
-
-    def request(self, method, path, body=None, headers=None, timeout=60.0):
-        headers = dict(headers or {})
-        self.requests.append((method, unquote(path), headers))
-        target = "/" + path.split("/", 5)[5]
-        headers["Authorization"] = f"Bearer {self.token}"
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        conn.request(method, target, body=body, headers=headers)
-        return conn.getresponse()
+    def __call__(self, environ, start_response):
+        path = environ["PATH_INFO"]
+        if path == "/api/master":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [b'{"pid": 1}']
+        assert path.startswith("/api/fleet/"), path
+        environ["PATH_INFO"] = "/" + path.split("/", 5)[5]
+        environ["HTTP_AUTHORIZATION"] = f"Bearer {self.token}"
+        self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"] + "?" + unquote(
+            environ.get("QUERY_STRING", "")), {"Range": environ.get("HTTP_RANGE")}))
+        return self.agent_app(environ, start_response)
 
 
 @pytest.fixture
@@ -74,17 +75,24 @@ def tree(tmp_path):
 
 @pytest.fixture
 def master(tree):
+    """(the real MasterClient, the fake master it talks to)."""
     user_key, agent_key = auth.new_key(), auth.new_key()
     pub = auth.public_pem(agent_key)
     state = AgentState(scheduler="local", cluster="c", job="42", node="n1", user="alice", home=tree / "home",
                        key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
                        user_public_key=auth.public_pem(user_key), work_dir=str(tree / "home" / "job"))
-    app = create_app(state, {"FILE_SCRATCH_ROOTS": []})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    fake = FakeMaster(create_app(state, {"FILE_SCRATCH_ROOTS": []}),
+                      auth.mint_token(user_key, "alice", state.audience))
+    base = tree / "base"
+    base.mkdir()
+    server = make_server(f"unix://{base / 'master.sock'}", 0, fake, threaded=True)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
-    yield FakeMaster(server.server_port, auth.mint_token(user_key, "alice", state.audience))
+    client = MasterClient(base)
+    client.fake = fake
+    yield client
     server.shutdown()
+    server.server_close()
 
 
 def sha(p: Path) -> str:
@@ -116,7 +124,7 @@ def test_download_resumes_from_the_part_file(master, tree):
     cp = Copier(master, quiet=True, recursive=False)
     cp.download(parse_location("42:big"), str(dst), many=False)
     assert dst.read_bytes() == data and cp.bytes == len(data) - 2_000_000
-    gets = [h for m, p, h in master.requests if m == "GET" and "/api/files/content" in p]
+    gets = [h for m, p, h in master.fake.requests if m == "GET" and p.startswith("/api/files/content")]
     assert gets[-1]["Range"] == "bytes=2000000-"
 
 
@@ -195,3 +203,17 @@ def test_relay_response_reads_what_has_arrived():
     assert resp.read1(1024) == b""
     a.close()
     b.close()
+
+
+def test_refused_big_upload_reports_the_refusal(master, tree):
+    """The agent answers 403 without reading a 20 MB body: the answer, not a broken pipe, reaches the user."""
+    from dxflow.cli.files import Agent, check
+
+    agent = Agent(master, "42", None)
+    size = 20 * 1024 * 1024
+    body = (b"x" * (1 << 20) for _ in range(20))
+    resp = agent.upload(agent.url("/api/files/content", path=f"{tree}/outside/big"), body,
+                        {"Content-Length": str(size)})
+    with pytest.raises(AccessDenied, match="outside"):
+        check(resp)
+    assert not (tree / "outside" / "big").exists()

@@ -98,6 +98,12 @@ def serve_master(tmp: Path) -> None:
         def connection(self, agent, timeout=60.0):
             return TunnelHTTPConnection(self.pool, "localhost", port, timeout=timeout)
 
+        def acquire(self, agent, timeout=60.0):
+            return self.connection(agent, timeout), False
+
+        def release(self, agent, conn, reusable):
+            conn.close()
+
         def refresh(self):
             pass
 

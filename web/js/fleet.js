@@ -6,6 +6,7 @@ import { badge, bytes, clear, duration, every, h, icon, meter } from './util.js'
 const POLL_MS = 2000;
 const METRICS_MS = 3000;
 const LIVE_METRICS_MAX = 48;  // beyond this many nodes, the master's cached figures are shown
+const ENDED_SHOWN = 5;         // ended jobs listed by name
 
 export const TABS = [
   ['overview', 'Metrics', 'chart'],
@@ -82,7 +83,8 @@ export function renderFleet(view, signal) {
     const ended = [...byJob.keys()].filter((j) => isEnded(byJob.get(j)));
     const newest = (a, b) => b.localeCompare(a, undefined, { numeric: true });
     live.sort(newest);
-    ended.sort(newest);
+    const lastSeen = (job) => Math.max(...byJob.get(job).map((a) => a.checked || 0));
+    ended.sort((a, b) => lastSeen(b) - lastSeen(a));  // the most recently ended first
     empty.hidden = live.length > 0;
     const counts = { ready: 0, starting: 0, lost: 0, gone: 0 };
     for (const a of agents) counts[a.state] = (counts[a.state] || 0) + 1;
@@ -103,14 +105,16 @@ export function renderFleet(view, signal) {
       updateJob(card, members);
     }
     endedCard.hidden = !ended.length;
-    clear(endedBody, ended.map((job) => {
+    clear(endedBody, ended.slice(0, ENDED_SHOWN).map((job) => {
       const members = byJob.get(job);
       return h('tr', { class: 'state-gone', dataset: { job } },
         h('td', { class: 'strong' }, `Job ${job}`),
         h('td', {}, members.map((a) => a.node).sort().join(', ')),
         h('td', {}, badge('gone')),
         h('td', { class: 'muted' }, 'The job has ended; its agents have stopped.'));
-    }));
+    }), ended.length > ENDED_SHOWN
+      ? h('tr', {}, h('td', { colspan: 4, class: 'muted' }, `and ${ended.length - ENDED_SHOWN} more (\`dxflow ls --all\`)`))
+      : null);
     list.append(endedCard);
   }
 
@@ -202,6 +206,6 @@ function updateRow(row, a, m) {
   clear(cells.cpu, gone || cpu === null || cpu === undefined ? '–' : meter(cpu / 100, `${cpu.toFixed(0)}%`));
   const total = info.memory_total;
   const used = total ? total - info.memory_available : null;
-  clear(cells.mem, gone || !total ? '–' : meter(used / total, `${bytes(used)} / ${bytes(total)}`));
+  clear(cells.mem, gone || !total ? '–' : meter(used / total, `${bytes(used)} / ${bytes(total)}`, 'meter-wide'));
   cells.load.textContent = gone || !info.load ? '–' : info.load[0].toFixed(2);
 }

@@ -32,7 +32,10 @@ export async function render(body, { base, signal }) {
       error.hidden = true;
     } catch (e) {
       if (e.name === 'AbortError') return;
-      if (e.kind === 'gone') return;  // the page's banner says the job has ended
+      if (e.kind === 'gone' || e.kind === 'lost') {  // the page's banner says so
+        error.hidden = true;
+        return;
+      }
       error.textContent = `No metrics from the node: ${e.message}`;
       error.hidden = false;
       cpu.push([null]);
