@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import sys
 import threading
 import time
@@ -66,6 +67,10 @@ class AgentServer(BaseApplication):
 
     # gunicorn hooks --------------------------------------------------------
     def _post_worker_init(self, worker) -> None:
+        for sock in worker.sockets:
+            # accepted connections inherit it: a response written as headers + body must not wait
+            # for sshd's delayed ACK (~40 ms on a kept-alive tunnel channel)
+            sock.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.state.port = worker.sockets[0].getsockname()[1]
         reg = registration.Registration(
             cluster=self.state.cluster, scheduler=self.state.scheduler, job=self.state.job,
