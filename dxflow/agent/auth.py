@@ -13,6 +13,8 @@ def init_app(app: Flask) -> None:
     def require_token():
         if request.endpoint in app.config.get("PUBLIC_ENDPOINTS", ()):
             return None
+        if g.get("console_session"):  # a browser with the node console's session cookie (dxflow.agent.console)
+            return None
         state = current_app.config["AGENT"]
         header = request.headers.get("Authorization", "")
         token = header[7:] if header.startswith("Bearer ") else request.args.get("token", "")

@@ -4,10 +4,9 @@ A browser cannot send the bearer token every agent request needs, so the console
 logs in once: ``/console/login?token=<JWT>`` takes a valid user token (the same
 kind the API takes, used once here) and sets an HttpOnly, SameSite=Strict session
 cookie. The agent's token check (``dxflow.agent.auth``) lets a request through
-when its endpoint is in ``app.config["PUBLIC_ENDPOINTS"]``; this module makes that
-list also hold "any endpoint, for a request with a valid console session"
-(:class:`PublicEndpoints`), after its own check of the cookie, which runs first and
-also wants ``X-CSRF-Token`` on state-changing requests and a same-origin
+when its endpoint is in ``app.config["PUBLIC_ENDPOINTS"]`` (this module adds its
+login pages) or when ``g.console_session`` is set by this module's own check of the
+cookie, which runs first and also wants ``X-CSRF-Token`` on state-changing requests and a same-origin
 ``Origin`` on those and on WebSocket upgrades.
 
 ``dxflow console --agent JOB[:NODE]`` prints a login link for an agent on the
@@ -83,20 +82,6 @@ class Sessions:
         return hmac.new(self._key, sid.encode(), hashlib.sha256).hexdigest()
 
 
-class PublicEndpoints:
-    """``app.config["PUBLIC_ENDPOINTS"]`` as the token check reads it: the listed endpoints, the
-    console's own public ones, and any endpoint for a request this module found a session on."""
-
-    def __init__(self, listed) -> None:
-        self.listed = tuple(listed or ())
-
-    def __contains__(self, endpoint: object) -> bool:
-        return endpoint in self.listed or endpoint in CONSOLE_PUBLIC or bool(g.get("console_session"))
-
-    def __iter__(self):
-        return iter(self.listed + tuple(CONSOLE_PUBLIC))
-
-
 def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[1:].partition("]")[0]
@@ -109,9 +94,6 @@ def _error(status: int, error: str, message: str):
 
 def check_session():
     """Runs before the token check: a request with the console's cookie (and no bearer token)."""
-    listed = current_app.config.get("PUBLIC_ENDPOINTS")
-    if not isinstance(listed, PublicEndpoints):  # an area registered after this one replaced the list
-        current_app.config["PUBLIC_ENDPOINTS"] = PublicEndpoints(listed)
     sid = request.cookies.get(COOKIE)
     if not sid or request.headers.get("Authorization"):
         return None
@@ -147,7 +129,7 @@ def security_headers(resp: Response) -> Response:
 
 def init_app(app: Flask) -> None:
     app.config["CONSOLE_SESSIONS"] = Sessions()
-    app.config["PUBLIC_ENDPOINTS"] = PublicEndpoints(app.config.get("PUBLIC_ENDPOINTS"))
+    app.config["PUBLIC_ENDPOINTS"] = tuple(app.config.get("PUBLIC_ENDPOINTS", ())) + tuple(CONSOLE_PUBLIC)
     # first in line, before the token check that auth.init_app registered
     app.before_request_funcs.setdefault(None, []).insert(0, check_session)
     app.after_request(security_headers)
