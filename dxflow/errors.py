@@ -1,10 +1,12 @@
 """The one exception root of dxflow and its few branches.
 
 Every error says what happened and, where it can, what to do about it. The CLI
-turns each class into an exit code (see ``EXIT_CODES``).
+exits with the class's ``exit_code``; the HTTP servers answer with its ``http_status``.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 
 class DxflowError(Exception):
@@ -17,6 +19,7 @@ class UsageError(DxflowError):
     """The user asked for something that cannot be done as asked."""
 
     exit_code = 2
+    http_status = 400
 
 
 class ConfigError(DxflowError):
@@ -25,12 +28,10 @@ class ConfigError(DxflowError):
     exit_code = 3
 
 
-class SchedulerError(DxflowError):
-    """A scheduler command failed or printed something unexpected."""
+class CommandError(DxflowError):
+    """A command dxflow ran failed; carries its argv, exit code, stdout and stderr."""
 
-    exit_code = 4
-
-    def __init__(self, message: str, *, argv: list[str] | None = None, returncode: int | None = None,
+    def __init__(self, message: str, *, argv: Sequence[str] | None = None, returncode: int | None = None,
                  stdout: str = "", stderr: str = "") -> None:
         detail = message
         if argv is not None:
@@ -39,28 +40,37 @@ class SchedulerError(DxflowError):
             if tail:
                 detail += ": " + " | ".join(tail)
         super().__init__(detail)
-        self.argv = argv
+        self.argv = list(argv) if argv is not None else None
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
+
+
+class SchedulerError(CommandError):
+    """A scheduler command failed or printed something unexpected."""
+
+    exit_code = 4
 
 
 class NotFound(DxflowError):
     """A job, node, agent or file that was named does not exist."""
 
     exit_code = 5
+    http_status = 404
 
 
 class AuthError(DxflowError):
     """A token or identity check failed."""
 
     exit_code = 6
+    http_status = 401
 
 
 class AgentUnreachable(DxflowError):
     """An agent or its node could not be reached through its tunnel."""
 
     exit_code = 7
+    http_status = 502
 
 
 class MasterUnavailable(DxflowError):
@@ -73,3 +83,4 @@ class AccessDenied(DxflowError):
     """A path, port or process lies outside what this job's user may touch."""
 
     exit_code = 9
+    http_status = 403

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
+from flask import Flask
 
+from dxflow import httperrors
 from dxflow.agent.state import AgentState
-from dxflow.errors import AccessDenied, DxflowError, NotFound, UsageError
 
 #: blueprint modules, in the order they are registered. Each has ``bp`` (and may have ``init_app``).
 BLUEPRINTS = ("health", "node", "files", "logs", "exec", "shell", "proxy", "ports", "console", "openapi")
@@ -35,17 +34,5 @@ def create_app(state: AgentState, test_config: dict | None = None) -> Flask:
         if hasattr(module, "init_app"):
             module.init_app(app)
 
-    @app.errorhandler(DxflowError)
-    def dxflow_error(e: DxflowError):
-        status = 400
-        for cls, code in ((AccessDenied, 403), (NotFound, 404), (UsageError, 400)):
-            if isinstance(e, cls):
-                status = code
-                break
-        return jsonify(error=type(e).__name__, message=str(e)), status
-
-    @app.errorhandler(HTTPException)
-    def http_error(e: HTTPException):
-        return jsonify(error=e.name.lower().replace(" ", "_"), message=e.description), e.code
-
+    httperrors.install(app, default_status=400)
     return app

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import logging
 import re
-import select
 import socket
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -21,6 +20,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from dxflow.agent.logs import client_socket
 from dxflow.agent.ports import check_port
 from dxflow.errors import AccessDenied
+from dxflow.pipes import pipe
 
 log = logging.getLogger(__name__)
 bp = Blueprint("proxy", __name__)
@@ -205,35 +205,6 @@ def _buffered(environ: dict) -> bytes:
         return (take() or b"") if take else b""
     except Exception:  # noqa: BLE001 - a gunicorn without it: nothing was read ahead that we can get
         return b""
-
-
-def pipe(a, b, bufsize: int = 64 * 1024) -> None:
-    """Copy bytes both ways between two sockets (or paramiko channels) until both directions ended.
-
-    End of input on one side is passed on as a half close (``shutdown(SHUT_WR)``) of the
-    other; an error on either side ends both directions.
-    """
-    peer = {a: b, b: a}
-    reading = {a, b}
-    while reading:
-        ready, _, _ = select.select(list(reading), [], [])
-        for src in ready:
-            dst = peer[src]
-            try:
-                data = src.recv(bufsize)
-            except OSError:
-                return
-            if data:
-                try:
-                    dst.sendall(data)
-                except OSError:
-                    return
-                continue
-            reading.discard(src)
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
 
 _ERR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -8,29 +8,15 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from dxflow.errors import DxflowError
+from dxflow.errors import CommandError, DxflowError
 
 log = logging.getLogger(__name__)
 
 
-class LabError(DxflowError):
+class LabError(CommandError):
     """Building, checking or tearing down the lab cluster failed."""
 
     exit_code = 1
-
-    def __init__(self, message: str, *, argv: Sequence[str] | None = None, returncode: int | None = None,
-                 stdout: str = "", stderr: str = "") -> None:
-        detail = message
-        if argv is not None:
-            detail += f" (command: {' '.join(argv)}; exit code {returncode})"
-            tail = (stderr or stdout).strip().splitlines()[-3:]
-            if tail:
-                detail += ": " + " | ".join(tail)
-        super().__init__(detail)
-        self.argv = list(argv) if argv is not None else None
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
 
 
 def run(argv: Sequence[str], *, check: bool = True, error: type[DxflowError] = LabError,

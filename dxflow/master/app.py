@@ -13,10 +13,9 @@ import os
 import signal
 
 from flask import Flask, Response, jsonify, request, stream_with_context
-from werkzeug.exceptions import HTTPException
 
-from dxflow import __version__
-from dxflow.errors import AgentUnreachable, DxflowError, NotFound, UsageError
+from dxflow import __version__, httperrors
+from dxflow.errors import AgentUnreachable, UsageError
 from dxflow.master.fleet import Fleet
 
 #: hop-by-hop headers never relayed (RFC 9110 7.6.1), plus what the relay sets itself.
@@ -125,19 +124,7 @@ def create_app(fleet: Fleet) -> Flask:
         return Response(stream_with_context(stream()), status=resp.status, headers=out_headers,
                         direct_passthrough=True)
 
-    @app.errorhandler(DxflowError)
-    def dxflow_error(e: DxflowError):
-        status = 502
-        for cls, code in ((NotFound, 404), (UsageError, 400), (AgentUnreachable, 502)):
-            if isinstance(e, cls):
-                status = code
-                break
-        return jsonify(error=type(e).__name__, message=str(e)), status
-
-    @app.errorhandler(HTTPException)
-    def http_error(e: HTTPException):
-        return jsonify(error=e.name.lower().replace(" ", "_"), message=e.description), e.code
-
+    httperrors.install(app, default_status=502)
     return app
 
 

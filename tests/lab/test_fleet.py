@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import pwd
 import subprocess
-import time
 from pathlib import Path
-
-import pytest
 
 from dxflow.procs import read_proc
 
-from conftest import (DXFLOW, agent_pids, agents_of, as_user, dxflow, dxflow_json, on_node, run,
+from conftest import (agent_pids, agents_of, as_user, dxflow, dxflow_json, on_node, run,
                       wait_agents, wait_for)
 
 SLEEP = "sleep 300"
@@ -61,8 +57,12 @@ def test_agents_gone_after_job_ends(jobs):
 def test_scancel_stops_agents_and_what_they_started(jobs):
     job = jobs.submit("alice", SLEEP, nodes=2)
     wait_agents("alice", job, 2)
-    # something the user left running under the agent (daemonized through a shell)
-    before = set(agent_pids(job))
+    # something the user left running through the agent: daemonized, in its own session
+    dxflow("alice", "exec", f"{job}:n1", "--", "sh", "-c",
+           "setsid sleep 4242 </dev/null >/dev/null 2>&1 & echo started")
+    daemon = [int(p) for p in run(["pgrep", "-u", "alice", "-f", "^sleep 4242$"]).stdout.split()]
+    assert len(daemon) == 1
+    before = set(agent_pids(job)) | set(daemon)
     run(["scancel", job])
     wait_for(lambda: not agent_pids(job), 30, what="agent processes gone after scancel")
     assert all(read_proc(p) is None for p in before)  # gone (a zombie waiting for init counts as gone)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import time
-from pathlib import Path
 
 import jwt
 import pytest
