@@ -31,6 +31,7 @@ HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
                "transfer-encoding", "upgrade", "host", "authorization", "content-length", "expect"}
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 3600.0     # a quiet stream (SSE, long poll) may be silent this long
+SMALL_BODY = 64 * 1024
 CHUNK = 256 * 1024
 _PREFIX = re.compile(r"^/proxy/\d+")
 
@@ -150,8 +151,20 @@ def _http(connect: str, port: int, uri: str):
     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS]
     if resp.getheader("Content-Length") is not None and request.method != "HEAD":
         headers.append(("Content-Length", resp.getheader("Content-Length")))
-    out = Response(body() if request.method != "HEAD" else b"", status=resp.status, headers=headers,
-                   direct_passthrough=True)
+    if request.method == "HEAD":
+        content = b""
+    elif resp.length is not None and resp.length <= SMALL_BODY:
+        # A small answer leaves in one piece right behind its headers: streamed, its pieces would
+        # cross the tunnel as separate SSH packets, and sshd holds the second for the first's ACK.
+        try:
+            content = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            return _error(502, "bad_gateway", f"the service on port {port} failed: {type(e).__name__}: {e}")
+        conn.close()
+    else:
+        content = body()
+    out = Response(content, status=resp.status, headers=headers, direct_passthrough=True)
     if resp.getheader("Content-Type") is None:
         del out.headers["Content-Type"]
     if request.method == "HEAD":
