@@ -11,7 +11,7 @@ missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | g
 if [ -n "$missing" ]; then
   echo "== installing Debian packages: $missing" >&2
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  apt-get install -y -qq $missing >/dev/null
 fi
 VENV=/opt/dxflow/venv
 [ -x $VENV/bin/python ] || /usr/bin/python3 -m venv $VENV
