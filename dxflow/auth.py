@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import secrets
@@ -44,6 +45,7 @@ def public_pem(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> str:
                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
+@functools.lru_cache(maxsize=4096)  # the master asks for every relayed request
 def fingerprint(public_key_pem: str) -> str:
     """``SHA256:<base64>`` of the DER public key: the name an agent's tokens are addressed to."""
     pub = serialization.load_pem_public_key(public_key_pem.encode())

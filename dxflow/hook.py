@@ -137,7 +137,8 @@ def prolog(scheduler: str, argv: Sequence[str] = ()) -> int:
             **(dict(user=job.uid, group=job.gid, extra_groups=os.getgrouplist(job.user, job.gid))
                if as_root else {}),
         )
-        record = {"pid": proc.pid, "start": read_proc(proc.pid).start if read_proc(proc.pid) else None,
+        child = read_proc(proc.pid)
+        record = {"pid": proc.pid, "start": child.start if child else None,
                   "uid": job.uid, "gid": job.gid, "user": job.user, "job": job.job, "node": job.node,
                   "cluster": job.cluster, "scheduler": job.scheduler, "home": pw.pw_dir,
                   "time": time.time()}
