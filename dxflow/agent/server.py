@@ -81,6 +81,9 @@ class AgentServer(BaseApplication):
         )
         registration.write(self.fleet_dir, reg)
         log.info("registered %s on 127.0.0.1:%d", reg.name, self.state.port)
+        if self.state.scheduler == "local":
+            log.info("web console of this node: run `dxflow console --agent %s:%s` for a login link",
+                     self.state.job, self.state.node)
         threading.Thread(target=watch_job, args=(self.state, self.site), daemon=True, name="job-watch").start()
 
     def _on_exit(self, arbiter) -> None:
