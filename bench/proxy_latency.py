@@ -16,11 +16,8 @@ The added latency is master − node (medians); the design's target is ≤ 2 ms.
 The master is a private instance of the installed master (same code, its own socket
 in ``~/.dxflow-bench-PID``, reading the user's registrations), so that other users
 of a shared lab restarting the user's master do not disturb the run.
-``--tunnel-nodelay`` sets TCP_NODELAY on that master's SSH sockets, to measure the
-effect of that setting (without it, Nagle's algorithm and delayed ACKs hold each
-small request for about 40 ms).
 
-Usage: /opt/dxflow/venv/bin/python bench/proxy_latency.py [--requests 300] [--user alice] [--tunnel-nodelay]
+Usage: /opt/dxflow/venv/bin/python bench/proxy_latency.py [--requests 300] [--user alice]
 """
 
 from __future__ import annotations
@@ -110,18 +107,10 @@ def stats(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs) * 1000, xs[min(len(xs) - 1, int(0.95 * len(xs)))] * 1000
 
 
-# Runs as the user: the installed master, on a private base folder (argv: base, nodelay 0/1).
+# Runs as the user: the installed master, on a private base folder (argv: base).
 MASTER = textwrap.dedent("""
-    import socket, sys
+    import sys
     from pathlib import Path
-    if sys.argv[2] == "1":
-        import dxflow.master.tunnels as tunnels
-        connect = tunnels.TunnelPool._connect
-        def _connect(self, address, depth=0):
-            t = connect(self, address, depth)
-            t.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return t
-        tunnels.TunnelPool._connect = _connect
     from dxflow.master.server import MasterServer, socket_path
     base = Path(sys.argv[1])
     socket_path(base).unlink(missing_ok=True)
@@ -136,7 +125,7 @@ AGENTS = textwrap.dedent("""
 """)
 
 
-def private_master(pw: pwd.struct_passwd, nodelay: bool) -> tuple[str, subprocess.Popen]:
+def private_master(pw: pwd.struct_passwd) -> tuple[str, subprocess.Popen]:
     """A master of the user's own, on ``~/.dxflow-bench-PID``, sharing the user's registrations and key."""
     home = os.path.join(pw.pw_dir, ".dxflow")
     base = os.path.join(pw.pw_dir, f".dxflow-bench-{os.getpid()}")
@@ -149,8 +138,7 @@ def private_master(pw: pwd.struct_passwd, nodelay: bool) -> tuple[str, subproces
     for root, dirs, files in os.walk(base):
         for name in [root, *[os.path.join(root, f) for f in files + dirs]]:
             os.lchown(name, pw.pw_uid, pw.pw_gid)
-    proc = subprocess.Popen(["runuser", "-l", pw.pw_name, "-c", shlex.join([PYTHON, "-c", MASTER, base,
-                                                                            "1" if nodelay else "0"])],
+    proc = subprocess.Popen(["runuser", "-l", pw.pw_name, "-c", shlex.join([PYTHON, "-c", MASTER, base])],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 20
@@ -180,8 +168,6 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=300, help="requests per kind and round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--user", default="alice")
-    p.add_argument("--tunnel-nodelay", action="store_true",
-                   help="set TCP_NODELAY on the master's SSH sockets (measures that setting)")
     a = p.parse_args()
     try:
         return bench(a)
@@ -198,7 +184,7 @@ def bench(a: argparse.Namespace) -> int:
     for path in (www, os.path.join(www, "small.txt")):
         os.chown(path, pw.pw_uid, pw.pw_gid)
     script = f"cd {shlex.quote(www)} && exec python3 -m http.server {PORT} --bind 127.0.0.1"
-    base, master = private_master(pw, a.tunnel_nodelay)
+    base, master = private_master(pw)
     job = None
     try:
         job = as_user(a.user, ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", f"--chdir={pw.pw_dir}",
@@ -235,8 +221,7 @@ def bench(a: argparse.Namespace) -> int:
         subprocess.run(["rm", "-rf", www, base], check=False)
 
     print(f"proxy latency, job {job} on {node}, {len(results['node'])} requests each "
-          f"(new connection per request, 100-byte file); tunnel TCP_NODELAY: "
-          f"{'set by this bench' if a.tunnel_nodelay else 'as the master sets it'}")
+          f"(new connection per request, 100-byte file)")
     print(f"{'path':<44} {'median ms':>10} {'p95 ms':>10}")
     labels = {"node": "node: 127.0.0.1:PORT directly (baseline)", "agent": "node: agent /proxy/PORT/",
               "master": "login: master → tunnel → agent → /proxy/PORT/",

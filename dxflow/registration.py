@@ -59,9 +59,14 @@ def write(fleet_dir: Path, reg: Registration) -> Path:
     return path
 
 
-def read_all(fleet_dir: Path) -> list[Registration]:
-    """Every readable record; unreadable ones are logged and skipped (a writer may be mid-way)."""
+def read_all(fleet_dir: Path, cache: dict | None = None) -> list[Registration]:
+    """Every readable record; unreadable ones are logged and skipped (a writer may be mid-way).
+
+    With ``cache`` (kept by the caller between calls), a file whose size and mtime did
+    not change is not read again: the master scans twice a second.
+    """
     out = []
+    seen = set()
     try:
         entries = list(os.scandir(fleet_dir))
     except FileNotFoundError:
@@ -70,10 +75,22 @@ def read_all(fleet_dir: Path) -> list[Registration]:
         if entry.name.startswith(".") or not entry.name.endswith(".json"):
             continue
         try:
-            with open(entry.path) as f:
-                out.append(Registration.from_dict(json.load(f)))
+            st = entry.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            if cache is not None and cache.get(entry.name, (None,))[0] == key:
+                reg = cache[entry.name][1]
+            else:
+                with open(entry.path) as f:
+                    reg = Registration.from_dict(json.load(f))
+                if cache is not None:
+                    cache[entry.name] = (key, reg)
+            out.append(reg)
+            seen.add(entry.name)
         except (OSError, ValueError, TypeError) as e:
             log.warning("skipping registration %s: %s", entry.path, e)
+    if cache is not None:
+        for name in set(cache) - seen:
+            del cache[name]
     return out
 
 

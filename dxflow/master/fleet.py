@@ -8,6 +8,7 @@ registered. A record whose job has ended is removed, file and row.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import secrets
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from dxflow import registration
 from dxflow.auth import check_challenge, fingerprint, mint_token, user_key
-from dxflow.errors import DxflowError, NotFound, SchedulerError
+from dxflow.errors import AgentUnreachable, DxflowError, NotFound, SchedulerError
 from dxflow.master.registry import Agent, Registry
 from dxflow.master.tunnels import TunnelHTTPConnection, TunnelPool
 from dxflow.schedulers import JobInfo, JobState, get_scheduler
@@ -51,6 +52,7 @@ class Fleet:
         self._checking: set[str] = set()
         self._lock = threading.Lock()
         self._idle: dict[str, list[tuple[TunnelHTTPConnection, float]]] = {}
+        self._read_cache: dict = {}
 
     # -- tokens and requests ------------------------------------------------
     def token(self, agent: Agent) -> str:
@@ -95,24 +97,32 @@ class Fleet:
                 return
         conn.close()
 
-    def get_json(self, agent: Agent, path: str, timeout: float = 15.0) -> dict:
+    def ask(self, agent: Agent, path: str, timeout: float = 15.0) -> tuple[int, dict]:
+        """GET ``path`` from the agent: (HTTP status, its JSON answer); AgentUnreachable if it cannot be asked."""
         conn = self.connection(agent, timeout)
         try:
             conn.request("GET", path, headers={"Authorization": f"Bearer {self.token(agent)}"})
             resp = conn.getresponse()
-            body = resp.read()
-        except OSError as e:
-            raise DxflowError(f"agent {agent.name}: {e}") from e
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise AgentUnreachable(f"agent {agent.name}: {e}") from e
         finally:
             conn.close()
-        if resp.status != 200:
-            raise DxflowError(f"agent {agent.name} answered {resp.status}: {body[:200]!r}")
-        return json.loads(body)
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, {"error": "bad_gateway", "message": raw.decode(errors="replace")[:300]}
+
+    def get_json(self, agent: Agent, path: str, timeout: float = 15.0) -> dict:
+        status, data = self.ask(agent, path, timeout)
+        if status != 200:
+            raise DxflowError(f"agent {agent.name} answered {status}: {data.get('message', data)}")
+        return data
 
     # -- lookup ---------------------------------------------------------------
     def find(self, job: str, node: str | None = None) -> Agent:
         """The agent of JOB on NODE, or of the job's first node when NODE is not given."""
-        agents = [a for a in self.registry.all() if a.reg.job == job and a.state != "gone"]
+        agents = [a for a in self.registry.of_job(job) if a.state != "gone"]
         if not agents:
             raise NotFound(f"no agent of job {job}: see `dxflow ls` for your jobs' agents")
         if node:
@@ -149,7 +159,7 @@ class Fleet:
 
     def cycle(self) -> None:
         now = time.time()
-        on_disk = {r.name: r for r in registration.read_all(self.fleet_dir) if r.user == self.user}
+        on_disk = {r.name: r for r in registration.read_all(self.fleet_dir, self._read_cache) if r.user == self.user}
         new = [name for name, reg in on_disk.items() if self.registry.upsert(reg)]
         for agent in self.registry.all():
             if agent.name not in on_disk and agent.state != "gone":

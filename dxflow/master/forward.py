@@ -13,7 +13,6 @@ Only the standard library is imported at module level: the CLI uses :func:`pipe`
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 
@@ -28,22 +27,7 @@ CONNECT_TIMEOUT = 10.0
 
 def check(fleet, agent, port: int) -> tuple[int, dict]:
     """Ask the agent whether PORT is the user's: (HTTP status, its JSON answer)."""
-    from dxflow.errors import AgentUnreachable
-
-    conn = fleet.connection(agent, timeout=CHECK_TIMEOUT)
-    try:
-        conn.request("GET", f"/api/ports/{port}", headers={"Authorization": f"Bearer {fleet.token(agent)}"})
-        resp = conn.getresponse()
-        raw = resp.read()
-    except OSError as e:
-        raise AgentUnreachable(f"agent {agent.name}: {e}") from e
-    finally:
-        conn.close()
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        data = {"error": "bad_gateway", "message": raw.decode(errors="replace")[:300]}
-    return resp.status, data
+    return fleet.ask(agent, f"/api/ports/{port}", timeout=CHECK_TIMEOUT)
 
 
 def open_channel(fleet, agent, connect: str, port: int):

@@ -66,6 +66,13 @@ class Registry:
             rows = self._db.execute("SELECT * FROM agents ORDER BY name").fetchall()
         return [self._row(r) for r in rows]
 
+    def of_job(self, job: str) -> list[Agent]:
+        """One job's agents, without reading the whole fleet (the relay asks on every request)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM agents WHERE json_extract(registration, '$.job') = ? "
+                                    "ORDER BY name", (job,)).fetchall()
+        return [self._row(r) for r in rows]
+
     def get(self, name: str) -> Agent | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM agents WHERE name = ?", (name,)).fetchone()

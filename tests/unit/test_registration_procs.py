@@ -67,3 +67,31 @@ def test_stop_tree_gets_daemonized_and_setsid_children():
 def test_stop_tree_refuses_root():
     with pytest.raises(ValueError):
         stop_tree(os.getpid(), 0)
+
+
+def test_registry_of_job(tmp_path):
+    from dxflow.master.registry import Registry
+
+    r = Registry(tmp_path / "fleet.db")
+    for job, node in (("1", "n1"), ("1", "n2"), ("12", "n1"), ("1.srv", "n1")):
+        r.upsert(reg(job=job, node=node))
+    assert [a.reg.node for a in r.of_job("1")] == ["n1", "n2"]
+    assert [a.reg.job for a in r.of_job("1.srv")] == ["1.srv"]
+    assert r.of_job("404") == []
+    r.close()
+
+
+def test_read_all_cache_rereads_only_changed_files(tmp_path, monkeypatch):
+    registration.write(tmp_path, reg(job="1"))
+    registration.write(tmp_path, reg(job="2"))
+    cache: dict = {}
+    assert sorted(r.job for r in registration.read_all(tmp_path, cache)) == ["1", "2"]
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    registration.read_all(tmp_path, cache)
+    assert opened == []  # nothing changed: nothing read
+    registration.write(tmp_path, reg(job="2", port=999))
+    assert {r.job: r.port for r in registration.read_all(tmp_path, cache)}["2"] == 999
+    registration.remove(tmp_path, "c.1.n1")
+    assert [r.job for r in registration.read_all(tmp_path, cache)] == ["2"] and len(cache) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import gc
 import os
 import re
 import socket
@@ -332,6 +333,7 @@ def test_pty_session_in_process(tmp_path):
                 raise ConnectionClosed()
             self.sent.append(data)
 
+    gc.collect()  # garbage of earlier tests must not close its descriptors during this one
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(FileNotFoundError):
         PtySession.spawn(["/bin/sh"], {"PATH": "/usr/bin:/bin"}, str(tmp_path / "missing"))
