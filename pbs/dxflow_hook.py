@@ -5,9 +5,9 @@ Runs inside pbs_mom's pbs_python on each execution host (primary and sisters), a
 ``dxflow hook prolog|epilog --scheduler pbs -- JOB_ID USER GROUP``, so a host that also has
 the classic pbs/prologue keeps one agent: the routine finds the first one alive.
 
-Events (CONTRACTS.md §2.2):
+Events (docs/schedulers.md, PBS Pro hooks):
   execjob_begin      every host, when the job reaches it          -> start the agent
-  execjob_prologue   primary host; sisters when a task starts     -> start the agent
+  execjob_prologue   primary host; sisters (18.1+) when a task starts there -> start the agent
   execjob_epilogue   after the job's processes were killed        -> stop the agent
   execjob_end        every host, at the very end (background)     -> stop the agent
 
@@ -28,11 +28,19 @@ Any execjob_prologue / execjob_epilogue hook makes pbs_mom skip the classic
 mom_priv/prologue / epilogue: a site that keeps its own classic scripts sets
 event = 'execjob_begin,execjob_end' instead.
 
-Written for pbs_python (Python 3 in OpenPBS 20+; no f-strings, nothing but the standard library).
+Runs on every interpreter PBS embeds: Python 2.6/2.7 in PBS Professional up to 19.x (its
+configure accepts only 2.6 or 2.7, m4/with_python.m4 @v19.1.3) and Python 3 in OpenPBS 20+
+(3.5 to 3.7 at v20.0.0, later releases newer ones). So: nothing but the standard library, no
+f-strings, no ``subprocess.call(timeout=…)`` (Python 3.3+; on 2.x it raised TypeError and no
+agent ever started), no dict or set comprehensions (2.7+). ``tests/unit/test_schedulers_pbs_lsf.py``
+refuses any construct or name that 2.6 lacks. Failures are logged with ``pbs.LOG_ERROR``: the
+MoM log line then has severity LOG_ERR, as syslog and an admin's log watch see it, where
+``pbs.LOG_DEBUG`` gave LOG_DEBUG (``pbsv1mod_meth_logmsg``, src/lib/Libpython/common_python_utils.c).
 """
 
 import os
 import subprocess
+import time
 
 import pbs
 
@@ -77,16 +85,36 @@ def routine_env(job):
     return env
 
 
+def wait(proc, seconds):
+    """The routine's exit code, or None after ``seconds`` (then it is killed): Popen.wait(timeout)
+    is Python 3 only."""
+    deadline = time.time() + seconds
+    while proc.poll() is None:
+        if time.time() >= deadline:
+            proc.kill()
+            proc.wait()
+            return None
+        time.sleep(0.02)
+    return proc.returncode
+
+
 def run_routine(phase, job):
-    dxflow = next((p for p in DXFLOW if os.access(p, os.X_OK)), None)
-    if dxflow is None:
-        pbs.logmsg(pbs.LOG_DEBUG, "dxflow hook: no dxflow at %s" % " or ".join(DXFLOW))
+    found = [p for p in DXFLOW if os.access(p, os.X_OK)]
+    if not found:
+        pbs.logmsg(pbs.LOG_ERROR, "dxflow hook: no dxflow at %s: no agent for job %s"
+                   % (" or ".join(DXFLOW), text(job.id)))
         return
-    argv = [dxflow, "hook", phase, "--scheduler", "pbs", "--",
+    argv = [found[0], "hook", phase, "--scheduler", "pbs", "--",
             text(job.id), text(getattr(job, "euser", None)), text(getattr(job, "egroup", None))]
-    with open(os.devnull, "r+b") as null:
-        subprocess.call(argv, stdin=null, stdout=null, stderr=null, env=routine_env(job),
-                        cwd="/", close_fds=True, timeout=TIMEOUT)
+    null = open(os.devnull, "r+b")
+    try:
+        proc = subprocess.Popen(argv, stdin=null, stdout=null, stderr=null, env=routine_env(job),
+                                cwd="/", close_fds=True)
+    finally:
+        null.close()
+    if wait(proc, TIMEOUT) is None:
+        pbs.logmsg(pbs.LOG_ERROR, "dxflow hook: %s for job %s did not return within %d s: killed"
+                   % (phase, text(job.id), TIMEOUT))
 
 
 def main():
@@ -95,8 +123,8 @@ def main():
         phase = phase_of(event.type)
         if phase:
             run_routine(phase, event.job)
-    except Exception as e:  # the job runs whatever happens to dxflow
-        pbs.logmsg(pbs.LOG_DEBUG, "dxflow hook: %s: %s" % (type(e).__name__, e))
+    except Exception as e:  # the job runs whatever happens to dxflow; an admin sees why in the MoM log
+        pbs.logmsg(pbs.LOG_ERROR, "dxflow hook: %s: %s" % (type(e).__name__, e))
     event.accept()
 
 

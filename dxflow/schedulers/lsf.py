@@ -1,19 +1,25 @@
 """IBM Spectrum LSF: the job as HOST_PRE_EXEC / HOST_POST_EXEC see it, jobs from ``bjobs -json``.
 
-Hooks (CONTRACTS.md §3). Host-based pre/post-exec run on every host of the job under
+Hooks (docs/schedulers.md). Host-based pre/post-exec run on every host of the job under
 ``/bin/sh -c`` in /tmp, stdio on /dev/null, with the job's environment: ``LSB_JOBID``,
 ``LSB_JOBINDEX``, ``LSB_HOSTS`` (one entry per slot), ``LSB_MCPU_HOSTS`` ("hostA 2 hostB 1").
-They run as the job's user by default, or as the user ``LSB_PRE_POST_EXEC_USER`` names
-(root, at sites that want the agent's record kept by root).
+They run as the job's user — LSF's default, and the only way dxflow's hooks work:
 
-Who the job's user is:
-- run as a user: that user — the only one an unprivileged hook can start an agent for;
-- run as root: the environment is the job's, written by its user, so it names nobody.
-  LSF's own answer is asked instead — ``bjobs`` for the job's USER — with the LSF
-  settings (``LSF_ENVDIR``, ``LSF_BINDIR``) of the sbatchd that runs the hook, read from
-  /proc, never those of the job's environment.
+- run as a user, the hook starts an agent for that user and nobody else;
+- run as root (``LSB_PRE_POST_EXEC_USER=root`` in lsf.sudoers, queue level), nothing tells
+  root whose job it is in a way the job's user cannot forge: the environment is the job's,
+  written by its user, and with LSF's default ``LSF_ROOT_USER=N`` root may not run ``bjobs``
+  (only ``badmin ckconfig``, the ``ls*`` queries, ``lsrun`` and a few others — lsf.conf
+  reference, LSF_ROOT_USER). So a hook run as root starts nothing and logs an error that
+  says what to configure instead (docs/admin-lsf.md).
 
-Queries. ``bjobs -json -o "<fields>"`` (LSF 10.1 FP5 and later); trimmed::
+Output. Unless ``LSB_STDOUT_DIRECT=Y`` (lsf.conf), sbatchd writes a job's stdout/stderr to
+a temporary file and copies it to ``bsub -o``/``-e``'s path when the job finishes (bsub -o
+reference); the temporary file is ``<job file>.out`` / ``.err`` next to the job file
+``<submit time>.<job id>[.<index>]`` in ``JOB_SPOOL_DIR`` or ``$HOME/.lsbatch``
+(:meth:`LSF.spooled_output`). The agent reads it while the job runs.
+
+Queries. ``bjobs -json -o "<fields>"`` (LSF 10.1 Fix Pack 2 and later); trimmed::
 
     {"COMMAND": "bjobs", "JOBS": 1,
      "RECORDS": [{"JOBID": "1234", "JOBINDEX": "0", "USER": "alice", "STAT": "RUN",
@@ -30,19 +36,29 @@ import json
 import logging
 import os
 import pwd
+import re
 from typing import Any, Sequence
 
-from dxflow.errors import SchedulerError
+from dxflow.errors import SchedulerError, UsageError
 from dxflow.schedulers.base import SAFE_NAME, JobInfo, JobState, Scheduler, check_name, first_env, run
 from dxflow.schedulers.pbs import unique_hosts
 
 log = logging.getLogger(__name__)
 
-#: The LSF settings a query needs, and the daemons whose environment carries the site's values.
+#: The LSF settings a query needs.
 LSF_SETTINGS = ("LSF_ENVDIR", "LSF_BINDIR", "LSF_SERVERDIR", "LSF_LIBDIR")
-LSF_DAEMONS = ("sbatchd", "res")
-#: PATH for anything run as root: fixed, never the job's.
+#: PATH for a query when the environment has none.
 ROOT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+#: The job file's name: "<submit time>.<job id>" (".<index>" for an array element) — IBM support note
+#: "LSF Job File" (https://www.ibm.com/support/pages/node/629135); mbatchd's "%ld.%s" in openlava.
+JOB_FILE = re.compile(r"^\d+\.(\d+)(?:\.(\d+))?$")
+#: What a hook run as root logs: LSF gives root no way to tell whose job it is (module docstring).
+AS_ROOT = ("LSF runs this hook as root (LSB_PRE_POST_EXEC_USER=root in /etc/lsf.sudoers): root may not ask "
+           "bjobs whose job it is (LSF_ROOT_USER=N) and the job's environment is its user's to write, so no "
+           "agent is started. Let HOST_PRE_EXEC/HOST_POST_EXEC run as the job's user: drop "
+           "LSB_PRE_POST_EXEC_USER, or configure dxflow's two lines in an application profile "
+           "(lsb.applications, DEFAULT_APPLICATION in lsb.params), whose commands run as the submitter; "
+           "see docs/admin-lsf.md")
 
 
 def lsf_hosts(text: str) -> list[str]:
@@ -51,31 +67,6 @@ def lsf_hosts(text: str) -> list[str]:
     if len(tokens) % 2 == 0 and tokens and all(t.isdigit() for t in tokens[1::2]):
         tokens = tokens[0::2]  # name, slots, name, slots …
     return unique_hosts(t.partition("*")[2] if "*" in t else t for t in tokens)
-
-
-def daemon_environ(names: Sequence[str] = LSF_DAEMONS, pid: int | None = None, depth: int = 16) -> dict[str, str]:
-    """The environment of the nearest root-owned ancestor named in ``names`` (the sbatchd running us); {} if none."""
-    pid = os.getppid() if pid is None else pid
-    for _ in range(depth):
-        if pid <= 1:
-            break
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            owner = os.stat(f"/proc/{pid}").st_uid
-        except OSError:
-            break
-        comm = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
-        if owner == 0 and comm in names:
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    raw = f.read()
-            except OSError:
-                return {}
-            pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
-            return {k: v for k, _, v in pairs}
-        pid = int(stat[stat.rindex(b")") + 2:].split()[1])
-    return {}
 
 
 def expand_lsf_pattern(path: str, job: str, index: str) -> str:
@@ -100,36 +91,40 @@ class LSF(Scheduler):
         "DONE": JobState.ENDED, "EXIT": JobState.ENDED, "ZOMBI": JobState.ENDED,
         "UNKWN": JobState.UNKNOWN,
     }
-    passthrough_env = LSF_SETTINGS
+    #: LSB_JOBFILENAME names the job file, next to which the job's output is spooled (spooled_output)
+    passthrough_env = LSF_SETTINGS + ("LSB_JOBFILENAME",)
     commands = ("bjobs",)
     fields = ("jobid", "jobindex", "user", "stat", "exec_host", "job_name", "exec_cwd", "output_file", "error_file")
 
     # -- hooks ---------------------------------------------------------------
     def hook_args(self, argv: Sequence[str]) -> dict[str, str]:
-        """The job id (with its array index) and, depending on who runs the hook, its user."""
+        """The job id (with its array index) and the hook's own user, who is the job's."""
         job = first_env(self.environ, self.hook_env["job"])
         if not job:
             return {}
         check_name("job id", job)
+        if os.getuid() == 0:
+            raise UsageError(AS_ROOT)
         index = self.environ.get("LSB_JOBINDEX", "")
-        out = {"job": f"{job}[{index}]" if index.isdigit() and index != "0" else job}
-        if os.getuid() != 0:
-            out["user"] = pwd.getpwuid(os.getuid()).pw_name
-            return out
-        # root: nothing of the job's environment may decide what root runs or whom it starts an agent for
-        trusted = {k: v for k, v in daemon_environ().items() if k in LSF_SETTINGS}
-        for key in LSF_SETTINGS:
-            self.environ.pop(key, None)
-        self.environ.update(trusted, PATH=ROOT_PATH)
-        info = self.job(out["job"])
-        if info is None or not info.user:
-            log.error("job %s: LSF does not know it (bjobs), so its user is unknown", out["job"])
-            return out
-        out["user"] = info.user
-        return out
+        return {"job": f"{job}[{index}]" if index.isdigit() and index != "0" else job,
+                "user": pwd.getpwuid(os.getuid()).pw_name}
 
     def expand_nodes(self, text: str) -> list[str]:
         return lsf_hosts(text)
+
+    # -- the job's own cgroups on a node (issue #9) ---------------------------
+    # With LSF_PROCESS_TRACKING=Y and LSF_LINUX_CGROUP_ACCT=Y (or LSB_RESOURCE_ENFORCE="memory cpu",
+    # which turns accounting on) sbatchd makes one cgroup per job and host, ".../lsf/<cluster>/job.…"
+    # (IBM Support, "How does LSF calculate max memory usage from cgroup?"; "Which cgroup subsystems
+    # will be used by LSF?": freezer, cpuacct, memory, and cpuset for affinity jobs). Nothing is
+    # declared here on purpose: dxflow's LSF hook runs as the job's user (AS_ROOT above), and a user
+    # cannot move a process into a cgroup (v1: cgroup.procs belongs to root; v2: the common ancestor's
+    # cgroup.procs must be writable), so the prolog never starts the joining launcher (hook.py:
+    # start_agent). The rest of the folder name (submit time, index) is not in IBM's documentation
+    # either. Where LSF starts HOST_PRE_EXEC inside the job's cgroup the agent is born there;
+    # otherwise a command counts against the job only when started with blaunch (docs/admin-lsf.md).
+    job_cgroup_v1: tuple[tuple[str, ...], ...] = ()
+    job_cgroup_v2: tuple[tuple[str, ...], ...] = ()
 
     # -- queries -------------------------------------------------------------
     def client_dirs(self) -> list[str]:
@@ -139,7 +134,7 @@ class LSF(Scheduler):
         return "bjobs -json -o FIELDS"
 
     def backend_why(self) -> str:
-        return (f"LSF prints chosen job fields as JSON with bjobs -json -o (10.1 Fix Pack 5 and later); "
+        return (f"LSF prints chosen job fields as JSON with bjobs -json -o (10.1 Fix Pack 2 and later); "
                 f"FIELDS: {' '.join(self.fields)}")
 
     def query_env(self) -> dict[str, str]:
@@ -175,6 +170,35 @@ class LSF(Scheduler):
             if info.job == job_id:
                 return info
         return None
+
+    def spooled_output(self, job_id: str) -> dict[str, str]:
+        """``<job file>.out`` / ``.err`` while the job runs (sbatchd's ``%s.out`` in openlava's
+        ``sbatchd/file.c``; the stderr file exists only with ``bsub -e``, else stderr goes to the
+        ``.out``). The job file is the one ``LSB_JOBFILENAME`` names (passed on by the hook) when its
+        name is this job's, else the newest ``<time>.<job id>`` in ``$HOME/.lsbatch`` — where LSF
+        keeps it when ``JOB_SPOOL_DIR`` (lsb.params) is not set. With ``LSB_STDOUT_DIRECT=Y`` the
+        ``.out`` is a symlink to the final file, which the caller then reads by its own name."""
+        base, _, index = job_id.partition("[")
+        index = index.rstrip("]")
+        named = self.environ.get("LSB_JOBFILENAME", "")
+        home = self.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+        job_file = ""
+        if self._is_job_file(os.path.basename(named), base, index):
+            job_file = named if os.path.isabs(named) else os.path.join(home, ".lsbatch", named)
+        else:
+            spool = os.path.join(home, ".lsbatch")
+            try:
+                names = [n for n in os.listdir(spool) if self._is_job_file(n, base, index)]
+            except OSError:
+                names = []
+            if names:
+                job_file = os.path.join(spool, max(names, key=lambda n: int(n.partition(".")[0])))
+        return {"stdout": job_file + ".out", "stderr": job_file + ".err"} if job_file else {}
+
+    @staticmethod
+    def _is_job_file(name: str, job: str, index: str) -> bool:
+        m = JOB_FILE.match(name)
+        return bool(m and m.group(1) == job and (m.group(2) or "") == (index if index not in ("", "0") else ""))
 
     def _info(self, record: dict[str, Any]) -> JobInfo:
         jobid = str(record.get("JOBID", ""))

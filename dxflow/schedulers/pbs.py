@@ -1,6 +1,6 @@
 """OpenPBS / PBS Pro and Torque: the job as their hooks name it, jobs from ``qstat``.
 
-Hooks (CONTRACTS.md §2). The classic ``mom_priv/prologue`` and ``epilogue`` are run by
+Hooks (docs/schedulers.md). The classic ``mom_priv/prologue`` and ``epilogue`` are run by
 pbs_mom as root with the job on argv: 1 job id, 2 user, 3 group (the epilogue gets more,
 unused here). Torque's ``prologue.parallel`` / ``epilogue.parallel`` get the same first
 three on the sister nodes. The PBS Pro hook ``pbs/dxflow_hook.py`` calls the same routine
@@ -8,15 +8,27 @@ with the same three values (``e.job.id``, ``euser``, ``egroup``), so a classic s
 the hook name an agent alike — cluster, job, node — and whichever runs second finds the
 first one's agent alive and starts nothing.
 
+OpenPBS's classic prologue gets only MoM's environment — the lines of
+``$PBS_HOME/pbs_environment`` (``setup_env``) — plus ``PBS_JOBDIR``, which is the user's
+home (``prolog.c`` ``run_pelog``): no ``PBS_O_WORKDIR``. The job's work dir and output
+paths are then asked of ``qstat`` by the prolog (:meth:`PBS.complete_hook_job`).
+
+Output. pbs_mom writes a batch job's stdout/stderr to ``$PBS_HOME/spool/<job id>.OU`` /
+``.ER`` on the primary execution host and copies them to ``Output_Path`` / ``Error_Path``
+only when the job ends (:meth:`PBS.spool_paths` has the rules and their source); the agent
+reads the spool while the job runs.
+
 Queries. OpenPBS and PBS Pro (18+) print JSON with ``qstat -f -F json``; trimmed::
 
     {"timestamp": 1700000000, "pbs_version": "23.06.06", "pbs_server": "head",
      "Jobs": {"123.head": {"Job_Name": "run", "Job_Owner": "alice@login", "job_state": "R",
               "euser": "alice", "egroup": "alice", "exec_host": "n1/0*2+n2/0",
               "Output_Path": "login:/home/alice/run.o123", "Error_Path": "login:/home/alice/run.e123",
+              "Join_Path": "n", "Keep_Files": "n",
               "Variable_List": {"PBS_O_WORKDIR": "/home/alice", "PBS_O_HOST": "login"}}}}
 
-Torque's qstat has no JSON; ``qstat -f -x`` prints the same attributes as XML::
+Torque's qstat has no JSON; ``qstat -f -x`` prints the same attributes as (almost) XML —
+see :mod:`dxflow.schedulers.torque_xml`::
 
     <Data><Job><Job_Id>123.head</Job_Id><Job_Name>run</Job_Name><Job_Owner>alice@login</Job_Owner>
     <job_state>R</job_state><exec_host>n1/0-1+n2/0</exec_host><Output_Path>login:/home/alice/run.o123</Output_Path>
@@ -36,7 +48,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from dxflow.errors import SchedulerError, UsageError
-from dxflow.schedulers.base import SAFE_NAME, JobInfo, JobState, Scheduler, check_name, first_env, run
+from dxflow.jobcgroup import CGROUP_ROOT, JobCgroups, job_cgroups
+from dxflow.schedulers import torque_xml
+from dxflow.schedulers.base import SAFE_NAME, HookJob, JobInfo, JobState, Scheduler, check_name, first_env, run
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +112,13 @@ def parse_variable_list(value: Any) -> dict[str, str]:
     return out
 
 
+def sandbox_dir(attrs: dict[str, Any]) -> str:
+    """``sandbox=PRIVATE``: the job runs (and spools) in its own staging and execution directory, ``jobdir``."""
+    if str(attrs.get("sandbox", "")).upper() != "PRIVATE":
+        return ""
+    return str(attrs.get("jobdir", "") or "")
+
+
 def read_conf(path: str) -> dict[str, str]:
     """``KEY=VALUE`` lines of /etc/pbs.conf; {} when it is missing."""
     try:
@@ -118,9 +139,10 @@ class PBS(Scheduler):
     name = "pbs"
     # Job, user and group come from argv (hook_args), never from the environment.
     hook_env = {
-        # Torque's prologue environment and pbs/dxflow_hook.py carry PBS_O_WORKDIR; PBS_JOBDIR is
-        # the job's staging folder when it runs in a sandbox.
-        "work_dir": ("PBS_O_WORKDIR", "PBS_JOBDIR"),
+        # Torque's prologue environment (prolog.c, 4.2.10+) and pbs/dxflow_hook.py carry
+        # PBS_O_WORKDIR; OpenPBS's classic prologue does not (complete_hook_job asks qstat). Not
+        # PBS_JOBDIR: run_pelog sets it to the user's home, whatever the job's sandbox.
+        "work_dir": ("PBS_O_WORKDIR",),
         # set by pbs/dxflow_hook.py from the job's Output_Path / Error_Path
         "stdout": ("DXFLOW_JOB_STDOUT",),
         "stderr": ("DXFLOW_JOB_STDERR",),
@@ -144,6 +166,12 @@ class PBS(Scheduler):
     home_env = ("PBS_HOME",)
     default_home = "/var/spool/pbs"
     default_bin = ("/opt/pbs/bin",)
+    #: seconds the prolog waits for qstat: well inside pbs_mom's $prologalarm (30 s by default)
+    hook_query_timeout = 10.0
+    #: Keep_Files letter for "write the final path directly" (OpenPBS/PBS Pro 19+); Torque has none
+    keep_direct = "d"
+    #: a kept array subjob file ends in .<index> (OpenPBS std_file_name); Torque's does not
+    keep_array_index = True
 
     # -- hooks ---------------------------------------------------------------
     def hook_args(self, argv: Sequence[str]) -> dict[str, str]:
@@ -165,6 +193,26 @@ class PBS(Scheduler):
             if value:
                 out[key] = strip_host(value)
         return out
+
+    def complete_hook_job(self, job: HookJob) -> None:
+        """OpenPBS's classic prologue has no PBS_O_WORKDIR: ask qstat (as root, with MoM's own
+        environment) for the work dir and output paths. A failure only logs: the agent then works
+        in the home and asks again for its logs."""
+        if job.work_dir:
+            return
+        try:
+            info = self.job(job.job, timeout=self.hook_query_timeout)
+        except (SchedulerError, UsageError, OSError, ValueError) as e:
+            log.warning("job %s: qstat does not say where the job works (%s): the agent starts in the home",
+                        job.job, e)
+            return
+        if info is None:
+            log.warning("job %s: unknown to qstat: the agent starts in the home", job.job)
+            return
+        for key in ("work_dir", "stdout", "stderr"):  # the job's user chose these: one argv element each, no NUL
+            value = getattr(info, key)
+            if value and "\0" not in value and not getattr(job, key):
+                setattr(job, key, value)
 
     @staticmethod
     def cluster_of(job: str) -> str:
@@ -202,6 +250,71 @@ class PBS(Scheduler):
         path = self.environ.get("PBS_NODEFILE") or os.path.join(self.home(), "aux", job)
         return read_hostfile(path)
 
+    # -- the job's own cgroups on a node (issue #9) ---------------------------
+    # The cgroup hook of OpenPBS / PBS Pro, pbs_cgroups (src/hooks/cgroups/pbs_cgroups.PY, openpbs
+    # cd7ab5e), makes at execjob_begin, on every host of the job and before any prologue, one folder
+    # per controller it manages: "<controller mount>/<cgroup_prefix>.service/jobid/<job id>"
+    # (_assemble_path, _cgroup_path, create_job), the prefix "pbs_jobs" by default (pbs_cgroups.CF);
+    # controllers cpuacct, cpuset and memory by default, devices and hugetlb when the site enables
+    # them, and the name=systemd tree whenever any is (_target_subsystems). The limits are written in
+    # the same event (configure_job); the job's processes are added at execjob_launch (the job's shell,
+    # on the primary host, once the prologue has returned) and execjob_attach (pbs_attach, tm tasks on
+    # any host) (add_pids), and whatever is left in them is killed with the job. The launcher joins
+    # them once the first one holds a process (JobCgroups: v1). Alternatives differ only in which
+    # controller is looked at first, for sites that disable memory or cpuset.
+    job_cgroup_v1 = tuple(
+        tuple(f"{c}/{{prefix}}.service/jobid/{{job}}"
+              for c in (first, *(c for c in ("memory", "cpuset", "cpuacct", "devices", "hugetlb", "systemd")
+                                 if c != first)))
+        for first in ("memory", "cpuset", "cpuacct"))
+    # cgroup v2: OpenPBS's hook has none (v1 only at cd7ab5e); PBS Pro 2022.1+ supports v2 under
+    # "<prefix>.service/jobs/…". The folder name is not documented: exporters for PBS Pro (e.g.
+    # 0nebody/pbs_exporter, internal/utils) accept both "jobs/<job id>" and other names. Only the
+    # exact job id is tried: another name is never guessed, so another job's cgroup is never joined;
+    # where it is not found, the agent runs outside the job's limits as before (the hook log says so).
+    job_cgroup_v2 = (("{prefix}.service/jobs/{job}",),)
+    #: The hook's name, as MoM keeps its copy in ``$PBS_HOME/mom_priv/hooks/<name>.HK`` / ``.CF``.
+    cgroup_hook = "pbs_cgroups"
+    cgroup_prefix_default = "pbs_jobs"
+    #: Where the hook finds the controllers (it reads /proc/mounts; the CF's mount_path is not read here).
+    cgroup_root: Path = CGROUP_ROOT
+    #: Seconds the launcher waits for a process in the job's cgroup. On the primary host the job's
+    #: shell joins it within moments of the prologue; on a sister host only a task does (pbs_attach,
+    #: pbsdsh, MPI through tm): with none, the agent starts after this wait, outside the job's limits.
+    cgroup_wait = 20.0
+
+    def cgroup_hook_file(self, suffix: str) -> Path:
+        return Path(self.home()) / "mom_priv" / "hooks" / f"{self.cgroup_hook}{suffix}"
+
+    def cgroup_setup(self) -> tuple[Path, float]:
+        """A wait only where MoM holds the cgroup hook enabled: the server copies every hook to MoM's
+        ``mom_priv/hooks``, writing ``enabled=false`` in its ``.HK`` only when it is not (hook.c
+        writes non-default attributes only; HOOK_ENABLED_DEFAULT is TRUE)."""
+        hk = self.cgroup_hook_file(".HK")
+        if not hk.is_file():
+            return self.cgroup_root, 0.0
+        enabled = read_conf(str(hk)).get("enabled", "true").strip().lower() not in ("false", "0", "f", "n", "no")
+        return self.cgroup_root, self.cgroup_wait if enabled else 0.0
+
+    def cgroup_prefix(self) -> str:
+        """``cgroup_prefix`` of the hook's JSON configuration; the default where unset or unreadable."""
+        try:
+            value = json.loads(self.cgroup_hook_file(".CF").read_text()).get("cgroup_prefix")
+        except (OSError, ValueError, AttributeError):
+            return self.cgroup_prefix_default
+        return value if isinstance(value, str) and SAFE_NAME.match(value) and ".." not in value \
+            else self.cgroup_prefix_default
+
+    def job_cgroups(self, job: HookJob) -> JobCgroups | None:
+        """As :meth:`Scheduler.job_cgroups`, with the hook's prefix as ``{prefix}``."""
+        if not (self.job_cgroup_v1 or self.job_cgroup_v2):
+            return None
+        mount, wait = self.cgroup_setup()
+        if wait <= 0:
+            return None
+        return job_cgroups(mount, self.job_cgroup_v1, self.job_cgroup_v2, wait, job=job.job, uid=str(job.uid),
+                           user=job.user, node=job.node, prefix=self.cgroup_prefix())
+
     # -- queries -------------------------------------------------------------
     def client_dirs(self) -> list[str]:
         exec_dir = self.environ.get("PBS_EXEC") or self.conf().get("PBS_EXEC", "")
@@ -217,10 +330,15 @@ class PBS(Scheduler):
         infos = [self._info(job, attrs) for job, attrs in self.query()]
         return [i for i in infos if user is None or i.user == user]
 
-    def job(self, job_id: str) -> JobInfo | None:
+    def job(self, job_id: str, *, timeout: float = 30.0) -> JobInfo | None:
+        found = self.job_attrs(job_id, timeout=timeout)
+        return self._info(*found) if found else None
+
+    def job_attrs(self, job_id: str, *, timeout: float = 30.0) -> tuple[str, dict[str, Any]] | None:
+        """(job id, qstat's attributes) of one job, or None when qstat does not know it (any more)."""
         check_name("job id", job_id)
         try:
-            found = self.query([*self.qstat_one, job_id])
+            found = self.query([*self.qstat_one, job_id], timeout=timeout)
         except SchedulerError as e:
             said = f"{e.stderr}\n{e.stdout}".lower()
             if any(phrase in said for phrase in self.unknown_job):
@@ -228,12 +346,63 @@ class PBS(Scheduler):
             raise
         for job, attrs in found:
             if job == job_id or job.split(".")[0] == job_id:
-                return self._info(job, attrs)
+                return job, attrs
         return None
 
-    def query(self, extra: Sequence[str] = ()) -> list[tuple[str, dict[str, Any]]]:
+    def spooled_output(self, job_id: str) -> dict[str, str]:
+        found = self.job_attrs(job_id)
+        return self.spool_paths(*found) if found else {}
+
+    def spool_paths(self, job: str, attrs: dict[str, Any]) -> dict[str, str]:
+        """Where pbs_mom writes the job's stdout/stderr while it runs, on the primary execution host.
+
+        ``std_file_name()`` in ``src/resmom/start_exec.c`` (OpenPBS; Torque's is the same
+        function with fewer branches): an interactive job's output is its terminal (nothing
+        here); a stream kept with ``qsub -k o|e`` (and not ``d``) goes to
+        ``$HOME/<job name>.o<sequence number>`` (``.<index>`` for an array subjob in
+        OpenPBS); with ``sandbox=PRIVATE`` to ``<jobdir>/<job id>.OU``; otherwise to
+        ``$PBS_HOME/spool/<job id>.OU`` / ``.ER``. Direct write (``-k d``) and Torque's
+        ``$spool_as_final_name`` write the final path instead: no spool file then exists, and
+        the caller reads the final path. ``Join_Path`` ``oe`` sends stderr into the stdout
+        file, ``eo`` the reverse (only one file is opened)."""
+        if str(attrs.get("interactive", "")).strip() not in ("", "0", "False", "false"):
+            return {}
+        keep = str(attrs.get("Keep_Files", "") or "")
+        name = str(attrs.get("Job_Name", "") or "").rpartition("/")[2]
+        seq = job[:len(job) - len(job.lstrip("0123456789"))]  # the sequence number: the id's leading digits
+        index = re.search(r"\[(\d+)\]", job)
+        sandbox = sandbox_dir(attrs)
+        out: dict[str, str] = {}
+        for key, letter, suffix in (("stdout", "o", ".OU"), ("stderr", "e", ".ER")):
+            if letter in keep and not (self.keep_direct and self.keep_direct in keep) and name:
+                home = self.user_home(attrs)
+                if not home:
+                    continue
+                kept = f"{name}.{letter}{seq}"
+                if self.keep_array_index and index:
+                    kept += f".{index.group(1)}"
+                out[key] = os.path.join(home, kept)
+            else:
+                folder = sandbox or os.path.join(self.home(), "spool")
+                out[key] = os.path.join(folder, job + suffix)
+        join = str(attrs.get("Join_Path", "") or "n")
+        if join == "oe" and "stdout" in out:
+            out["stderr"] = out["stdout"]
+        elif join == "eo" and "stderr" in out:
+            out["stdout"] = out["stderr"]
+        return out
+
+    @staticmethod
+    def user_home(attrs: dict[str, Any]) -> str:
+        user = str(attrs.get("euser") or str(attrs.get("Job_Owner", "")).partition("@")[0])
+        try:
+            return pwd.getpwnam(user).pw_dir if SAFE_NAME.match(user) else ""
+        except KeyError:
+            return ""
+
+    def query(self, extra: Sequence[str] = (), *, timeout: float = 30.0) -> list[tuple[str, dict[str, Any]]]:
         """(job id, attributes) of every job ``qstat`` lists."""
-        out = run([self.command(self.qstat[0]), *self.qstat[1:], *extra])
+        out = run([self.command(self.qstat[0]), *self.qstat[1:], *extra], timeout=timeout)
         try:
             data = json.loads(out) if out.strip() else {}
         except ValueError as e:
@@ -247,11 +416,20 @@ class PBS(Scheduler):
     def _info(self, job: str, attrs: dict[str, Any]) -> JobInfo:
         owner = str(attrs.get("Job_Owner", "")).partition("@")[0]
         variables = parse_variable_list(attrs.get("Variable_List"))
+        sandbox = sandbox_dir(attrs)
+        stdout = strip_host(attrs.get("Output_Path", ""))
+        stderr = strip_host(attrs.get("Error_Path", ""))
+        join = str(attrs.get("Join_Path", "") or "n")
+        if join == "oe":    # qsub -j oe: one file, Output_Path; Error_Path is still set but never written
+            stderr = stdout
+        elif join == "eo":
+            stdout = stderr
         return JobInfo(
             job=job, user=str(attrs.get("euser") or owner), state=self.map_state(str(attrs.get("job_state", ""))),
             nodes=exec_hosts(attrs.get("exec_host", "")), name=str(attrs.get("Job_Name", "")),
-            work_dir=variables.get("PBS_O_WORKDIR") or str(attrs.get("init_work_dir", "") or attrs.get("jobdir", "")),
-            stdout=strip_host(attrs.get("Output_Path", "")), stderr=strip_host(attrs.get("Error_Path", "")),
+            work_dir=sandbox or variables.get("PBS_O_WORKDIR") or str(attrs.get("init_work_dir", "") or
+                                                                         attrs.get("jobdir", "")),
+            stdout=stdout, stderr=stderr,
         )
 
 
@@ -268,6 +446,33 @@ class Torque(PBS):
     home_env = ("TORQUE_HOME", "PBS_SERVER_HOME", "PBS_HOME")
     default_home = "/var/spool/torque"
     default_bin = ("/usr/local/bin", "/opt/torque/bin")
+    keep_direct = ""
+    keep_array_index = False
+
+    # Torque 6 built with --enable-cgroups: pbs_mom makes "<controller mount>/torque/<job id>" in
+    # cpu, cpuacct, cpuset, memory and devices (init_subsystems, trq_cg_create_all_cgroups in
+    # src/resmom/trq_cgroups.c, adaptivecomputing/torque 34ff845), writes the job's limits there, and
+    # puts the job's first process in them (trq_cg_add_process_to_all_cgroups) before that process
+    # runs the prologue (TMomFinalizeChild -> setup_batch_job -> handle_prologs, start_exec.c): on
+    # the mother superior the prologue, and so the agent, already starts inside. Joining again makes
+    # that explicit and recorded. Sister hosts: the folders are made when the host joins the job
+    # (mom_comm.c) and get a process only with a task (tm, pbsdsh). cpu is left out: it shares its
+    # tree with cpuacct on every systemd host. Torque has no cgroup v2 support.
+    job_cgroup_v1 = tuple(
+        tuple(f"{c}/torque/{{job}}" for c in (first, *(c for c in ("memory", "cpuset", "cpuacct", "devices")
+                                                         if c != first)))
+        for first in ("memory", "cpuset", "cpuacct"))
+    job_cgroup_v2 = ()
+    cgroup_wait = 10.0
+
+    def cgroup_setup(self) -> tuple[Path, float]:
+        """A wait only where pbs_mom has made its ``torque`` folder (init_torque_cgroups, trq_cgroups.c: at
+        start-up and for each job): a Torque built without cgroups never does."""
+        made = any((self.cgroup_root / c / "torque").is_dir() for c in ("memory", "cpuset", "cpuacct"))
+        return self.cgroup_root, self.cgroup_wait if made else 0.0
+
+    def cgroup_prefix(self) -> str:
+        return ""
 
     def client_dirs(self) -> list[str]:
         return list(self.default_bin)
@@ -275,25 +480,13 @@ class Torque(PBS):
     def backend_why(self) -> str:
         return "Torque's qstat has no JSON output; -x prints the same attributes as XML"
 
-    def query(self, extra: Sequence[str] = ()) -> list[tuple[str, dict[str, Any]]]:
-        import xml.etree.ElementTree as ET  # only the agent and master ask; the hooks never do
-
-        out = run([self.command(self.qstat[0]), *self.qstat[1:], *extra])
+    def query(self, extra: Sequence[str] = (), *, timeout: float = 30.0) -> list[tuple[str, dict[str, Any]]]:
+        # Torque prints a job's name and variables byte for byte: never let one job's bytes fail the listing
+        out = run([self.command(self.qstat[0]), *self.qstat[1:], *extra], timeout=timeout, errors="replace")
         if not out.strip():
             return []
         try:
-            root = ET.fromstring(out)
-        except ET.ParseError as e:
-            raise SchedulerError(f"qstat -x printed invalid XML ({e})") from e
-        found = []
-        for el in root.iter("Job"):
-            attrs: dict[str, Any] = {}
-            for child in el:
-                if len(child):  # Resource_List, resources_used: one level of sub-elements
-                    for sub in child:
-                        attrs[f"{child.tag}.{sub.tag}"] = sub.text or ""
-                else:
-                    attrs[child.tag] = child.text or ""
-            if attrs.get("Job_Id"):
-                found.append((attrs["Job_Id"], attrs))
-        return found
+            found = torque_xml.jobs(out)
+        except ValueError as e:
+            raise SchedulerError(f"qstat -x printed output that is not Torque's XML ({e})") from e
+        return [(job, dict(attrs)) for job, attrs in found]

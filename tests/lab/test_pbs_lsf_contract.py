@@ -1,13 +1,18 @@
 """Contract tests of the PBS, Torque and LSF hooks on the lab's nodes.
 
 Each test runs the real hook scripts from ``pbs/`` and ``lsf/`` as their scheduler would
-(CONTRACTS.md §2–3): as root (or, for LSF, as the job's user), with exactly the documented
-argv, environment, working directory and stdio, in the node's network and UTS namespaces —
-and then does what the scheduler does next: pbs_mom SIGKILLs the script's process group
-as soon as it exits, sbatchd kills the pre-exec's group on a timeout. Stand-ins for
-``qstat``/``bjobs`` (tests/lab/fakes/) print the documented JSON (and Torque's XML); the
-user's master on the login node, started with them on its PATH, must see each agent as
-``ready`` through its SSH tunnel. The matching epilogue / post-exec must remove it.
+(docs/schedulers.md): as root (or, for LSF, as the job's user), with exactly the argv,
+environment, working directory and stdio the daemon's source gives them, in the node's
+network and UTS namespaces — and then does what the scheduler does next: pbs_mom SIGKILLs
+the script's process group as soon as it exits, sbatchd kills the pre-exec's group on a
+timeout. Stand-ins (tests/lab/fakes/) are as strict as the daemons: ``qstat`` prints PBS's
+JSON and Torque's unescaped XML, ``bjobs`` refuses root (LSF_ROOT_USER=N), the ``pbs``
+module can look like the Python 2.7 PBS Pro 18-19 embed, an OpenPBS classic prologue gets
+only MoM's ``pbs_environment`` plus ``PBS_JOBDIR``, and a job's output is spooled where
+pbs_mom and sbatchd spool it and moved to its final path only at the end. The user's
+master on the login node, started with the stand-ins on its PATH, must see each agent as
+``ready`` through its SSH tunnel, and ``dxflow logs -f`` must show what a running job writes.
+The matching epilogue / post-exec must remove the agent.
 
 Hostile values in every field must leave the job unharmed (exit 0, promptly) and run
 nothing they contain.
@@ -31,14 +36,16 @@ from typing import Iterator
 import pytest
 
 from dxflow.schedulers.lsf import LSF
-from tests.lab.conftest import DXFLOW, NETNS, run, wait_for
+from tests.lab.conftest import DXFLOW, NETNS, Lines, popen_as, run, stop, wait_for
+from tests.lab.fakes import spool
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKES = Path(__file__).parent / "fakes"
 USER = "alice"
 SERVER = "dxlab"              # the PBS server: job ids are NNN.dxlab, so the agents' cluster is dxlab
 RUNTIME = Path("/run/dxflow")  # the lab's site config keeps the default
-# What pbs_mom hands a classic script: its own (small) environment; PBS_JOBDIR is added.
+HOOK_LOG = Path("/var/log/dxflow/hooks.log")
+# What sbatchd (and a Torque MoM) run with: a small environment of their own.
 MOM_ENV = {"PATH": "/bin:/usr/bin", "LANG": "C"}
 HOOK_TIMEOUT = 15.0           # far above what a hook may take; a hook holding a pipe hits it
 
@@ -56,16 +63,28 @@ class Kit:
         self.lsf = self.root / "lsf"
         self.evil = self.root / "evil"
         self.marker = self.root / "evil" / "PWNED"
+        self.pbs_home = self.root / "pbs_home"
         for d in (self.bin, self.pbs_python, self.mom_priv, self.torque_priv, self.lsf, self.evil,
-                  self.root / "pbs_home" / "aux", self.root / "hooks"):
+                  self.pbs_home / "aux", self.root / "hooks"):
             d.mkdir(parents=True)
             d.chmod(0o755)
+        (self.pbs_home / "spool").mkdir(mode=0o1777)
+        (self.pbs_home / "spool").chmod(0o1777)  # as pbs_postinstall makes it
         for name in ("qstat", "bjobs", "sbatchd"):
             shutil.copy(FAKES / name, self.bin / name)
             (self.bin / name).chmod(0o755)
         shutil.copy(FAKES / "pbs.py", self.pbs_python / "pbs.py")
-        (self.bin / "calls.log").touch(mode=0o666)
-        (self.bin / "calls.log").chmod(0o666)
+        for log in ("calls.log", "uids.log"):
+            (self.bin / log).touch(mode=0o666)
+            (self.bin / log).chmod(0o666)
+        # /etc/pbs.conf as an OpenPBS install writes it (PBS_EXEC/bin holds qstat). The lab does not own
+        # /etc/pbs.conf, so MoM's pbs_environment names this one with PBS_CONF_FILE, which every PBS
+        # command (and dxflow) reads instead; otherwise pbs_environment is the installed default.
+        self.pbs_conf = self.root / "pbs.conf"
+        self.pbs_conf.write_text(f"PBS_EXEC={self.root}\nPBS_HOME={self.pbs_home}\nPBS_SERVER={SERVER}\n")
+        self.pbs_conf.chmod(0o644)
+        (self.pbs_home / "pbs_environment").write_text(
+            f"TZ=UTC\nPATH=/bin:/usr/bin\nPBS_CONF_FILE={self.pbs_conf}\n")
         self.pbs_jobs({})
         self.lsf_jobs([])
         # as the admin docs install them: root-owned, 0500 for pbs_mom; LSF's run as the job's user
@@ -100,6 +119,24 @@ class Kit:
 
     def calls(self) -> list[list[str]]:
         return [json.loads(line) for line in (self.bin / "calls.log").read_text().splitlines()]
+
+    def bjobs_uids(self) -> list[int]:
+        return [int(line) for line in (self.bin / "uids.log").read_text().split()]
+
+    def mom_env(self, user: str | None = USER) -> dict:
+        """Exactly what OpenPBS's pbs_mom hands a classic prologue/epilogue: MoM's environment, which
+        setup_env() made of the lines of $PBS_HOME/pbs_environment ('#' or ' ' starts a comment, a bare
+        NAME takes MoM's inherited value, which this stand-in MoM has none of), plus PBS_JOBDIR, which
+        run_pelog() sets to the user's home (src/lib/Liblog/setup_env.c, src/resmom/prolog.c). A hook
+        (user=None) gets MoM's environment alone."""
+        env = {}
+        for line in (self.pbs_home / "pbs_environment").read_text().splitlines():
+            if line and line[0] not in "# " and "=" in line:
+                key, _, value = line.partition("=")
+                env[key] = value
+        if user:
+            env["PBS_JOBDIR"] = pwd.getpwnam(user).pw_dir
+        return env
 
     # -- running a hook as its scheduler does ------------------------------------
     def on_node(self, node: str, argv: list[str], env: dict, cwd: Path | str = "/",
@@ -269,24 +306,36 @@ def master(kit) -> Iterator[Master]:
     run(["runuser", "-l", USER, "-c", f"{DXFLOW} master stop"], check=False)  # next use: a normal PATH
 
 
-def pbs_attrs(nodes: list[str], state: str = "R") -> dict:
+def pbs_attrs(nodes: list[str], state: str = "R", job: str = "1") -> dict:
     """A running job as ``qstat -f -F json`` shows it."""
+    seq = job.split(".")[0]
     return {"Job_Name": "contract", "Job_Owner": f"{USER}@dxlab-login", "job_state": state, "queue": "workq",
             "euser": USER, "egroup": USER, "exec_host": "+".join(f"{n}/0" for n in nodes),
-            "Output_Path": f"dxlab-login:/home/{USER}/contract.o1",
-            "Error_Path": f"dxlab-login:/home/{USER}/contract.e1",
-            "Variable_List": {"PBS_O_WORKDIR": f"/home/{USER}", "PBS_O_HOST": "dxlab-login"}}
+            "Output_Path": f"dxlab-login:/home/{USER}/contract.o{seq}",
+            "Error_Path": f"dxlab-login:/home/{USER}/contract.e{seq}", "Join_Path": "n", "Keep_Files": "n",
+            "Variable_List": {"PBS_O_WORKDIR": f"/home/{USER}/contract-wd", "PBS_O_HOST": "dxlab-login"}}
+
+
+def agent_argv(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
 # -- OpenPBS / PBS Pro ----------------------------------------------------------
 def test_pbs_classic_prologue_and_epilogue(kit, master):
+    """With only what pbs_mom passes (no PBS_O_WORKDIR, PBS_JOBDIR = the home), the agent still works in
+    the job's directory: the prologue asks qstat, as root, with MoM's own PBS configuration."""
     job = pbs_job_id()
-    kit.pbs_jobs({job: pbs_attrs(["n1"])})
-    (kit.root / "pbs_home" / "aux" / job).write_text("n1\n")
-    env = {**MOM_ENV, "PBS_HOME": str(kit.root / "pbs_home"), "PBS_JOBDIR": f"/home/{USER}"}
+    kit.pbs_jobs({job: pbs_attrs(["n1"], job=job)})
+    (kit.pbs_home / "aux" / job).write_text("n1\n")
+    env = kit.mom_env()
+    assert "PBS_O_WORKDIR" not in env and "PBS_HOME" not in env
     pro = kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], env, cwd=kit.mom_priv)
     assert pro.returncode == 0 and pro.stdout == "" and pro.seconds < 5
     pid = expect_agent(kit, SERVER, job, "n1", pro.pgid)
+    argv = agent_argv(pid)
+    assert f"--work-dir=/home/{USER}/contract-wd" in argv, argv  # not the home PBS_JOBDIR names
+    assert f"--stdout=/home/{USER}/contract.o{job.split('.')[0]}" in argv
+    assert ["qstat", "-f", "-F", "json", "-x", job] in kit.calls()
     # the master asked PBS (the stand-in) whether the job runs there before calling the agent ready
     master.wait_ready(job, {"n1"}, asked=["qstat", "-f", "-F", "json"])
     epi = kit.on_node("n1", [str(kit.mom_priv / "epilogue"), job, USER, USER, "contract", "4242",
@@ -295,13 +344,53 @@ def test_pbs_classic_prologue_and_epilogue(kit, master):
     expect_gone(SERVER, job, "n1", pid)
 
 
-def pbs_hook(kit: Kit, node: str, event: str, job: str, **attrs) -> subprocess.CompletedProcess:
-    """The PBS Pro hook as pbs_mom runs it: pbs_python, root, forked and setsid; group killed after."""
+def test_pbs_logs_follow_shows_the_spooled_output_of_a_running_job(kit, master):
+    """pbs_mom writes a running job's stdout to $PBS_HOME/spool/<job>.OU and copies it to Output_Path
+    only at the end: `dxflow logs -f` shows the lines while the job writes them, and the final file
+    after. The old agent read only Output_Path, which does not exist while the job runs."""
+    job = pbs_job_id()
+    seq = job.split(".")[0]
+    kit.pbs_jobs({job: pbs_attrs(["n1"], job=job)})
+    (kit.pbs_home / "aux" / job).write_text("n1\n")
+    env = kit.mom_env()
+    pro = kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], env, cwd=kit.mom_priv)
+    pid = expect_agent(kit, SERVER, job, "n1", pro.pgid)
+    master.wait_ready(job, {"n1"}, asked=["qstat", "-f", "-F", "json"])
+    final = Path(pwd.getpwnam(USER).pw_dir) / f"contract.o{seq}"
+    follower = popen_as(USER, ["env", f"PATH={master.path}", DXFLOW, "logs", "-f", f"{job}:n1"])
+    try:
+        lines = Lines(follower)
+        spooled = spool.pbs_spool_open(kit.pbs_home, job, USER)  # the job starts: MoM opens its spool
+        with open(spooled, "a") as f:
+            f.write("spooled-line-1\n")
+            f.flush()
+            lines.wait_for("spooled-line-1", 20)
+            f.write("spooled-line-2\n")
+        lines.wait_for("spooled-line-2", 10)
+        assert not final.exists()
+        spool.pbs_stage_out(spooled, final, USER)  # the job ends: copied to Output_Path, spool removed
+        kit.pbs_jobs({job: pbs_attrs(["n1"], state="F", job=job)})
+        follower.wait(30)
+        assert follower.returncode == 0, follower.stderr.read()
+    finally:
+        stop(follower)
+    shown = master("logs", f"{job}:n1", check=False)
+    if shown.returncode == 0:  # the agent may already have seen the job end and gone: then nothing to ask
+        assert shown.stdout == "spooled-line-1\nspooled-line-2\n"
+    final.unlink(missing_ok=True)
+    kit.on_node("n1", [str(kit.mom_priv / "epilogue"), job, USER, USER, "contract", "1", "", "", "workq",
+                       "null", "0"], env, cwd=kit.mom_priv)
+    expect_gone(SERVER, job, "n1", pid)
+
+
+def pbs_hook(kit: Kit, node: str, event: str, job: str, python: str = "3", **attrs) -> subprocess.CompletedProcess:
+    """The PBS Pro hook as pbs_mom runs it: pbs_python, root, MoM's environment, forked and setsid;
+    group killed after. python="2.7": the interpreter PBS Professional 18.x-19.x embed."""
     job_attrs = {"id": job, "euser": USER, "egroup": USER, "Output_Path": f"dxlab-login:/home/{USER}/o",
                  "Error_Path": f"dxlab-login:/home/{USER}/e", "Variable_List": {"PBS_O_WORKDIR": f"/home/{USER}"}}
     job_attrs.update(attrs)
-    env = {**MOM_ENV, "PYTHONPATH": str(kit.pbs_python), "FAKE_PBS_EVENT": event,
-           "FAKE_PBS_JOB": json.dumps(job_attrs), "PBS_HOME": str(kit.root / "pbs_home")}
+    env = {**kit.mom_env(None), "PYTHONPATH": str(kit.pbs_python), "FAKE_PBS_EVENT": event,
+           "FAKE_PBS_JOB": json.dumps(job_attrs), "FAKE_PBS_PYTHON": python}
     result = kit.on_node(node, ["/usr/bin/python3", str(kit.root / "hooks" / "dxflow_hook.py")], env,
                          cwd=kit.mom_priv)
     assert result.returncode == 0 and "rejected" not in result.stderr, result.stderr
@@ -310,15 +399,14 @@ def pbs_hook(kit: Kit, node: str, event: str, job: str, **attrs) -> subprocess.C
 
 def test_pbs_hook_every_host_and_never_twice(kit, master):
     job = pbs_job_id()
-    kit.pbs_jobs({job: pbs_attrs(["n1", "n2"])})
+    kit.pbs_jobs({job: pbs_attrs(["n1", "n2"], job=job)})
     first = pbs_hook(kit, "n1", "execjob_begin", job)
     sister = pbs_hook(kit, "n2", "execjob_begin", job)
     pid1 = expect_agent(kit, SERVER, job, "n1", first.pgid)
     pid2 = expect_agent(kit, SERVER, job, "n2", sister.pgid)
     # execjob_prologue and a classic prologue on the same host: same record key, the agent is alive
     pbs_hook(kit, "n1", "execjob_prologue", job)
-    env = {**MOM_ENV, "PBS_HOME": str(kit.root / "pbs_home")}
-    kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], env, cwd=kit.mom_priv)
+    kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], kit.mom_env(), cwd=kit.mom_priv)
     assert json.loads(record_path(SERVER, job, "n1").read_text())["pid"] == pid1
     assert agent_leaders(job, "n1") == [pid1] and agent_leaders(job, "n2") == [pid2]
     master.wait_ready(job, {"n1", "n2"}, asked=["qstat", "-f", "-F", "json"])
@@ -327,6 +415,20 @@ def test_pbs_hook_every_host_and_never_twice(kit, master):
     pbs_hook(kit, "n1", "execjob_end", job)  # the second stop finds nothing: fine
     expect_gone(SERVER, job, "n1", pid1)
     expect_gone(SERVER, job, "n2", pid2)
+
+
+def test_pbs_hook_under_python_2_starts_and_stops_the_agent(kit):
+    """PBS Professional 18.x-19.x run hooks under Python 2.7, whose subprocess takes no timeout: the
+    old hook raised TypeError there, logged it at debug level, and never started an agent."""
+    job = pbs_job_id()
+    kit.pbs_jobs({job: pbs_attrs(["n1"], job=job)})
+    begin = pbs_hook(kit, "n1", "execjob_begin", job, python="2.7")
+    assert "pbs.logmsg" not in begin.stderr, begin.stderr
+    pid = expect_agent(kit, SERVER, job, "n1", begin.pgid)
+    end = pbs_hook(kit, "n1", "execjob_end", job, python="2.7")
+    assert "pbs.logmsg" not in end.stderr, end.stderr
+    wait_for(lambda: proc_stat(pid) is None, 5, what=f"agent {pid} stopped")
+    assert not record_path(SERVER, job, "n1").exists()
 
 
 # -- Torque ---------------------------------------------------------------------
@@ -392,22 +494,63 @@ def test_lsf_host_pre_exec_as_the_jobs_user(kit, master):
         expect_gone("default", job, n, pids[n], user_record=True)
 
 
-def test_lsf_host_pre_exec_as_root_trusts_lsf_not_the_job(kit, master):
-    """LSB_PRE_POST_EXEC_USER=root: the job's environment (its user's to write) points bjobs and
-    Python at code that must never run as root; LSF's own bjobs names the user."""
+def test_lsf_host_pre_exec_as_root_starts_nothing_and_says_why(kit):
+    """LSB_PRE_POST_EXEC_USER=root: with LSF's default LSF_ROOT_USER=N root may not run bjobs (the
+    stand-in refuses it too), and the job's environment — its user's to write — names a user (bob
+    here, for alice's job) and points bjobs and Python at code that must never run as root. No agent
+    starts, nothing of the job's environment runs, and the hook log tells the admin what to change."""
     job = str(secrets.randbelow(900000) + 100000)
     kit.lsf_jobs([lsf_record(job, ["n1"])])
     env = lsf_job_env(kit, job, ["n1"], LSF_BINDIR=str(kit.evil), LSF_ENVDIR=str(kit.evil),
                       PYTHONPATH=str(kit.evil), USER="bob", LOGNAME="bob")
+    t0 = time.time()
+    seen = len(kit.bjobs_uids())
+    log_size = HOOK_LOG.stat().st_size if HOOK_LOG.exists() else 0
     pre = kit.lsf_exec("n1", "host_pre_exec", env, None)
-    assert pre["returncode"] == 0
-    pid = expect_agent(kit, "default", job, "n1", pre["pid"])
+    assert pre["returncode"] == 0  # the job runs all the same
+    assert agent_records_since(t0) == [] and not agent_leaders(job, "n1")
+    assert 0 not in kit.bjobs_uids()[seen:], "root ran bjobs"
     assert not kit.marker.exists(), "the job's environment ran code as root"
-    assert any(c[0] == "bjobs" and c[-1] == job for c in kit.calls())
-    master.wait_ready(job, {"n1"}, asked=["bjobs", "-json", "-o", " ".join(LSF.fields), "-u", USER])
+    with open(HOOK_LOG, "rb") as f:
+        f.seek(log_size)
+        logged = f.read().decode(errors="replace")
+    assert "ERROR" in logged and "LSB_PRE_POST_EXEC_USER" in logged, logged
     assert kit.lsf_exec("n1", "host_post_exec", env, None)["returncode"] == 0
-    expect_gone("default", job, "n1", pid)
     assert not kit.marker.exists()
+
+
+def test_lsf_logs_follow_shows_the_spooled_output_of_a_running_job(kit, master):
+    """sbatchd writes a running job's output to <job file>.out in ~/.lsbatch and copies it to bsub -o's
+    file only when the job finishes (LSB_STDOUT_DIRECT unset): `dxflow logs -f` shows the lines while
+    the job writes them. The old agent read only the final file."""
+    job = str(secrets.randbelow(900000) + 100000)
+    home = Path(pwd.getpwnam(USER).pw_dir)
+    final = home / f"contract.{job}.out"
+    kit.lsf_jobs([lsf_record(job, ["n1"])])
+    job_file, out = spool.lsf_spool_open(USER, job)  # sbatchd sets the job up, then runs the pre-exec
+    env = lsf_job_env(kit, job, ["n1"], LSB_JOBFILENAME=str(job_file))
+    pre = kit.lsf_exec("n1", "host_pre_exec", env, USER)
+    pid = expect_agent(kit, "default", job, "n1", pre["pid"], user_record=True)
+    master.wait_ready(job, {"n1"}, asked=["bjobs", "-json", "-o", " ".join(LSF.fields), "-u", USER])
+    follower = popen_as(USER, ["env", f"PATH={master.path}", DXFLOW, "logs", "-f", f"{job}:n1"])
+    try:
+        lines = Lines(follower)
+        with open(out, "a") as f:
+            f.write("lsf-line-1\n")
+            f.flush()
+            lines.wait_for("lsf-line-1", 20)
+            f.write("lsf-line-2\n")
+        lines.wait_for("lsf-line-2", 10)
+        assert not final.exists()
+        spool.lsf_copy_out(job_file, final, USER)  # the job finishes: copied to -o's file, spool removed
+        kit.lsf_jobs([dict(lsf_record(job, ["n1"]), STAT="DONE")])
+        follower.wait(30)
+        assert follower.returncode == 0, follower.stderr.read()
+    finally:
+        stop(follower)
+    final.unlink(missing_ok=True)
+    assert kit.lsf_exec("n1", "host_post_exec", env, USER)["returncode"] == 0
+    expect_gone("default", job, "n1", pid, user_record=True)
 
 
 # -- hostile values ---------------------------------------------------------------
@@ -432,7 +575,7 @@ def agent_records_since(t0: float) -> list[str]:
 
 def test_hostile_pbs_and_torque_arguments_start_nothing(kit):
     t0 = time.time()
-    env = {**MOM_ENV, "PBS_HOME": str(kit.root / "pbs_home")}
+    env = kit.mom_env()
     good = pbs_job_id()
     cases = [[v, USER, USER] for v in hostile_values(kit.marker)]
     cases += [[good, v, USER] for v in hostile_values(kit.marker)]
@@ -479,11 +622,12 @@ def test_hostile_lsf_environment_starts_nothing(kit):
     kit.lsf_jobs([lsf_record(good, ["n1"], user="no-such-user-dxflow"),
                   lsf_record("424242", ["n1"], user=f"alice;touch {m}")])
     cases = [{"LSB_JOBID": v} for v in hostile_values(kit.marker)]
-    cases += [{"LSB_JOBID": good},                   # as root: bjobs names a user that does not exist
-              {"LSB_JOBID": "424242"},               # as root: bjobs names a hostile user
+    cases += [{"LSB_JOBID": good},                   # as root: refused whatever the job says
+              {"LSB_JOBID": "424242", "USER": f"alice;touch {m}"},
               {"LSB_JOBID": good, "LSB_JOBINDEX": f"1];touch {m}"},
-              {"LSB_JOBID": "", "LSB_HOSTS": f"n1 $(touch {m})"}]
-    for extra in cases:
+              {"LSB_JOBID": "", "LSB_HOSTS": f"n1 $(touch {m})"},
+              {"LSB_JOBID": good, "LSB_JOBFILENAME": f"/tmp/$(touch {m})"}]
+    for extra in cases:  # run as root (LSB_PRE_POST_EXEC_USER=root): never an agent
         env = lsf_job_env(kit, good, ["n1"], PYTHONPATH=str(kit.evil), LSF_BINDIR=str(kit.evil), **extra)
         outcome = kit.lsf_exec("n1", "host_pre_exec", env, None)
         assert outcome["returncode"] == 0, extra
