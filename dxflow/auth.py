@@ -4,6 +4,10 @@
   only its owner can mint tokens that the owner's agents accept.
 * A token is an RS256 JWT: ``sub`` = user, ``aud`` = the agent's key fingerprint,
   at most :data:`MAX_TOKEN_LIFETIME` seconds between ``iat`` and ``exp``.
+* Two kinds, told apart by the ``use`` claim: a bearer token (no ``use``) goes in the
+  ``Authorization`` header of API requests; a login token (``use`` = :data:`CONSOLE_LOGIN`)
+  goes in the one-time link to a node's console, where a URL may be logged or shown.
+  Each kind is refused where the other is expected, so a login link never opens the API.
 * An agent proves who it is by signing the master's random challenge with the
   key whose public half it put in its registration.
 """
@@ -27,6 +31,10 @@ from dxflow.errors import AuthError, ConfigError
 
 MAX_TOKEN_LIFETIME = 300
 DEFAULT_TOKEN_LIFETIME = 120
+LOGIN_TOKEN_LIFETIME = 300
+#: ``use`` claims: a bearer token has none (as every dxflow before the claim minted them).
+BEARER = "bearer"
+CONSOLE_LOGIN = "console-login"
 KEY_BITS = 2048
 
 
@@ -104,14 +112,28 @@ def user_public_key(base: Path) -> str:
 
 
 def mint_token(key: rsa.RSAPrivateKey, user: str, audience: str, lifetime: int = DEFAULT_TOKEN_LIFETIME) -> str:
+    """A bearer token for API requests to the agent whose key fingerprint is ``audience``."""
+    return _mint(key, user, audience, lifetime, {})
+
+
+def mint_login_token(key: rsa.RSAPrivateKey, user: str, audience: str,
+                     lifetime: int = LOGIN_TOKEN_LIFETIME) -> str:
+    """A login token for the agent's ``/console/login?token=`` link: it logs in once and opens no API."""
+    return _mint(key, user, audience, lifetime, {"use": CONSOLE_LOGIN})
+
+
+def _mint(key: rsa.RSAPrivateKey, user: str, audience: str, lifetime: int, extra: dict) -> str:
     now = int(time.time())
     lifetime = min(lifetime, MAX_TOKEN_LIFETIME)
-    claims = {"sub": user, "aud": audience, "iat": now, "exp": now + lifetime, "jti": secrets.token_hex(8)}
+    claims = {"sub": user, "aud": audience, "iat": now, "exp": now + lifetime, "jti": secrets.token_hex(8), **extra}
     return jwt.encode(claims, key, algorithm="RS256")
 
 
-def verify_token(token: str, public_key_pem: str, user: str, audience: str) -> dict:
-    """The token's claims if it is the user's, for this audience, fresh; :class:`AuthError` otherwise."""
+def verify_token(token: str, public_key_pem: str, user: str, audience: str, *, use: str = BEARER) -> dict:
+    """The token's claims if it is the user's, for this audience, fresh and of the kind ``use``
+    (:data:`BEARER` or :data:`CONSOLE_LOGIN`); :class:`AuthError` otherwise."""
+    if use not in (BEARER, CONSOLE_LOGIN):
+        raise ValueError(f"unknown token use {use!r}")
     try:
         claims = jwt.decode(token, public_key_pem, algorithms=["RS256"], audience=audience,
                             options={"require": ["exp", "iat", "sub", "aud"]}, leeway=5)
@@ -123,6 +145,9 @@ def verify_token(token: str, public_key_pem: str, user: str, audience: str) -> d
         raise AuthError(f"token refused: lifetime over {MAX_TOKEN_LIFETIME} s")
     if claims["iat"] > time.time() + 5:
         raise AuthError("token refused: issued in the future")
+    if claims.get("use", BEARER) != use:
+        raise AuthError("token refused: a console login token opens no API, send a bearer token"
+                        if use == BEARER else "token refused: not a console login token")
     return claims
 
 

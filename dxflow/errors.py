@@ -73,6 +73,15 @@ class AgentUnreachable(DxflowError):
     http_status = 502
 
 
+class AgentLost(AgentUnreachable):
+    """An agent is not proven to be the registered one on the tunnel in use (stopped, or its port taken):
+    nothing is sent to its port until a check proves the port is the user's again."""
+
+
+class AgentStarting(AgentUnreachable):
+    """An agent is still being checked (its first identity check has not passed yet): try again in a moment."""
+
+
 class MasterUnavailable(DxflowError):
     """The per-user master is not running and could not be started."""
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Flask
 
-from dxflow import httperrors
 from dxflow.agent.state import AgentState
+from dxflow.edge import httperrors
 
 #: blueprint modules, in the order they are registered. Each has ``bp`` (and may have ``init_app``).
 BLUEPRINTS = ("health", "node", "files", "logs", "exec", "shell", "proxy", "ports", "console", "openapi")

@@ -39,6 +39,11 @@ CORE_PATHS = {
                     "signature": {"type": "string",
                                   "description": "base64 PKCS#1 v1.5 signature of the challenge"}}}}}},
             "400": {"description": "challenge longer than 256 characters", **_ERR}}}},
+    "/api/heartbeat": {"get": {
+        "summary": "a never-ending stream, one line every few seconds: while it is open, the agent lives",
+        "operationId": "heartbeat", "tags": ["agent"],
+        "responses": {"200": {"description": "text/plain lines, until the agent stops",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     "/api/node": {"get": {
         "summary": "this node: hostname, job, user, CPUs, memory, load, uptime, GPUs", "operationId": "node",
         "tags": ["agent"],

@@ -13,13 +13,20 @@ this check (another user's home stays closed whatever it says); the roots keep a
 request — or a mistake in one — to the places a job's files belong. A user who
 swaps a folder for a symlink between the check and the use only reaches what
 their own uid could reach anyway.
+
+:func:`open_regular` is how every file a request names is opened for reading: a FIFO
+or a device in a folder must not pin a worker thread (``open(2)`` on a FIFO waits
+for a writer, and ``/dev/zero`` never ends).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from dxflow.errors import AccessDenied, UsageError
 
@@ -27,6 +34,9 @@ NAME_MAX = 255    # bytes in one path component (Linux file systems)
 PATH_MAX = 4096   # bytes in a whole path
 #: inside the home, dxflow's own folder (the user's signing key, registrations) is never served.
 PRIVATE_DIR = ".dxflow"
+#: what a path that is not a regular file is, in the user's words.
+KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symlink"}
 
 
 @dataclass(frozen=True)
@@ -136,3 +146,31 @@ class Roots:
 
     def is_root(self, real: str | os.PathLike[str]) -> bool:
         return any(r.path == str(real) for r in self.all())
+
+
+def open_regular(path: str | os.PathLike[str], *, follow: bool = True) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file; :class:`UsageError` if it is not.
+
+    Opened with ``O_NONBLOCK`` so that a FIFO or a device answers at once instead of
+    waiting for a writer; the flag is cleared once ``fstat`` has said "regular file", for
+    the reads. ``follow=False`` adds ``O_NOFOLLOW`` (for a path already made canonical:
+    a symlink there now was put there since the check). Other errors are the
+    :class:`OSError` that ``open`` raises (a missing file, a permission).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket, or a device without its driver
+            raise UsageError(f"{os.fsdecode(path)} is not a regular file: only files can be read") from e
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = KINDS.get(stat.S_IFMT(mode), "a special file")
+            raise UsageError(f"{os.fsdecode(path)} is {kind}, not a file: only regular files can be read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

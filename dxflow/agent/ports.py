@@ -9,114 +9,14 @@ user's socket could answer on the loopback address is refused as a whole.
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
-from dataclasses import dataclass
 
 from flask import Blueprint, current_app, jsonify
 
+from dxflow.edge.tcptable import REACHES_LOOPBACK4, Listener, listeners
 from dxflow.errors import AccessDenied, NotFound, UsageError
 
 bp = Blueprint("ports", __name__)
-
-TCP_LISTEN = "0A"
-#: addresses whose listener answers a connection to 127.0.0.1 (the proxy's target).
-REACHES_LOOPBACK4 = {"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1", "::ffff:0.0.0.0"}
-PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
-
-
-@dataclass(frozen=True)
-class Listener:
-    address: str
-    port: int
-    uid: int
-    inode: int
-
-
-def decode_address(text: str) -> tuple[str, int]:
-    """``0100007F:1F90`` (IPv4) or 32 hex digits ``:PORT`` (IPv6), as the kernel prints them."""
-    host, _, port = text.partition(":")
-    raw = bytes.fromhex(host)
-    if len(raw) == 4:
-        addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
-    elif len(raw) == 16:  # four 32-bit words, each in host (little-endian) order
-        addr = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-    else:
-        raise ValueError(f"bad address {text!r}")
-    return addr, int(port, 16)
-
-
-def parse_proc_net_tcp(text: str) -> list[Listener]:
-    """Listening sockets in a ``/proc/net/tcp[6]`` table.
-
-    Sample (header, then one line per socket)::
-
-          sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-           0: 0100007F:223D 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 43121 1 ...
-    """
-    out = []
-    for line in text.splitlines()[1:]:
-        cells = line.split()
-        if len(cells) < 10 or cells[3] != TCP_LISTEN:
-            continue
-        try:
-            addr, port = decode_address(cells[1])
-            out.append(Listener(addr, port, int(cells[7]), int(cells[9])))
-        except ValueError:
-            continue
-    return out
-
-
-# sock_diag (netlink): the kernel lists only listening sockets, where reading /proc/net/tcp walks
-# every connection's hash bucket (over 10 ms on a big node). /proc/net/tcp stays the fallback.
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-TCP_LISTEN_STATE = 10
-_NLMSG = struct.Struct("=IHHII")                 # nlmsghdr
-_REQ = struct.Struct("=BBBBI48s")                 # inet_diag_req_v2 (family, protocol, ext, pad, states, id)
-_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")   # inet_diag_msg
-
-
-def _diag_listeners(family: int) -> list[Listener]:
-    out: list[Listener] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
-        req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN_STATE, bytes(48))
-        nl.sendall(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
-        while True:
-            data = nl.recv(65536)
-            if not data:
-                return out
-            pos = 0
-            while pos + _NLMSG.size <= len(data):
-                length, kind, _, _, _ = _NLMSG.unpack_from(data, pos)
-                if kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR or length < _NLMSG.size:
-                    raise OSError("sock_diag refused the request")
-                (fam, _, _, _, sport, _, src, _, _, _, _, _, _, uid, inode) = _MSG.unpack_from(data, pos + _NLMSG.size)
-                raw = src[:4] if fam == socket.AF_INET else src
-                out.append(Listener(socket.inet_ntop(fam, raw), int.from_bytes(sport, "big"), uid, inode))
-                pos += (length + 3) & ~3
-
-
-def listeners() -> list[Listener]:
-    """Listening TCP sockets of this node's network namespace (IPv4 and IPv6)."""
-    try:
-        return _diag_listeners(socket.AF_INET) + _diag_listeners(socket.AF_INET6)
-    except OSError:
-        pass
-    out: list[Listener] = []
-    for path in PROC_NET:
-        try:
-            with open(path) as f:
-                out += parse_proc_net_tcp(f.read())
-        except FileNotFoundError:  # no IPv6 on this node
-            continue
-    return out
-
 
 def socket_owners(uid: int | None = None) -> dict[int, int]:
     """Socket inode -> pid, over the processes of ``uid`` (default: ours) whose fds we can read."""

@@ -20,15 +20,15 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from dxflow.agent.logs import client_socket
 from dxflow.agent.ports import check_port
 from dxflow.errors import AccessDenied
-from dxflow.pipes import pipe
+from dxflow.edge.http import HOP_BY_HOP, Hijacked, buffered_after_head, forwarded_headers, service_response_headers
+from dxflow.edge.pipes import pipe
 
 log = logging.getLogger(__name__)
 bp = Blueprint("proxy", __name__)
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-#: hop-by-hop headers (RFC 9110 7.6.1), the agent's own credentials, and what http.client sets itself.
-HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "transfer-encoding", "upgrade", "host", "authorization", "content-length", "expect"}
+#: hop-by-hop headers, the agent's own credentials, and what http.client sets itself.
+HOP_HEADERS = HOP_BY_HOP | {"host", "authorization", "content-length", "expect"}
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 3600.0     # a quiet stream (SSE, long poll) may be silent this long
 SMALL_BODY = 64 * 1024
@@ -47,26 +47,6 @@ def target_uri(environ: dict, path: str) -> str:
     if not rest.startswith("/"):
         rest = "/" + rest
     return rest
-
-
-#: dxflow's own session cookies (agent and master console): never handed to the job's services.
-OWN_COOKIES = ("dxflow_agent", "dxflow_console")
-
-
-def forwarded_headers(headers, drop: set[str]) -> list[tuple[str, str]]:
-    """The client's headers for the service: without ``drop`` and without dxflow's own cookies."""
-    out = []
-    for key, value in headers.items():
-        low = key.lower()
-        if low in drop:
-            continue
-        if low == "cookie":
-            kept = [c for c in value.split(";") if c.strip().partition("=")[0] not in OWN_COOKIES]
-            if not kept:
-                continue
-            value = ";".join(kept).strip()
-        out.append((key, value))
-    return out
 
 
 def _host_header(connect: str, port: int) -> str:
@@ -106,7 +86,7 @@ def _http(connect: str, port: int, uri: str):
     try:
         conn.putrequest(request.method, uri, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", _host_header(connect, port))
-        for key, value in forwarded_headers(request.headers, HOP_HEADERS):
+        for key, value in forwarded_headers(request.headers.items(), HOP_HEADERS):
             conn.putheader(key, value)
         if length is not None:
             conn.putheader("Content-Length", str(length))
@@ -148,7 +128,7 @@ def _http(connect: str, port: int, uri: str):
         finally:
             conn.close()
 
-    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS]
+    headers = service_response_headers((k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS)
     if resp.getheader("Content-Length") is not None and request.method != "HEAD":
         headers.append(("Content-Length", resp.getheader("Content-Length")))
     if request.method == "HEAD":
@@ -174,13 +154,6 @@ def _http(connect: str, port: int, uri: str):
     return out
 
 
-class Hijacked(Response):
-    """The connection was taken over (upgrade): tell gunicorn to close it and write nothing."""
-
-    def __call__(self, environ, start_response):
-        raise StopIteration()  # gunicorn's worker closes the connection on this (as flask-sock does)
-
-
 def _upgrade(connect: str, port: int, uri: str):
     client = client_socket(request.environ)
     if client is None:
@@ -191,12 +164,12 @@ def _upgrade(connect: str, port: int, uri: str):
     except OSError as e:
         return _error(502, "bad_gateway", f"nothing answers on {_host_header(connect, port)}: {e}")
     head = [f"{request.method} {uri} HTTP/1.1", f"Host: {_host_header(connect, port)}"]
-    for key, value in forwarded_headers(request.headers, {"host", "authorization", "content-length",
-                                                           "proxy-authorization"}):
+    for key, value in forwarded_headers(request.headers.items(), {"host", "authorization", "content-length",
+                                                                   "proxy-authorization"}):
         head.append(f"{key}: {value}")
     try:
         backend.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        early = _buffered(request.environ)
+        early = buffered_after_head(request.environ)
         if early:
             backend.sendall(early)
         backend.settimeout(None)
@@ -207,17 +180,6 @@ def _upgrade(connect: str, port: int, uri: str):
     finally:
         backend.close()
     return Hijacked()
-
-
-def _buffered(environ: dict) -> bytes:
-    """Bytes the client sent after the upgrade request that gunicorn's parser already read."""
-    reader = getattr(environ.get("wsgi.input"), "reader", None)
-    unreader = getattr(reader, "unreader", None)
-    take = getattr(unreader, "take_buffered", None)
-    try:
-        return (take() or b"") if take else b""
-    except Exception:  # noqa: BLE001 - a gunicorn without it: nothing was read ahead that we can get
-        return b""
 
 
 _ERR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

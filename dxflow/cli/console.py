@@ -8,8 +8,9 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("console", help="open the web console: print a one-time login link",
                        description="Start your master (unless it runs) with its web console on "
-                       "127.0.0.1, and print a login link that works once, within 5 minutes, plus the "
-                       "`ssh -L` line that reaches it from your laptop. The console shows your jobs' "
+                       "~/.dxflow/console.sock and 127.0.0.1, and print a login link that works once, within 5 "
+                       "minutes, plus the `ssh -L` lines that reach it from your laptop (the socket, which only "
+                       "you can use, or the TCP port, where other users' connections are refused). The console shows your jobs' "
                        "nodes, their metrics, files, logs, a terminal and the web services they run.")
     p.add_argument("--port", type=int, metavar="P",
                    help="TCP port for the console when the master starts (default: the one used last "
@@ -34,7 +35,8 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 0
     minutes = max(1, round(result["valid_seconds"] / 60))
     print(f"Web console (the link works once, within {minutes} minutes):\n\n  {result['url']}\n")
-    print(f"From your laptop, forward the port first:\n\n  {result['ssh']}\n")
+    print(f"From your laptop, forward the console's socket first (only you can use it):\n\n  {result['ssh']}\n")
+    print(f"or its TCP port (other users of this login node are refused there too):\n\n  {result['ssh_tcp']}\n")
     print("then open the link there. Run `dxflow console` again for a new link.")
     return 0
 
@@ -42,22 +44,14 @@ def cmd_console(args: argparse.Namespace) -> int:
 def master_link(port: int | None) -> dict:
     import getpass
     import json
-    import os
     import time
 
     from dxflow.errors import UsageError
     from dxflow.master.client import MasterClient, check
-    from dxflow.master.console import PORT_ENV, port_is_free
 
     client = MasterClient()
     if not client.running():
-        if port is not None:
-            if not 0 < port < 65536:
-                raise UsageError(f"--port {port}: expected 1-65535")
-            if not port_is_free(port):
-                raise UsageError(f"port {port} on 127.0.0.1 is taken: choose another or leave out --port")
-            os.environ[PORT_ENV] = str(port)  # the master started below inherits it
-        client.start()
+        client.start(console_port=port)
     resp = client.request("POST", "/api/console/token", b"", timeout=30)
     raw = resp.read()
     if resp.status == 404:
@@ -70,9 +64,11 @@ def master_link(port: int | None) -> dict:
                          f"master (`dxflow master stop`), then run `dxflow console --port {port}`")
     host = login_host()
     p = data["port"]
+    where = f"{getpass.getuser()}@{host}"
+    sock = data.get("socket") or str(client.base / "console.sock")
     return {"url": data["url"], "port": p, "token": data["token"], "expires": data["expires"],
-            "valid_seconds": max(0, int(data["expires"] - time.time())), "login_host": host,
-            "ssh": f"ssh -N -L {p}:127.0.0.1:{p} {getpass.getuser()}@{host}"}
+            "valid_seconds": max(0, int(data["expires"] - time.time())), "login_host": host, "socket": sock,
+            "ssh": f"ssh -N -L {p}:{sock} {where}", "ssh_tcp": f"ssh -N -L {p}:127.0.0.1:{p} {where}"}
 
 
 def login_host() -> str:
@@ -87,7 +83,7 @@ def agent_link(target: str) -> dict:
     import time
 
     from dxflow import registration
-    from dxflow.auth import fingerprint, mint_token, user_key
+    from dxflow.auth import LOGIN_TOKEN_LIFETIME, fingerprint, mint_login_token, user_key
     from dxflow.cli.util import parse_target
     from dxflow.config import ensure_user_dir
     from dxflow.errors import NotFound
@@ -98,7 +94,8 @@ def agent_link(target: str) -> dict:
     if not regs:
         raise NotFound(f"no agent of {target} is registered in {base / 'fleet'}: is `dxflow agent` running?")
     reg = sorted(regs, key=lambda r: r.node)[0]
-    lifetime = 300
-    token = mint_token(user_key(base), reg.user, fingerprint(reg.public_key), lifetime=lifetime)
+    lifetime = LOGIN_TOKEN_LIFETIME
+    # a login token: the link may linger in a terminal or a browser's history, and opens no API
+    token = mint_login_token(user_key(base), reg.user, fingerprint(reg.public_key), lifetime=lifetime)
     return {"job": reg.job, "node": reg.node, "port": reg.port, "expires": time.time() + lifetime,
             "valid_seconds": lifetime, "url": f"http://127.0.0.1:{reg.port}/console/login?token={token}"}

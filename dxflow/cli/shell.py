@@ -26,16 +26,14 @@ def cmd_shell(args: argparse.Namespace) -> int:
     import os
     import select
     import signal
-    import socket
     import sys
     import termios
     import tty
-    from types import SimpleNamespace
 
     from dxflow.cli.util import parse_target
-    from dxflow.errors import DxflowError, MasterUnavailable
-    from dxflow.master.client import MasterClient, check
-    from dxflow.wsclient import HandshakeRejected, WebSocketClient
+    from dxflow.edge.wsclient import HandshakeRejected, WebSocketClient
+    from dxflow.errors import DxflowError
+    from dxflow.master.client import MasterClient, raise_for_status
 
     job, node = parse_target(args.target)
     client = MasterClient().ensure()
@@ -45,18 +43,13 @@ def cmd_shell(args: argparse.Namespace) -> int:
     size = terminal_size(size_fd)
     cols, rows = size
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(60)
-    try:
-        sock.connect(str(client.sock))
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise MasterUnavailable("the master is not running: start it with `dxflow master start`") from e
+    sock = client.socket(timeout=60)
     ws = WebSocketClient(sock)
     try:
         ws.handshake(client.agent_path(job, node, f"/api/shell?cols={cols}&rows={rows}"))
     except HandshakeRejected as e:
         sock.close()
-        check(SimpleNamespace(status=e.status), e.body)  # the agent's or master's own error
+        raise_for_status(e.status, e.body)  # the agent's or master's own error
         raise DxflowError(str(e)) from e
     sock.settimeout(None)
 

@@ -23,7 +23,7 @@ def candidates() -> list[Path]:
     env = os.environ.get("DXFLOW_WEB_ROOT")
     if env:
         found.append(Path(env))
-    found.append(Path(__file__).resolve().parent.parent / "web")  # a checkout
+    found.append(Path(__file__).resolve().parents[2] / "web")  # a checkout
     for prefix in (sys.prefix, sysconfig.get_path("data"), sys.base_prefix, os.path.expanduser("~/.local")):
         if prefix:
             path = Path(prefix) / "share" / "dxflow" / "web"

@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import http.client
 import importlib
-import io
 import os
 import signal
 
 from flask import Flask, Response, jsonify, request, stream_with_context
 
-from dxflow import __version__, httperrors
+from dxflow import __version__
+from dxflow.edge import httperrors
+from dxflow.edge.http import RELAY_DROP, without_own_cookies
 from dxflow.errors import AgentUnreachable, UsageError
 from dxflow.master.fleet import Fleet
 
-#: hop-by-hop headers never relayed (RFC 9110 7.6.1), plus what the relay sets itself.
-HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "transfer-encoding", "upgrade", "host", "authorization", "cookie", "content-length"}
 CHUNK = 256 * 1024
-_RECV_ALL = 1 << 24  # more than any SSH channel window: one recv takes all that has arrived
 #: modules that add to the master's app: each has ``init_app(app, fleet)``.
-EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.console")
+EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.console", "dxflow.master.openapi")
 
 
 def create_app(fleet: Fleet) -> Flask:
@@ -59,15 +56,15 @@ def create_app(fleet: Fleet) -> Flask:
 
     @app.route("/api/fleet/<job>/<node>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     def relay(job: str, node: str, path: str):
-        agent = fleet.find(job, None if node == "-" else node)
-        if agent.state == "starting":
-            fleet.refresh()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        agent = fleet.relay_target(job, None if node == "-" else node)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in RELAY_DROP}
+        cookie = without_own_cookies(request.headers.get("Cookie", ""))
+        if cookie and request.environ.get("dxflow.service"):  # a job's service on its own origin: its own cookies
+            headers["Cookie"] = cookie
         headers["Authorization"] = f"Bearer {fleet.token(agent)}"
         query = request.query_string.decode()
         target = "/" + path + (f"?{query}" if query else "")
         conn, reused = fleet.acquire(agent, timeout=3600)
-        conn.response_class = _RelayResponse
         body = None
         length = request.content_length
         if request.method in ("POST", "PUT", "PATCH"):
@@ -90,7 +87,6 @@ def create_app(fleet: Fleet) -> Flask:
                     raise
                 conn.close()  # a kept-alive channel the agent had closed meanwhile: once more, on a new one
                 conn = fleet.connection(agent, timeout=3600)
-                conn.response_class = _RelayResponse
                 resp = send(conn)
         except _BodyBroken as e:  # the client went away mid-upload: end the agent's side too
             conn.close()
@@ -117,7 +113,7 @@ def create_app(fleet: Fleet) -> Flask:
             finally:  # read to the end: keep the channel for the next request; else close it
                 fleet.release(agent, conn, resp.isclosed() and not resp.will_close)
 
-        out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS]
+        out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in RELAY_DROP]
         if resp.getheader("Content-Length"):
             out_headers.append(("Content-Length", resp.getheader("Content-Length")))
         out_headers.append(("X-Dxflow-Agent", agent.name))
@@ -147,41 +143,3 @@ def _iter_body(stream, length: int | None = None, size: int = CHUNK):
         yield chunk
     if length is not None and sent < length:
         raise _BodyBroken(f"{sent} of {length} bytes arrived")
-
-
-class _ChannelReader(io.RawIOBase):
-    """Raw reads from a paramiko channel: whatever has arrived, taken in one piece.
-
-    paramiko keeps a channel's received bytes in an array and trims its front on every
-    partial read, which costs a copy of all the rest (up to the SSH window) per read; so
-    each ``recv`` here takes everything there is, and hands it out from a memoryview.
-    """
-
-    def __init__(self, chan) -> None:
-        self._chan = chan
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        if not self._pending:
-            self._pending = memoryview(self._chan.recv(_RECV_ALL))
-        n = min(len(buf), len(self._pending))
-        buf[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-
-class _RelayResponse(http.client.HTTPResponse):
-    """An HTTP response whose ``read1`` works on a tunnel channel too.
-
-    http.client reads through ``sock.makefile()``; paramiko's ChannelFile has no
-    ``read1`` and its ``read(n)`` waits for all n bytes, which would hold back a
-    live stream (SSE, logs) and break on the relay's ``read1``.
-    """
-
-    def __init__(self, sock, *args, **kwargs) -> None:
-        super().__init__(sock, *args, **kwargs)
-        if not hasattr(self.fp, "read1"):
-            self.fp = io.BufferedReader(_ChannelReader(sock), CHUNK)

@@ -14,13 +14,13 @@ Only the standard library is imported at module level: the CLI uses :func:`pipe`
 from __future__ import annotations
 
 import logging
-import socket
 
-from dxflow.pipes import pipe
+from dxflow.edge.http import FORWARD_UPGRADE, Hijacked
+from dxflow.edge.pipes import pipe
 
 log = logging.getLogger(__name__)
 
-UPGRADE = "dxflow-tcp"
+UPGRADE = FORWARD_UPGRADE
 CHECK_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 10.0
 
@@ -31,35 +31,17 @@ def check(fleet, agent, port: int) -> tuple[int, dict]:
 
 
 def open_channel(fleet, agent, connect: str, port: int):
-    """A byte stream to ``connect:port`` on the agent's node, through its SSH transport."""
-    import paramiko
-
-    from dxflow.errors import AgentUnreachable
-
-    address = agent.reg.address
-    if connect == "127.0.0.1":
-        return fleet.pool.channel(address, port)
-    try:
-        if address in fleet.pool.local_names:
-            return socket.create_connection((connect, port), timeout=CONNECT_TIMEOUT)
-        return fleet.pool.transport(address).open_channel("direct-tcpip", (connect, port), ("127.0.0.1", 0),
-                                                          timeout=CONNECT_TIMEOUT)
-    except (paramiko.SSHException, OSError) as e:
-        raise AgentUnreachable(f"{address}: cannot reach {connect}:{port}: {e}") from e
+    """A byte stream to ``connect:port`` on the agent's node, through the transport the agent was proven on."""
+    return fleet.pool.channel(agent.reg.address, port, timeout=CONNECT_TIMEOUT, host=connect,
+                              generation=fleet.proven_generation(agent))
 
 
 def init_app(app, fleet) -> None:
-    from flask import Response, jsonify, request
-
-    class Hijacked(Response):
-        """The connection was taken over: gunicorn closes it and writes nothing more."""
-
-        def __call__(self, environ, start_response):
-            raise StopIteration()
+    from flask import jsonify, request
 
     @app.get("/api/forward/<job>/<node>/<int:port>")
     def forward(job: str, node: str, port: int):
-        agent = fleet.find(job, None if node == "-" else node)
+        agent = fleet.relay_target(job, None if node == "-" else node)
         status, info = check(fleet, agent, port)
         if status != 200:
             return jsonify(info), status

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import shlex
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,6 +22,9 @@ from typing import Iterator, Sequence
 import pytest
 
 DXFLOW = "/usr/local/bin/dxflow"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 NODES = ("n1", "n2")
 NETNS = "dxlab-{node}"
 
@@ -128,3 +135,67 @@ def agent_pids(job: str) -> list[int]:
     """Pids of processes whose command line names this job's agent (any node)."""
     out = run(["pgrep", "-f", f"dxflow.agent .*--job {job} --node "], check=False).stdout
     return [int(x) for x in out.split()]
+
+
+class Lines:
+    """A process's stdout lines, read in a thread, for waiting on with a timeout."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.q.put(line)
+        self.q.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                line = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            seen.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got {seen[-10:]!r}")
+
+
+def popen_as(user: str, argv: list[str]) -> subprocess.Popen:
+    """A long-running command as ``user`` in its own process group (stopped with stop())."""
+    return subprocess.Popen(["runuser", "-l", user, "-c", shlex.join(argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, driven by Playwright (one per test module)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:  # fail, never skip: the browser tests are part of the lab suite
+        pytest.fail("the playwright package is missing: /opt/dxflow/venv/bin/pip install playwright "
+                    "(never `playwright install`: the tests drive Debian's chromium)")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

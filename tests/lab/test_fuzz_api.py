@@ -1,4 +1,4 @@
-"""Fuzz the agent's API from its own OpenAPI document (schemathesis): no request may get a 5xx.
+"""Fuzz the agent's and the master's APIs from their OpenAPI documents (schemathesis): no request may get a 5xx.
 
 The agent runs as the lab user alice (never as root: the files API is fuzzed too),
 with a throwaway HOME and the ``local`` scheduler, on 127.0.0.1 of the login node.
@@ -14,8 +14,10 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +29,7 @@ from dxflow import auth
 PYTHON = "/opt/dxflow/venv/bin/python"
 ST = "/opt/dxflow/venv/bin/st"
 USER = "alice"
-EXCLUDE = r"^/api/exec$|/follow$|^/api/shell$|^/proxy/"
+EXCLUDE = r"^/api/exec$|/follow$|^/api/shell$|^/api/heartbeat$|^/proxy/"
 
 
 @pytest.fixture
@@ -73,13 +75,99 @@ def test_fuzz_agent_api_no_server_errors(fuzz_agent, tmp_path):
     with urllib.request.urlopen(req, timeout=10) as resp:
         schema = json.load(resp)
     assert {"/api/health", "/api/logs", "/api/ports", "/api/exec"} <= set(schema["paths"])
+    fuzz(schema, fuzz_agent["url"], tmp_path, EXCLUDE, examples=8, seconds=60,
+         headers=[f"Authorization: Bearer {fuzz_agent['token']}"])
+
+
+def fuzz(schema: dict, url: str, tmp_path: Path, exclude: str, examples: int, seconds: int,
+         headers: list[str] = ()) -> None:
+    """Run schemathesis over ``schema`` against ``url``: it must find no 5xx (and no crash)."""
     (tmp_path / "openapi.json").write_text(json.dumps(schema))
-    argv = [ST, "run", str(tmp_path / "openapi.json"), "--url", fuzz_agent["url"],
-            "-H", f"Authorization: Bearer {fuzz_agent['token']}",
-            "--checks", "not_a_server_error", "--max-examples", "8", "--max-time", "60",
-            "--request-timeout", "10", "--exclude-path-regex", EXCLUDE, "--workers", "2",
+    argv = [ST, "run", str(tmp_path / "openapi.json"), "--url", url,
+            *(arg for h in headers for arg in ("-H", h)),
+            "--checks", "not_a_server_error", "--max-examples", str(examples), "--max-time", str(seconds),
+            "--request-timeout", "15", "--exclude-path-regex", exclude, "--workers", "2",
             "--generation-database", "none", "--no-color", "--seed", "1"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 180, cwd=tmp_path)
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, f"schemathesis found server errors:\n{report}"
+    assert proc.returncode == 0, f"schemathesis found server errors at {url}:\n{report}"
     assert "not_a_server_error" in proc.stdout or "passed" in proc.stdout.lower(), report
+
+
+# -- the master's API, on its socket and through the relay to a real agent -------------------------------
+MASTER_EXCLUDE = r"/api/exec$|/follow$|/api/shell$|/api/heartbeat$|/proxy/"
+
+
+def _unix_forwarder(sock_path: str) -> tuple[socket.socket, threading.Thread]:
+    """127.0.0.1:PORT -> the master's Unix socket, for the fuzzer's HTTP client (which speaks TCP only)."""
+    from dxflow.edge.pipes import pipe
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX)
+            try:
+                up.connect(sock_path)
+            except OSError:  # the master is gone: the fuzzer sees a network error, the loop goes on
+                conn.close()
+                up.close()
+                continue
+
+            def relay(a=conn, b=up):
+                try:
+                    pipe(a, b)
+                finally:
+                    a.close()
+                    b.close()
+            threading.Thread(target=relay, daemon=True).start()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return server, t
+
+
+def test_fuzz_master_api_no_server_errors(lab, tmp_path):
+    from conftest import Jobs, dxflow, wait_agents
+
+    jobs = Jobs()
+    job = jobs.submit(USER, "sleep 600")
+    server = None
+    try:
+        jobs.wait_running(job, timeout=120)
+        agents = wait_agents(USER, job, 1, timeout=60)
+        node = agents[0]["node"]
+        dxflow(USER, "master", "start")
+        sock = os.path.expanduser(f"~{USER}/.dxflow/master.sock")
+        server, _ = _unix_forwarder(sock)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        with urllib.request.urlopen(url + "/api/openapi.json", timeout=10) as resp:
+            schema = json.load(resp)
+        with urllib.request.urlopen(url + f"/api/fleet/{job}/-/api/openapi.json", timeout=10) as resp:
+            agent_schema = json.load(resp)
+        # the agent's operations as the relay serves them: /api/fleet/{job}/{node}/<path>, this job's node
+        fixed = [{"name": "job", "in": "path", "required": True, "schema": {"type": "string", "enum": [job]}},
+                 {"name": "node", "in": "path", "required": True, "schema": {"type": "string", "enum": [node, "-"]}}]
+        for path, ops in agent_schema["paths"].items():
+            relayed = {}
+            for method, op in ops.items():
+                op = dict(op, operationId=f"relay_{op.get('operationId', method + path)}")
+                op["parameters"] = fixed + list(op.get("parameters", []))
+                relayed[method] = op
+            schema["paths"][f"/api/fleet/{{job}}/{{node}}{path}"] = relayed
+        for name, sub in agent_schema.get("components", {}).get("schemas", {}).items():
+            schema["components"]["schemas"].setdefault(name, sub)
+        assert {"/api/agents", "/api/forward/{job}/{node}/{port}", "/api/fleet/{job}/{node}/api/node"} <= \
+            set(schema["paths"])
+        fuzz(schema, url, tmp_path, MASTER_EXCLUDE, examples=6, seconds=90)
+        # the master and the agent are still there and answer
+        assert dxflow(USER, "info", job).returncode == 0
+    finally:
+        if server is not None:
+            server.close()
+        jobs.cancel_all()

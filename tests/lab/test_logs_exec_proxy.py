@@ -10,20 +10,14 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import queue
-import re
-import shlex
-import signal
 import subprocess
 import textwrap
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import DXFLOW, NETNS, Jobs, as_user, dxflow, wait_agents, wait_for
+from conftest import DXFLOW, NETNS, Jobs, Lines, as_user, dxflow, popen_as, stop, wait_agents, wait_for
 
 HTTP_PORT, BOB_PORT, SSE_PORT = 8765, 8766, 8767
 PYTHON = "/opt/dxflow/venv/bin/python"
@@ -53,51 +47,6 @@ JOB_SCRIPT = (f"cd {{dir}} && python3 -m http.server {HTTP_PORT} --bind 127.0.0.
               "echo job-started; "
               "while true; do if [ -f {dir}/say ]; then cat {dir}/say; rm -f {dir}/say; fi; sleep 0.05; done")
 
-
-class Lines:
-    """A process's stdout lines, read in a thread, for waiting on with a timeout."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.q.put(line)
-        self.q.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        seen = []
-        while time.monotonic() < deadline:
-            try:
-                line = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            seen.append(line)
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got {seen[-10:]!r}")
-
-
-def popen_as(user: str, argv: list[str]) -> subprocess.Popen:
-    """A long-running command as ``user`` in its own process group (stopped with stop())."""
-    return subprocess.Popen(["runuser", "-l", user, "-c", shlex.join(argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
 
 
 @pytest.fixture(scope="module")
@@ -235,14 +184,25 @@ def test_forward_reaches_the_jobs_server_and_streams_sse(job, mode):
     http_fwd = popen_as("alice", [DXFLOW, "forward", f"{job['id']}:n1", str(HTTP_PORT), "--local", "0", *mode])
     sse_fwd = popen_as("alice", [DXFLOW, "forward", f"{job['id']}:n1", str(SSE_PORT), "--local", "0", *mode])
     try:
+        # as alice: the forward refuses every other user's connection (root's too)
         url = Lines(http_fwd).wait_for(r"^http://127\.0\.0\.1:\d+/", 30).split()[0]
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            assert resp.status == 200 and b"Directory listing" in resp.read()
+        code = textwrap.dedent("""
+            import sys, urllib.request
+            with urllib.request.urlopen(sys.argv[1], timeout=10) as resp:
+                print(resp.status, b"Directory listing" in resp.read())
+        """)
+        assert as_user("alice", [PYTHON, "-c", code, url], timeout=30).stdout.split() == ["200", "True"]
         sse_url = Lines(sse_fwd).wait_for(r"^http://127\.0\.0\.1:\d+/", 30).split()[0]
-        t0 = time.monotonic()
-        with urllib.request.urlopen(sse_url + "events", timeout=10) as resp:
-            assert resp.readline() == b"data: first\n"
-        assert time.monotonic() - t0 < 5.0
+        code = textwrap.dedent("""
+            import sys, time, urllib.request
+            t0 = time.monotonic()
+            with urllib.request.urlopen(sys.argv[1], timeout=10) as resp:
+                line = resp.readline()
+            print(round(time.monotonic() - t0, 3), line.decode().strip())
+        """)
+        elapsed, line = as_user("alice", [PYTHON, "-c", code, sse_url + "events"], timeout=30).stdout.split(" ", 1)
+        assert line.strip() == "data: first"
+        assert float(elapsed) < 5.0  # the next event comes 10 s later: the first was not held back
     finally:
         stop(http_fwd)
         stop(sse_fwd)

@@ -61,3 +61,24 @@ def test_health_signs_challenge(parts):
     body = client.get("/api/health?challenge=abc", headers=bearer(tok)).get_json()
     assert auth.check_challenge(state.public_key, "abc", body["signature"])
     assert client.get("/api/health?challenge=" + "x" * 300, headers=bearer(tok)).status_code == 400
+
+
+def test_heartbeat_ends_when_the_agents_arbiter_is_gone(parts, monkeypatch):
+    """A worker outliving its SIGKILLed arbiter must not keep beating: the master takes the end as death."""
+    import os
+
+    from dxflow.agent import health
+
+    client, state, key = parts
+    monkeypatch.setattr(health, "BEAT_CHECK", 0.01)
+    monkeypatch.setattr(health, "BEAT_EVERY", 0.05)
+    real = os.getppid()
+    calls = {"n": 0}
+
+    def ppid():
+        calls["n"] += 1
+        return real if calls["n"] < 12 else 1  # re-parented to init after a few checks
+    monkeypatch.setattr(health.os, "getppid", ppid)
+    resp = client.get("/api/heartbeat", headers=bearer(auth.mint_token(key, state.user, state.audience)))
+    body = resp.get_data()  # ends: the stream stops once the parent changed
+    assert resp.status_code == 200 and body.count(b": beat") >= 2

@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 
 from dxflow import auth
-from dxflow.agent import create_app, logs, ports
+from dxflow.agent import create_app, jobwatch, logs, ports
 from dxflow.agent.state import AgentState
+from dxflow.edge import tcptable
 from dxflow.errors import AccessDenied, NotFound, UsageError
 from dxflow.schedulers import JobInfo, JobState
+from dxflow.schedulers.base import Presence
 
 
 @pytest.fixture
 def agent(tmp_path, monkeypatch):
-    monkeypatch.setattr(logs, "_job_checks", {})
     user_key = auth.new_key()
     agent_key = auth.new_key()
     pub = auth.public_pem(agent_key)
@@ -60,19 +61,19 @@ PROC_NET_TCP6 = """\
 
 
 def test_parse_proc_net_tcp_listeners_only():
-    found = ports.parse_proc_net_tcp(PROC_NET_TCP)
+    found = tcptable.parse_listeners(PROC_NET_TCP)
     assert [(s.address, s.port, s.uid, s.inode) for s in found] == [
         ("127.0.0.1", 8765, 1000, 43121), ("0.0.0.0", 8080, 1001, 43122), ("10.10.77.2", 80, 1000, 43124)]
-    six = ports.parse_proc_net_tcp(PROC_NET_TCP6)
+    six = tcptable.parse_listeners(PROC_NET_TCP6)
     assert [(s.address, s.port) for s in six] == [("::", 8770), ("::1", 8771), ("::ffff:127.0.0.1", 8772)]
 
 
 def test_parse_proc_net_tcp_skips_garbage():
-    assert ports.parse_proc_net_tcp("header\n 0: zz:1 00:00 0A 0 0 0 1000 0 1\n\nshort line\n") == []
+    assert tcptable.parse_listeners("header\n 0: zz:1 00:00 0A 0 0 0 1000 0 1\n\nshort line\n") == []
 
 
 def L(address, port, uid, inode):
-    return ports.Listener(address, port, uid, inode)
+    return tcptable.Listener(address, port, uid, inode)
 
 
 def test_check_port_mine_other_missing_own(monkeypatch):
@@ -285,10 +286,24 @@ def test_follow_sends_new_lines_then_end(agent, monkeypatch):
 
 
 def test_follow_ends_with_the_job(agent, monkeypatch):
+    """The end comes from the agent's own look at its node (its job watch), not from the scheduler."""
     client, state, headers = agent
-    state.scheduler = "slurm"
     Path(state.stdout).write_text("x\n")
-    monkeypatch.setattr(logs, "get_scheduler", lambda name: FakeScheduler(state=JobState.ENDED))
+    ended = Presence.LASTING
+
+    class Node(FakeScheduler):
+        name = "slurm"
+
+        def job_here(self, job_id, node):
+            return ended
+
+        def job_state(self, job_id):
+            raise AssertionError("a follower never asks the scheduler")
+
+    watch = jobwatch.JobWatch(Node(), state.job, state.node, look_every=60, ask_every=60)
+    state.extra[jobwatch.KEY] = watch
+    watch.look()  # its batch step is seen ...
+    ended = Presence.ABSENT  # ... and then gone
     resp = client.get("/api/logs/stdout/follow", headers=headers, buffered=False)
     events = _events(resp, lambda ev: any(e == "end" for e, _ in ev))
     assert events[0] == ("message", "x") and events[-1][0] == "end"
@@ -493,11 +508,11 @@ def test_sock_diag_agrees_with_proc_net_tcp():
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         p4, p6 = map(int, proc.stdout.readline().split())
-        diag = ports._diag_listeners(socket.AF_INET) + ports._diag_listeners(socket.AF_INET6)
+        diag = tcptable.diag_listeners(socket.AF_INET) + tcptable.diag_listeners(socket.AF_INET6)
         table = []
-        for path in ports.PROC_NET:
+        for path in tcptable.PROC_TABLES:
             with open(path) as f:
-                table += ports.parse_proc_net_tcp(f.read())
+                table += tcptable.parse_listeners(f.read())
         ours = lambda found: {s for s in found if s.port in (p4, p6)}  # noqa: E731
         assert ours(diag) == ours(table)
         assert {(s.address, s.port) for s in ours(diag)} == {("127.0.0.1", p4), ("::", p6)}
@@ -508,8 +523,9 @@ def test_sock_diag_agrees_with_proc_net_tcp():
 
 
 def test_proxy_keeps_dxflow_credentials_to_itself():
-    from dxflow.agent.proxy import HOP_HEADERS, forwarded_headers
+    from dxflow.agent.proxy import HOP_HEADERS
+    from dxflow.edge.http import forwarded_headers
     headers = {"Authorization": "Bearer x", "Cookie": "dxflow_agent=s1; jupyter=abc; dxflow_console=s2",
                "Accept": "*/*", "Connection": "keep-alive"}
-    assert forwarded_headers(headers, HOP_HEADERS) == [("Cookie", "jupyter=abc"), ("Accept", "*/*")]
-    assert forwarded_headers({"Cookie": "dxflow_agent=s1"}, HOP_HEADERS) == []
+    assert forwarded_headers(headers.items(), HOP_HEADERS) == [("Cookie", "jupyter=abc"), ("Accept", "*/*")]
+    assert forwarded_headers({"Cookie": "dxflow_agent=s1; dxflow_service=x"}.items(), HOP_HEADERS) == []

@@ -157,10 +157,11 @@ def test_tcp_connection_pipes_through_an_upgraded_master_connection(tmp_path):
     t = threading.Thread(target=fake_master, daemon=True)
     t.start()
 
-    class Client:
-        sock = path
+    from dxflow.master.client import MasterClient
+
+    client = MasterClient(tmp_path)  # the real client, on the fake master's socket
     local_a, local_b = socket.socketpair()
-    worker = threading.Thread(target=cli_forward._tcp_connection, args=(Client(), "/api/forward/3/-/80", local_b),
+    worker = threading.Thread(target=cli_forward._tcp_connection, args=(client, "/api/forward/3/-/80", local_b),
                               daemon=True)
     worker.start()
     local_a.sendall(b"ping")
@@ -191,10 +192,10 @@ def test_tcp_connection_reports_a_refusal_as_502(tmp_path):
         c.close()
     threading.Thread(target=fake_master, daemon=True).start()
 
-    class Client:
-        sock = path
+    from dxflow.master.client import MasterClient
+
     a, b = socket.socketpair()
-    cli_forward._tcp_connection(Client(), "/api/forward/3/-/8766", b)
+    cli_forward._tcp_connection(MasterClient(tmp_path), "/api/forward/3/-/8766", b)
     a.settimeout(5)
     reply = a.recv(4096)
     assert reply.startswith(b"HTTP/1.1 502") and b"another user" in reply

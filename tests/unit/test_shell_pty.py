@@ -86,7 +86,7 @@ def serve_master(tmp: Path) -> None:
         pool = TunnelPool()
         registry = SimpleNamespace(all=lambda: [])
 
-        def find(self, job, node=None):
+        def relay_target(self, job, node=None):
             if job != JOB or node not in (None, NODE):
                 raise NotFound(f"no agent of job {job} on {node}")
             return SimpleNamespace(state="ready", name=f"test.{JOB}.{NODE}",
@@ -95,6 +95,9 @@ def serve_master(tmp: Path) -> None:
 
         def token(self, agent):
             return mint_token(user_key, self.user, fingerprint(agent.reg.public_key))
+
+        def proven_generation(self, agent):
+            return None  # an agent on this host: no tunnel to pin
 
         def connection(self, agent, timeout=60.0):
             return TunnelHTTPConnection(self.pool, "localhost", port, timeout=timeout)
@@ -212,7 +215,7 @@ class Term:
 
 def agent_shell(servers, query: str = "cols=80&rows=24", token: str | None = None) -> Term:
     from dxflow.auth import mint_token
-    from dxflow.wsclient import WebSocketClient
+    from dxflow.edge.wsclient import WebSocketClient
 
     sock = socket.create_connection(("127.0.0.1", servers["port"]), timeout=15)
     ws = WebSocketClient(sock)
@@ -222,7 +225,7 @@ def agent_shell(servers, query: str = "cols=80&rows=24", token: str | None = Non
 
 
 def master_shell(servers, path: str) -> Term:
-    from dxflow.wsclient import WebSocketClient
+    from dxflow.edge.wsclient import WebSocketClient
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(15)
@@ -297,7 +300,7 @@ def test_agent_shell_hung_up_when_client_leaves(servers):
 
 
 def test_agent_shell_refuses_bad_size_and_missing_token(servers):
-    from dxflow.wsclient import HandshakeRejected
+    from dxflow.edge.wsclient import HandshakeRejected
 
     with pytest.raises(HandshakeRejected) as e:
         agent_shell(servers, "cols=wide&rows=24")
@@ -377,7 +380,7 @@ def test_master_relays_websocket_to_agent(servers):
 
 def test_master_relays_refusals_and_plain_http(servers):
     from dxflow.master.client import UnixHTTPConnection
-    from dxflow.wsclient import HandshakeRejected
+    from dxflow.edge.wsclient import HandshakeRejected
 
     with pytest.raises(HandshakeRejected) as e:
         master_shell(servers, f"/api/fleet/{JOB}/{NODE}/api/shell?rows=0")

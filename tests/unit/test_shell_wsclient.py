@@ -13,7 +13,7 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Mes
                             RejectData, Request, TextMessage)
 
 from dxflow.errors import DxflowError
-from dxflow.wsclient import HandshakeRejected, WebSocketClient
+from dxflow.edge.wsclient import HandshakeRejected, WebSocketClient
 
 
 class Server:
@@ -169,7 +169,8 @@ def test_cli_registers_shell():
 def test_relay_request_head_keeps_websocket_headers_only():
     from flask import Flask
 
-    from dxflow.master.websocket import _parse_head, _request_head
+    from dxflow.edge.http import parse_head as _parse_head
+    from dxflow.master.websocket import _request_head
 
     app = Flask("t")
     headers = {"Upgrade": "websocket", "Connection": "keep-alive, Upgrade", "Sec-WebSocket-Key": "abc==",

@@ -1,0 +1,65 @@
+"""``/api/openapi.json`` on the master: the OpenAPI 3 document of the master's own API.
+
+The relay ``/api/fleet/{job}/{node}/{path}`` passes any request on to that agent's ``/{path}``;
+each agent describes its own API at ``/api/openapi.json`` (reach it as
+``/api/fleet/{job}/-/api/openapi.json``).
+"""
+
+from __future__ import annotations
+
+from flask import Flask, jsonify
+
+from dxflow import API_VERSION, __version__
+
+_ERR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_JSON_OBJECT = {"content": {"application/json": {"schema": {"type": "object"}}}}
+_JOB = {"name": "job", "in": "path", "required": True, "schema": {"type": "string"}}
+_NODE = {"name": "node", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "a node of the job, or `-` for its first node"}
+
+PATHS = {
+    "/api/master": {"get": {"summary": "this master: pid, user, version, tunnels, number of agents",
+                            "operationId": "master", "tags": ["master"],
+                            "responses": {"200": {"description": "the master", **_JSON_OBJECT}}}},
+    "/api/agents": {"get": {
+        "summary": "the user's agents (gone ones only with all=1)", "operationId": "agents", "tags": ["fleet"],
+        "parameters": [{"name": "all", "in": "query", "required": False, "schema": {"type": "string", "enum": ["0", "1"]}},
+                       {"name": "refresh", "in": "query", "required": False, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "one object per agent", "content": {"application/json": {
+            "schema": {"type": "array", "items": {"type": "object"}}}}}}}},
+    "/api/console": {"get": {"summary": "where the web console listens", "operationId": "consoleStatus",
+                             "tags": ["console"], "responses": {"200": {"description": "port, socket, url",
+                                                                        **_JSON_OBJECT}}}},
+    "/api/console/token": {"post": {
+        "summary": "a one-time login token for the web console (on the CLI's socket only)",
+        "operationId": "consoleToken", "tags": ["console"],
+        "responses": {"200": {"description": "token, expiry, url", **_JSON_OBJECT},
+                      "403": {"description": "not on the CLI's socket", **_ERR}}}},
+    "/api/forward/{job}/{node}/{port}": {"get": {
+        "summary": "check that PORT on the node is the user's; with `Upgrade: dxflow-tcp`, a raw TCP pipe to it",
+        "operationId": "forward", "tags": ["fleet"],
+        "parameters": [_JOB, _NODE, {"name": "port", "in": "path", "required": True,
+                                     "schema": {"type": "integer", "minimum": 1, "maximum": 65535}}],
+        "responses": {"200": {"description": "where the port leads", **_JSON_OBJECT},
+                      "403": {"description": "not the user's port", **_ERR},
+                      "404": {"description": "no such agent, or nothing listens", **_ERR},
+                      "502": {"description": "the agent cannot be reached, or is lost", **_ERR}}}},
+    "/api/openapi.json": {"get": {"summary": "this document", "operationId": "openapi", "tags": ["master"],
+                                  "responses": {"200": {"description": "OpenAPI 3 document", **_JSON_OBJECT}}}},
+}
+
+
+def document() -> dict:
+    return {"openapi": "3.0.3",
+            "info": {"title": "dxflow master", "version": __version__,
+                     "description": f"The per-user master's API (agent API version {API_VERSION}); the relay "
+                                    "/api/fleet/{job}/{node}/{path} reaches each agent's own API."},
+            "paths": PATHS,
+            "components": {"schemas": {"Error": {"type": "object", "required": ["error", "message"], "properties": {
+                "error": {"type": "string"}, "message": {"type": "string"}}}}}}
+
+
+def init_app(app: Flask, fleet) -> None:
+    @app.get("/api/openapi.json")
+    def openapi():
+        return jsonify(document())
