@@ -9,7 +9,12 @@ and times:
 * prolog start → the agent's registration exists and the agent answers ``/api/health``
   with a token signed by the user's key;
 * epilog start → the agent and every process it started are gone (the epilog returns
-  only then, and the bench checks /proc afterwards).
+  only then, and the bench checks /proc afterwards);
+* the agent's memory: RSS of its gunicorn arbiter and worker.
+
+With ``PrologFlags=Contain`` (the lab's), slurmd makes the job's extern step and its cgroups
+before the prolog runs, and the prolog's launcher joins them: for its made-up jobs the bench
+makes those cgroups itself, with a process in them, as slurmstepd does, and removes them after.
 
 Usage: /opt/dxflow/venv/bin/python bench/hooks.py [--rounds 20] [--node n1] [--user alice]
 """
@@ -42,12 +47,66 @@ def enter_netns(name: str) -> None:
             raise OSError(ctypes.get_errno(), f"setns {name}")
 
 
+def node_conf(node: str) -> str:
+    """The node's slurm.conf (the lab runs each slurmd with its own: ``slurmd -f``)."""
+    from dxflow.lab.layout import Layout, Node
+
+    path = Layout().node_slurm_conf(Node(int(node.lstrip("n"))))
+    return str(path) if path.exists() else "/etc/slurm/slurm.conf"
+
+
+class ExternStep:
+    """The job's extern step cgroups on the node, made as slurmstepd makes them (a sleep inside)."""
+
+    def __init__(self, conf: str, node: str, uid: int, job: int) -> None:
+        cgroup_conf = Path(conf).with_name("cgroup.conf")
+        mount = Path("/sys/fs/cgroup")
+        if cgroup_conf.exists():
+            for line in cgroup_conf.read_text().splitlines():
+                key, _, value = line.partition("=")
+                if key.strip().lower() == "cgroupmountpoint":
+                    mount = Path(value.strip())
+        self.dirs = [mount / ctrl / f"slurm_{node}" / f"uid_{uid}" / f"job_{job}" / "step_extern"
+                     for ctrl in ("freezer", "cpuset", "memory", "devices", "cpuacct")
+                     if (mount / ctrl / f"slurm_{node}").is_dir()]
+        self.sleep = subprocess.Popen(["sleep", "600"]) if self.dirs else None
+        for d in self.dirs:
+            for level in (d.parent.parent, d.parent, d):
+                level.mkdir(exist_ok=True)
+                if "cpuset" in level.parts:
+                    for name in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset takes no task before these
+                        if not (level / name).read_text().strip():
+                            (level / name).write_text((level.parent / name).read_text())
+            (d / "cgroup.procs").write_text(str(self.sleep.pid))
+
+    def remove(self) -> None:
+        if self.sleep:
+            self.sleep.kill()
+            self.sleep.wait()
+        for d in self.dirs:
+            for level in (d, d.parent, d.parent.parent):
+                try:
+                    level.rmdir()
+                except OSError:
+                    break
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def hook_env(job: int, node: str, pw: pwd.struct_passwd) -> dict[str, str]:
     return {"SLURM_JOB_ID": str(job), "SLURM_JOBID": str(job), "SLURM_JOB_USER": pw.pw_name,
             "SLURM_JOB_UID": str(pw.pw_uid), "SLURM_UID": str(pw.pw_uid), "SLURM_JOB_GID": str(pw.pw_gid),
             "SLURMD_NODENAME": node, "SLURM_NODELIST": node, "SLURM_CLUSTER_NAME": "dxlab",
             "SLURM_JOB_WORK_DIR": pw.pw_dir, "SLURM_JOB_PARTITION": "debug",
-            "SLURM_SCRIPT_CONTEXT": "prolog_slurmd", "SLURM_CONF": "/etc/slurm/slurm.conf"}
+            "SLURM_SCRIPT_CONTEXT": "prolog_slurmd", "SLURM_CONF": node_conf(node)}
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -107,24 +166,30 @@ def main() -> int:
     noop.write_text("#!/bin/sh\nexit 0\n")
     noop.chmod(0o755)
 
-    base_t, pro_t, ans_t, epi_t, orphans = [], [], [], [], 0
+    base_t, pro_t, ans_t, epi_t, orphans, rss = [], [], [], [], 0, []
     for i in range(args.rounds):
         job = args.first_job + int(time.time()) % 100000 * 100 + i
         env = hook_env(job, args.node, pw)
         base_t.append(timed([str(noop)], env))
         reg = Path(pw.pw_dir) / ".dxflow" / "fleet" / f"dxlab.{job}.{args.node}.json"
-        t0 = time.perf_counter()
-        pro_t.append(timed([PROLOG], env))
-        if not answering(reg, key, args.user, t0 + 10):
-            print(f"round {i}: agent of job {job} did not answer within 10 s", file=sys.stderr)
-            return 1
-        ans_t.append(time.perf_counter() - t0)
-        record = json.loads(Path(f"/run/dxflow/dxlab.{job}.{args.node}.json").read_text())
-        before = {p.pid for p in all_procs().values() if p.sid == record["pid"]} | {record["pid"]}
-        env["SLURM_SCRIPT_CONTEXT"] = "epilog_slurmd"
-        epi_t.append(timed([EPILOG], env))
-        left = before & set(all_procs())
-        orphans += len(left)
+        step = ExternStep(env["SLURM_CONF"], args.node, pw.pw_uid, job)
+        try:
+            t0 = time.perf_counter()
+            pro_t.append(timed([PROLOG], env))
+            if not answering(reg, key, args.user, t0 + 10):
+                print(f"round {i}: agent of job {job} did not answer within 10 s", file=sys.stderr)
+                return 1
+            ans_t.append(time.perf_counter() - t0)
+            record = json.loads(Path(f"/run/dxflow/dxlab.{job}.{args.node}.json").read_text())
+            before = {p.pid for p in all_procs().values() if p.sid == record["pid"]} | {record["pid"]}
+            time.sleep(0.5)  # the worker has booted and served: its memory as it stays
+            rss.append(sum(rss_kib(p) for p in before) / 1024)
+            env["SLURM_SCRIPT_CONTEXT"] = "epilog_slurmd"
+            epi_t.append(timed([EPILOG], env))
+            left = before & set(all_procs())
+            orphans += len(left)
+        finally:
+            step.remove()
     print(f"{args.rounds} rounds on {args.node} as {args.user} (Slurm hook scripts, as slurmd runs them)")
     print(summary("no-op prolog (baseline)", base_t))
     print(summary("dxflow prolog", pro_t, 0.100))
@@ -133,6 +198,8 @@ def main() -> int:
     print(summary("prolog start -> agent answering", ans_t, 0.500))
     print(summary("epilog start -> agent and children gone", epi_t, 1.0))
     print(f"{'orphans left after epilogs':<38} {orphans}")
+    print(f"{'agent memory (arbiter + worker RSS)':<38} median {statistics.median(rss):7.1f} MiB   target ≤ 50 MiB: "
+          f"{'met' if statistics.median(rss) <= 50 else 'NOT met'}")
     return 0 if orphans == 0 else 1
 
 

@@ -28,8 +28,41 @@ class SiteConfig:
     python: str = ""
     #: gunicorn threads per agent (streams and WebSockets each hold one).
     agent_threads: int = 32
-    #: Seconds between the agent's checks that its job still runs (at most one scheduler query a minute).
-    job_check_interval: float = 60.0
+    # -- load on the scheduler's controller and the shared file system (issue #11; docs/admin-*.md) --
+    #: Seconds between an agent's looks, on its own node, at whether its job still runs there (Slurm:
+    #: slurmstepd's sockets in slurmd's spool folder; no controller call, no shared file system).
+    #: Default 10: a look lists one local folder; an agent whose epilog did not run outlives its job by
+    #: at most this much where such a look can tell.
+    job_check_interval: float = 10.0
+    #: Seconds between an agent's questions to the controller, asked only where no look on the node can
+    #: tell (Slurm without PrologFlags=Contain, on nodes other than the batch host; PBS, LSF), filtered
+    #: to its one job. The first comes at a random point of the first interval, then every interval
+    #: ±10 %, so a large job's agents never ask together. Default 600: the epilog stops the agent when
+    #: the job ends; this is only the safety net for a node where no epilog ran.
+    controller_check_interval: float = 600.0
+    #: At most this many controller queries a minute from one dxflow process, whatever asks: an agent
+    #: (one job on one node) or a user's master; past it a query is skipped and retried later. Default
+    #: 6: above what the intervals below ever need, low enough that nothing dxflow does can flood
+    #: slurmctld. 0 lifts the cap.
+    controller_queries_per_minute: float = 6.0
+    #: Seconds between a master's questions to the scheduler (one filtered query for its user) while
+    #: nothing changes, ±20 %. Default 120: registrations appearing or going, and the user's commands,
+    #: ask at once; this only catches jobs that ended where no epilog removed their agents.
+    master_check_interval: float = 120.0
+    #: Seconds at least between two of a master's questions asked on news (a registration appeared or
+    #: went, `dxflow ls`). Default 10: a 1,000-node job's registrations arrive within a few seconds and
+    #: are confirmed by one or two queries, not one each.
+    master_check_gap: float = 10.0
+    #: Seconds between a master's looks at ~/.dxflow/fleet while agents start or the user works (one
+    #: stat of the folder; it is read only when its modification time changed). Default 0.5: a new
+    #: agent is seen within half a second.
+    fleet_scan_interval: float = 0.5
+    #: Seconds the looks back off to, doubling, while nothing starts. Default 5: twelve stats a minute
+    #: of an idle folder on the shared home; a command (`dxflow ls`) looks at once anyway.
+    fleet_scan_max: float = 5.0
+    #: Seconds after which a master with no live agent (starting or ready) and no client exits; the
+    #: next command starts it again. Default 900 (15 minutes); 0 keeps masters running.
+    master_idle_exit: float = 900.0
     #: Seconds the epilog waits for an agent to stop after SIGTERM before SIGKILL.
     stop_timeout: float = 1.0
     #: Extra roots agents may serve files from; ``$USER`` and ``$JOB`` are expanded.

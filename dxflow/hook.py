@@ -3,7 +3,9 @@
 Rules (see docs/admin.md and CONTRACTS.md): return fast, never hang the job, exit 0
 whatever happens to dxflow, never touch another job's processes. Standard library
 only, so the prolog finishes in a few tens of milliseconds; the agent itself
-(Flask, gunicorn) starts detached after the hook has returned.
+(Flask, gunicorn) starts detached after the hook has returned — born in a cgroup of its
+own, and moved into the job's cgroups where the scheduler makes them (dxflow.adopt) —
+and every wait of the epilog has a deadline (docs/admin-slurm.md §6).
 """
 
 from __future__ import annotations
@@ -12,20 +14,29 @@ import json
 import logging
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from dxflow import jobcgroup
 from dxflow.config import SiteConfig, agent_name
+from dxflow.errors import ConfigError
+from dxflow.locks import locked
 from dxflow.procs import read_proc, stop_tree
-from dxflow.schedulers import HookJob, get_scheduler
+from dxflow.schedulers import HookJob, Scheduler, get_scheduler
 
 log = logging.getLogger("dxflow.hook")
 
 #: Environment given to the agent; nothing else of the hook's environment passes.
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Seconds a hook waits for the lock on an agent's record (another hook for the same job and node holds it).
+RECORD_LOCK_WAIT = 10.0
+#: Seconds the epilog gives the child that removes the agent's registration from the user's home
+#: (a hung file system, or a FIFO the user put there, must not hang the epilog: the node would drain).
+REGISTRATION_TIMEOUT = 5.0
 
 
 def hook_log(site: SiteConfig) -> Path:
@@ -76,9 +87,10 @@ def read_record(path: Path) -> dict | None:
 
 
 def agent_alive(record: dict) -> bool:
-    """The recorded agent still runs: same pid, same start time, same owner."""
+    """The recorded agent (or its launcher, root until it becomes the agent) still runs: same pid,
+    same start time — a pid alone may have been reused by an unrelated process."""
     p = read_proc(int(record.get("pid", 0)))
-    return bool(p and p.start == record.get("start") and p.uid == record.get("uid"))
+    return bool(p and record.get("start") is not None and p.start == record.get("start"))
 
 
 def agent_env(job: HookJob, pw: pwd.struct_passwd, passthrough: dict[str, str]) -> dict[str, str]:
@@ -100,6 +112,58 @@ def agent_argv(site: SiteConfig, job: HookJob) -> list[str]:
     return argv
 
 
+def join_own_cgroup(job: HookJob) -> Path | None:
+    """Put this hook into a new cgroup for the agent alone (root only), so that the agent is born in it
+    and the epilog can kill it whole; None where no cgroup tree lets dxflow make one."""
+    own = jobcgroup.own_cgroup(jobcgroup.hierarchies(), agent_name(job.cluster, job.job, job.node))
+    if own is None or os.getuid() != 0:
+        return None
+    try:
+        jobcgroup.create(own)
+        jobcgroup.join(own)
+    except OSError as e:
+        log.warning("job %s node %s: no cgroup of its own for the agent (%s): the epilog falls back to "
+                    "its process tree", job.job, job.node, e)
+        return None
+    return own
+
+
+def start_agent(site: SiteConfig, sched: Scheduler, job: HookJob, pw: pwd.struct_passwd, path: Path) -> int:
+    """Start the agent detached and write its record; return its pid. Called with the record locked.
+
+    The agent is born in its own cgroup (:func:`join_own_cgroup`). Where the scheduler makes the
+    job's own cgroups on the node (Slurm's extern step) it starts as :mod:`dxflow.adopt`, root for
+    the moment it takes to join them, then the agent (same pid: the record holds). Otherwise it
+    starts as the job's user directly (a user cannot move processes between cgroups either way).
+    """
+    passthrough = {k: v for k in sched.passthrough_env if (v := sched.environ.get(k))}
+    env = agent_env(job, pw, passthrough)
+    as_root = os.getuid() == 0
+    own = join_own_cgroup(job)
+    plan = sched.job_cgroups(job) if as_root else None
+    groups = os.getgrouplist(job.user, job.gid)
+    if plan:
+        spec = {"job": plan.to_dict(), "record": str(path), "log": str(hook_log(site)), "uid": job.uid,
+                "gid": job.gid, "groups": groups, "cwd": pw.pw_dir, "argv": agent_argv(site, job)}
+        argv, cwd, user = [site.python or sys.executable, "-I", "-m", "dxflow.adopt", json.dumps(spec)], "/", {}
+    else:
+        # as root, become the job's user; run as that user already (LSF's default), stay as is
+        argv, cwd = agent_argv(site, job), pw.pw_dir
+        user = dict(user=job.uid, group=job.gid, extra_groups=groups) if as_root else {}
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, **user)
+    child = read_proc(proc.pid)
+    record = {"pid": proc.pid, "start": child.start if child else None,
+              "uid": job.uid, "gid": job.gid, "user": job.user, "job": job.job, "node": job.node,
+              "cluster": job.cluster, "scheduler": job.scheduler, "home": pw.pw_dir,
+              "own_cgroup": str(own) if own else None, "job_cgroups": [], "time": time.time()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+    proc.returncode = 0  # never waited for: the agent lives on in its own session
+    return proc.pid
+
+
 def prolog(scheduler: str, argv: Sequence[str] = ()) -> int:
     """Start this job's agent on this node, detached, as the job's user. Always returns 0."""
     t0 = time.monotonic()
@@ -109,6 +173,7 @@ def prolog(scheduler: str, argv: Sequence[str] = ()) -> int:
         _site_logger(site)
         sched = get_scheduler(scheduler)
         job = sched.hook_job(argv)
+        sched.complete_hook_job(job)  # what the hook's environment lacks (OpenPBS's prologue: the work dir)
         pw = pwd.getpwnam(job.user)
         if job.uid == 0:
             log.warning("job %s belongs to root: no agent (agents never run as root)", job.job)
@@ -124,85 +189,149 @@ def prolog(scheduler: str, argv: Sequence[str] = ()) -> int:
         rundir = runtime_dir(site)
         rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = record_path(site, job)
-        old = read_record(path)
-        if old and agent_alive(old):
-            log.info("job %s node %s: agent %s already running", job.job, job.node, old["pid"])
-            return 0
-        passthrough = {k: v for k in sched.passthrough_env if (v := sched.environ.get(k))}
-        proc = subprocess.Popen(
-            agent_argv(site, job), cwd=pw.pw_dir, env=agent_env(job, pw, passthrough),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=True, start_new_session=True,
-            # as root, become the job's user; run as that user already (LSF's default), stay as is
-            **(dict(user=job.uid, group=job.gid, extra_groups=os.getgrouplist(job.user, job.gid))
-               if as_root else {}),
-        )
-        child = read_proc(proc.pid)
-        record = {"pid": proc.pid, "start": child.start if child else None,
-                  "uid": job.uid, "gid": job.gid, "user": job.user, "job": job.job, "node": job.node,
-                  "cluster": job.cluster, "scheduler": job.scheduler, "home": pw.pw_dir,
-                  "time": time.time()}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
-        proc.returncode = 0  # never waited for: the agent lives on in its own session
+        # Two prologs for the same job and node at once (a retried RPC, a hand-run hook) start one agent.
+        with locked(path.with_suffix(".lock"), RECORD_LOCK_WAIT) as held:
+            if not held:
+                log.error("job %s node %s: %s stayed locked for %.0f s (another hook is starting this "
+                          "agent): none started", job.job, job.node, path, RECORD_LOCK_WAIT)
+                return 0
+            old = read_record(path)
+            if old and agent_alive(old):
+                log.info("job %s node %s: agent %s already running", job.job, job.node, old["pid"])
+                return 0
+            pid = start_agent(site, sched, job, pw, path)
         log.info("job %s node %s user %s: agent pid %d started in %.0f ms", job.job, job.node, job.user,
-                 proc.pid, (time.monotonic() - t0) * 1000)
+                 pid, (time.monotonic() - t0) * 1000)
     except Exception as e:  # the job must run whatever happens to dxflow
         _site_logger(site)
         log.error("prolog (%s): no agent started: %s: %s", scheduler, type(e).__name__, e)
     return 0
 
 
-def _remove_registration(record: dict) -> None:
-    """Remove the agent's registration from the user's home, as the user (never follow links as root)."""
+def remove_registration(record: dict, timeout: float = REGISTRATION_TIMEOUT) -> bool:
+    """Remove the agent's registration from the user's home, as the user, in a child given ``timeout``
+    seconds, then killed: the home may hang (a dead file server) or hold a trap (a FIFO). True when done.
+
+    The child never follows links as root (it becomes the user first), holds none of the epilog's
+    output pipes (slurmd waits for them to close) and removes the registration only if it still
+    names the agent that was stopped.
+    """
     name = agent_name(record["cluster"], record["job"], record["node"])
     fleet = Path(record["home"]) / ".dxflow" / "fleet"
     pid = os.fork()
-    if pid == 0:  # child: become the user, then touch the user's files
+    if pid == 0:  # child
         try:
-            os.setgroups([])
-            os.setgid(int(record["gid"]))
-            os.setuid(int(record["uid"]))
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            if os.getuid() == 0:
+                os.setgroups([])
+                os.setgid(int(record["gid"]))
+                os.setuid(int(record["uid"]))
             from dxflow.registration import remove
-            remove(fleet, name)
+            remove(fleet, name, pid=int(record["pid"]))
             os._exit(0)
         except BaseException:
             os._exit(1)
-    os.waitpid(pid, 0)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    # A child stuck in the kernel (a hard NFS mount) dies only when its call returns: not waited for.
+    time.sleep(0.05)
+    os.waitpid(pid, os.WNOHANG)
+    log.error("job %s node %s: removing %s/%s.json took over %.0f s: child %d killed, registration left "
+              "(the master drops it once the agent does not answer)", record["job"], record["node"], fleet,
+              name, timeout, pid)
+    return False
+
+
+def own_cgroup_of(record: dict) -> Path | None:
+    """The cgroup the prolog made for this agent alone, if the record names one that looks like it."""
+    own = record.get("own_cgroup")
+    name = agent_name(record["cluster"], record["job"], record["node"])
+    if not own:
+        return None
+    if Path(own).name == name and Path(own).parent.name == jobcgroup.OWN_DIR:
+        return Path(own)
+    log.error("record of %s names cgroup %s, not the agent's own: left alone", name, own)
+    return None
+
+
+def stop_agent(record: dict, timeout: float) -> set[int]:
+    """Stop the recorded agent and everything it started; return the pids still there after ``timeout``.
+
+    First the cgroup made for the agent alone, whole (a process forking in a loop cannot escape a
+    cgroup); then, for what may live outside one (none could be made here), its process tree,
+    session and groups — never by pid alone: a pid whose start time differs from the record's
+    belongs to someone else. The job's own cgroups are left to the scheduler: the agent shares
+    them with the job's other processes (Slurm's extern step, SSH sessions adopted into it).
+    """
+    left: set[int] = set()
+    launcher = read_proc(int(record["pid"]))
+    if launcher and launcher.uid == 0 and agent_alive(record):
+        # still the launcher, waiting for the job's cgroups: root, and nothing started yet
+        os.kill(launcher.pid, signal.SIGKILL)
+    own = own_cgroup_of(record)
+    if own:
+        left |= jobcgroup.kill(own, timeout)
+        jobcgroup.remove(own)
+    left |= stop_tree(int(record["pid"]), int(record["uid"]), timeout=timeout, start=record.get("start"))
+    return left
+
+
+def _stop_recorded(path: Path, job: HookJob, site: SiteConfig) -> tuple[dict | None, str]:
+    """Stop the agent ``path`` records and remove the record; (the record, what happened) or (None, "")."""
+    record = read_record(path)
+    if not record:
+        log.info("job %s node %s: no agent record, nothing to stop", job.job, job.node)
+        return None, ""
+    if record.get("job") != job.job or record.get("uid") != job.uid:
+        log.error("record %s does not match job %s / uid %s: left alone", path, job.job, job.uid)
+        return None, ""
+    note = "agent stopped" if agent_alive(record) else "agent already gone"
+    left = stop_agent(record, site.stop_timeout)
+    if left:
+        log.error("job %s node %s: processes %s still there after %.1f s", job.job, job.node, sorted(left),
+                  site.stop_timeout)
+    path.unlink(missing_ok=True)
+    return record, note
 
 
 def epilog(scheduler: str, argv: Sequence[str] = ()) -> int:
-    """Stop exactly this job's agent on this node and everything it started. Always returns 0."""
+    """Stop exactly this job's agent on this node and everything it started. Always returns 0,
+    within bounded time: every wait here has a deadline."""
     site = SiteConfig()
     try:
-        site = SiteConfig.load()
+        try:
+            site = SiteConfig.load()
+        except ConfigError as e:  # an agent left running is worse than a record looked for in the default place
+            _site_logger(site)
+            log.error("epilog (%s): %s; stopping the agent with the default settings", scheduler, e)
         _site_logger(site)
         job = get_scheduler(scheduler).hook_job(argv)
         path = record_path(site, job)
-        record = read_record(path)
-        if not record:
+        if not path.parent.is_dir():
             log.info("job %s node %s: no agent record, nothing to stop", job.job, job.node)
             return 0
-        if record.get("job") != job.job or record.get("uid") != job.uid:
-            log.error("record %s does not match job %s / uid %s: left alone", path, job.job, job.uid)
-            return 0
-        leader = int(record["pid"])
-        alive = agent_alive(record)
-        leader_note = "agent stopped" if alive else "agent already gone"
-        # Even when the leader is gone, what is left of its session still carries its pid as sid.
-        left = stop_tree(leader, job.uid, timeout=site.stop_timeout, leader_alive=alive)
-        if left:
-            log.error("job %s node %s: processes %s still there after %.1f s", job.job, job.node,
-                      sorted(left), site.stop_timeout)
-        if os.getuid() == 0:
-            _remove_registration(record)
-        else:  # the hook runs as the job's user: its own files, nothing to drop
-            from dxflow.registration import remove
-            remove(Path(record["home"]) / ".dxflow" / "fleet",
-                   agent_name(record["cluster"], record["job"], record["node"]))
-        path.unlink(missing_ok=True)
-        log.info("job %s node %s: %s (pid %d)", job.job, job.node, leader_note, leader)
+        lock = path.with_suffix(".lock")
+        try:
+            # the launcher notes its cgroups in the record under this lock; a hung one is not waited for
+            with locked(lock, RECORD_LOCK_WAIT) as held:
+                if not held:
+                    log.warning("job %s node %s: %s stayed locked; stopping the agent anyway", job.job,
+                                job.node, path)
+                record, note = _stop_recorded(path, job, site)
+        finally:
+            lock.unlink(missing_ok=True)
+        if record:
+            remove_registration(record)  # after the lock is released: a stuck child must not hold it
+            log.info("job %s node %s: %s (pid %d)", job.job, job.node, note, int(record["pid"]))
     except Exception as e:
         _site_logger(site)
         log.error("epilog (%s): %s: %s", scheduler, type(e).__name__, e)

@@ -51,13 +51,7 @@ def start_time(pid: int) -> int | None:
     return p.start if p else None
 
 
-def tree(leader: int, uid: int, procs: dict[int, Proc] | None = None, *, leader_alive: bool = True) -> set[int]:
-    """The leader, its descendants, and anything still in its session or process group — owned by ``uid`` only.
-
-    With ``leader_alive=False`` the leader's pid may have been reused by an unrelated
-    process: only what still carries it as session or process group id is taken.
-    """
-    procs = all_procs() if procs is None else procs
+def _members(leader: int, uid: int, procs: dict[int, Proc], leader_alive: bool) -> dict[int, Proc]:
     children: dict[int, list[int]] = {}
     for p in procs.values():
         children.setdefault(p.ppid, []).append(p.pid)
@@ -70,7 +64,26 @@ def tree(leader: int, uid: int, procs: dict[int, Proc] | None = None, *, leader_
             continue
         found.add(pid)
         todo.extend(children.get(pid, ()))
-    return {pid for pid in found if procs[pid].uid == uid and pid != os.getpid()}
+    return {pid: procs[pid] for pid in found if procs[pid].uid == uid and pid != os.getpid()}
+
+
+def tree(leader: int, uid: int, procs: dict[int, Proc] | None = None, *, leader_alive: bool = True) -> set[int]:
+    """The leader, its descendants, and anything still in its session or process group — owned by ``uid`` only.
+
+    With ``leader_alive=False`` only what still carries the leader's pid as session or process
+    group id is taken (the kernel does not give a pid to a new process while any process still
+    uses it as a session or group id, so those are the leader's).
+    """
+    return set(_members(leader, uid, all_procs() if procs is None else procs, leader_alive))
+
+
+def leader_state(leader: int, start: int | None) -> str:
+    """``"alive"`` (pid and start time match), ``"gone"`` (no such process) or ``"reused"`` (another
+    process has the pid now: nothing carries the old one as session or group id any more)."""
+    p = read_proc(leader)
+    if p is None:
+        return "gone"
+    return "alive" if start is not None and p.start == start else "reused"
 
 
 def _signal(pids: set[int], sig: int) -> None:
@@ -81,26 +94,55 @@ def _signal(pids: set[int], sig: int) -> None:
             pass
 
 
-def stop_tree(leader: int, uid: int, timeout: float = 1.0, *, leader_alive: bool = True) -> set[int]:
-    """Freeze the whole tree (so nothing respawns or escapes), kill it, wait until gone.
+def _kill_groups(pgids: set[int], uid: int) -> None:
+    """SIGKILL each process group none of whose visible members is another user's: one call reaches
+    every member atomically, one forked after the last scan included."""
+    procs = all_procs()
+    for pgid in pgids:
+        if pgid > 1 and pgid != os.getpgrp() and all(p.uid == uid for p in procs.values() if p.pgid == pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
-    Returns the pids that were still there at the timeout (empty on success).
-    The job has ended: like Slurm with the job's own processes, nothing is waited for
-    to tidy up.
+
+def stop_tree(leader: int, uid: int, timeout: float = 1.0, *, leader_alive: bool = True,
+              start: int | None = None) -> set[int]:
+    """Stop the tree (so nothing respawns or escapes), kill it, wait until gone; never past ``timeout``.
+
+    With ``start`` (the leader's recorded start time) the leader is identified by pid *and* start
+    time: when another process has the pid now, nothing is signalled. Returns the pids still
+    there at the timeout (empty on success). The job has ended: like Slurm with the job's own
+    processes, nothing is waited for to tidy up.
+
+    Without a cgroup this is best effort. Scans of /proc SIGSTOP what the previous ones missed
+    until three in a row find nothing new; then every process group seen, and the leader's own
+    (the agent leads its session and group), is killed at once — which catches a process forking
+    in a loop, whose short-lived generations a scan may miss but which all stay in their group. A
+    process that leaves its session and group (setsid) *and* whose parent has already exited is
+    out of reach: a cgroup is what closes that gap.
     """
     if uid == 0:
         raise ValueError("refusing to stop processes of root")
-    frozen: set[int] = set()
-    for _ in range(5):  # until no new process appears between two scans
-        pids = tree(leader, uid, leader_alive=leader_alive) - frozen
-        if not pids:
-            break
-        _signal(pids, signal.SIGSTOP)
-        frozen |= pids
-    _signal(frozen, signal.SIGKILL)
+    if start is not None:
+        state = leader_state(leader, start)
+        if state == "reused":
+            return set()
+        leader_alive = state == "alive"
     deadline = time.monotonic() + timeout
-    alive = frozen
+    seen: dict[int, Proc] = {}
+    quiet = 0
+    while quiet < 3 and time.monotonic() < deadline:
+        found = {pid: p for pid, p in _members(leader, uid, all_procs(), leader_alive).items() if pid not in seen}
+        quiet = 0 if found else quiet + 1
+        _signal(set(found), signal.SIGSTOP)  # a stopped process cannot fork
+        seen.update(found)
+    # the leader's pid names its group while any member is left (the kernel does not reuse it meanwhile)
+    verified = start is not None or leader_alive
+    _kill_groups({p.pgid for p in seen.values()} | ({leader} if verified else set()), uid)
+    _signal(set(seen), signal.SIGKILL)
+    alive = set(seen)
     while alive and time.monotonic() < deadline:
         time.sleep(0.01)
         alive = {pid for pid in alive if read_proc(pid) is not None}
-    return alive
+    return {pid for pid in alive if read_proc(pid) is not None}

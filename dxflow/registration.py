@@ -63,7 +63,8 @@ def read_all(fleet_dir: Path, cache: dict | None = None) -> list[Registration]:
     """Every readable record; unreadable ones are logged and skipped (a writer may be mid-way).
 
     With ``cache`` (kept by the caller between calls), a file whose size and mtime did
-    not change is not read again: the master scans twice a second.
+    not change is not read again: the master reads the folder whenever it changed
+    (:class:`dxflow.master.pace.FolderWatch`), and most files have not.
     """
     out = []
     seen = set()

@@ -1,8 +1,10 @@
 """``POST /api/exec``: run a command in the job on this node, streaming its output as it comes.
 
 The command runs as the job's user (the agent's own user) in the job's environment
-and work dir, in its own process group but still a child of the agent, so the
-epilog's stop of the agent's process tree ends it too. Its output arrives as
+and work dir, in its own process group but still a child of the agent: in the agent's
+cgroups — the job's own where the scheduler makes them (Slurm's extern step, see
+dxflow/adopt.py), so it counts against the job's CPU and memory limits, and the one the
+prolog made for the agent, which the epilog kills whole. Its output arrives as
 NDJSON lines ``{"stream": "stdout"|"stderr", "data": <base64>}`` and a last
 ``{"exit": code}``; a blank line is a keepalive after ``KEEPALIVE`` seconds of
 silence (it is also how a relay notices a client that went away). When the client

@@ -5,33 +5,46 @@ with ``sendfile`` by gunicorn (``wsgi.file_wrapper``) and honour ``Range: bytes=
 so a broken transfer resumes. Uploads stream into a hidden temporary file in the
 target's own folder, which is fsynced and renamed over the real name only once the
 whole body has arrived: a broken upload never leaves a partial file under that name.
+
+An upload that names a ``resume`` key writes to ``.dxflow-upload-KEY.part`` in that folder
+instead, from byte ``offset`` on, and keeps it (fsynced) when the body breaks off, so the
+next upload with the same key sends only the rest: the client learns where to go on by a
+``stat`` of that name. When the body is complete the whole file is hashed, checked against
+the ``sha256`` the client sent (a mismatch drops the partial file and leaves the target as
+it was), and renamed over the target.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 import unicodedata
 from pathlib import Path
 from urllib.parse import quote
 
 from flask import Blueprint, Flask, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 from werkzeug.http import http_date
 from werkzeug.wsgi import wrap_file
 
-from dxflow.agent.paths import Roots
+from dxflow.agent.paths import Roots, open_regular
 from dxflow.errors import AccessDenied, NotFound, UsageError
 
 bp = Blueprint("files", __name__)
 
 CHUNK = 1024 * 1024
 UPLOAD_PREFIX = ".dxflow-upload-"
+RESUME_SUFFIX = ".part"
+PART_LOCK_WAIT = 30.0  # seconds an upload waits for the request of a broken try to let go of the partial file
+RESUME_KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")  # the client's name for one source: no path, no dot
 
 
 class InsufficientStorage(HTTPException):
@@ -74,6 +87,8 @@ def fs_errors(view):
             raise NotFound(f"{e.filename or 'path'}: no such file or folder") from e
         except PermissionError as e:
             raise AccessDenied(f"{e.filename or 'path'}: permission denied by the file system") from e
+        except shutil.SpecialFileError as e:  # a fifo moved to another file system: copying would wait
+            raise UsageError(str(e)) from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InsufficientStorage() from e
@@ -124,7 +139,7 @@ def entry(name: str, st: os.stat_result) -> dict:
 
 
 def sha256_of(path: Path) -> str:
-    with open(path, "rb") as f:
+    with open_regular(path, follow=False) as f:  # a resolved path: no symlink left in it
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -176,12 +191,9 @@ def stat_path():
 @fs_errors
 def download():
     path = roots().resolve(request.args.get("path"))
-    f = open(path, "rb")
+    f = open_regular(path, follow=False)  # a fifo or a device is refused, never waited on
     try:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{path} is not a file" + (": list it with /api/files" if stat.S_ISDIR(st.st_mode)
-                                                          else ""))
         size = st.st_size
         start, stop, status = 0, size, 200
         rng = request.range  # None unless a valid Range header was sent
@@ -261,22 +273,16 @@ def upload():
     mode = (stat.S_IMODE(target.stat().st_mode) if existing
             else 0o666 & ~current_app.config["FILE_UMASK"])
     expected = request.content_length
+    key = request.args.get("resume")
+    if key is not None:
+        return _upload_resumable(target, key, mode, existing, overwrite)
     fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=folder)
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            stream = request.stream
-            while True:
-                chunk = stream.read(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-                if expected is not None and size > expected:
-                    break
+            size = _receive(out, digest, expected)
             if expected is not None and size != expected:
                 raise UsageError(f"upload broken off after {size} of {expected} bytes: "
                                  f"{target} was left as it was")
@@ -296,6 +302,103 @@ def upload():
         tmp.unlink(missing_ok=True)
         raise
     return jsonify(path=str(target), size=size, sha256=digest.hexdigest()), (200 if existing else 201)
+
+
+def _receive(out, digest, expected: int | None) -> int:
+    """Copy the request body into ``out`` (hashing it): the bytes received, at most one chunk past ``expected``.
+
+    With a Content-Length, a body that breaks off ends the copy early (the caller compares the
+    count with ``expected``); without one, the break is raised: nothing else would tell it."""
+    size = 0
+    stream = request.stream
+    while True:
+        try:
+            chunk = stream.read(CHUNK)
+        except (OSError, ClientDisconnected):
+            if expected is None:
+                raise
+            break
+        if not chunk:
+            break
+        out.write(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+        if expected is not None and size > expected:
+            break
+    return size
+
+
+def resume_name(target: Path, key: str) -> Path:
+    """Where an upload under resume KEY keeps its bytes until they are complete."""
+    return target.parent / f"{UPLOAD_PREFIX}{key}{RESUME_SUFFIX}"
+
+
+def _lock_part(fd: int, part: Path, wait: float = PART_LOCK_WAIT) -> None:
+    """Hold the partial file alone: the request of a try that broke off may still be writing to it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise UsageError(f"another upload writes to {part}: try again when it has ended") from None
+            time.sleep(0.1)
+
+
+def _upload_resumable(target: Path, key: str, mode: int, existing: bool, overwrite: bool):
+    """The body is the source from byte ``offset`` on: appended to the kept partial file, which
+    becomes the target once complete and matching ``sha256``; kept (fsynced) when the body breaks off."""
+    if not RESUME_KEY.fullmatch(key):
+        raise UsageError("resume: expected 16-64 letters, digits, '-' or '_'")
+    try:
+        offset = int(request.args.get("offset", "0"))
+    except ValueError:
+        raise UsageError("offset: expected a number of bytes") from None
+    want = (request.args.get("sha256") or "").lower()
+    expected = request.content_length
+    if offset < 0 or expected is None:
+        raise UsageError("a resumable upload needs offset >= 0 and a Content-Length")
+    part = resume_name(target, key)
+    # O_NOFOLLOW: the name is ours; a symlink planted there must not redirect the write
+    try:  # only a start from byte 0 makes the file: a later offset continues one that is there
+        fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if offset else os.O_CREAT), 0o600)
+    except FileNotFoundError:
+        raise UsageError(f"resume from byte {offset}: no partial upload {part} (it was completed or "
+                         "removed meanwhile); send from byte 0") from None
+    with os.fdopen(fd, "r+b") as out:
+        _lock_part(out.fileno(), part)
+        have = os.fstat(out.fileno())
+        if not stat.S_ISREG(have.st_mode):
+            raise UsageError(f"{part} is not a regular file: remove it and retry")
+        if have.st_size < offset:
+            raise UsageError(f"resume from byte {offset}: {part} holds only {have.st_size} bytes; "
+                             "stat it and send from there")
+        out.truncate(offset)
+        out.seek(offset)
+        size = _receive(out, hashlib.sha256(), expected)
+        out.flush()
+        os.fsync(out.fileno())  # what arrived is kept for the next try, even when the body broke off
+        if size != expected:
+            raise UsageError(f"upload broken off after {offset + size} of {offset + expected} bytes: they are "
+                             f"kept in {part} for the next try; {target} was left as it was")
+        out.seek(0)
+        digest = hashlib.file_digest(out, "sha256")
+        if want and digest.hexdigest() != want:
+            part.unlink(missing_ok=True)
+            raise UsageError(f"the uploaded bytes hash to {digest.hexdigest()[:16]}…, not {want[:16]}…: "
+                             f"dropped; {target} was left as it was, send the whole file again")
+        os.fchmod(out.fileno(), mode)
+    if overwrite:
+        os.replace(part, target)
+    else:
+        try:
+            os.link(part, target)  # fails if someone made the file meanwhile: never clobber it
+        except FileExistsError as e:
+            raise UsageError(f"{target} exists: pass overwrite=1 to replace it") from e
+        part.unlink()
+    _fsync_dir(target.parent)
+    return jsonify(path=str(target), size=offset + size, sha256=digest.hexdigest()), (200 if existing else 201)
 
 
 @bp.post("/api/files/mkdir")
@@ -430,7 +533,18 @@ OPENAPI = {
         "put": {"summary": "upload the body: streamed to a temporary file in the same folder, fsynced, "
                            "then renamed (a broken upload leaves nothing under the name)",
                 "operationId": "files_upload", "tags": ["files"],
-                "parameters": [_PATH, _flag_param("overwrite", "replace an existing file")],
+                "parameters": [_PATH, _flag_param("overwrite", "replace an existing file"),
+                               {"name": "resume", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "a key naming the source (16-64 of A-Za-z0-9_-): the bytes go to "
+                                               "the kept partial file .dxflow-upload-KEY.part in the target's "
+                                               "folder, so a broken upload resumes"},
+                               {"name": "offset", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 0},
+                                "description": "with resume: the body starts at this byte of the source "
+                                               "(at most the partial file's size)"},
+                               {"name": "sha256", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "with resume: the whole file's sha256; a mismatch drops the "
+                                               "partial file and leaves the target as it was"}],
                 "requestBody": {"required": True, "content": _BINARY},
                 "responses": {"200": _json({"type": "object", "properties": {
                     "path": {"type": "string"}, "size": {"type": "integer"}, "sha256": {"type": "string"}}},

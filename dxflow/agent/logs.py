@@ -5,6 +5,11 @@ like). That value may be an unexpanded pattern (``/home/alice/slurm-%j.out``) or
 empty (Slurm 22.05 with the default file name); then the scheduler's job record,
 which carries the expanded path, is asked once and remembered.
 
+PBS, Torque and LSF write a running job's output to a spool of their own and copy it
+to that final path only when the job ends. Where the spool is, is the scheduler
+adapter's knowledge (``Scheduler.spooled_output``, asked once): while a regular file
+is there, it is what is read; once the scheduler has moved it, the final path is.
+
 Following polls the file's size every ``POLL`` seconds (no inotify: it misses
 writes made on other nodes of a shared file system) and sends each complete line
 as a server-sent event at once.
@@ -17,16 +22,19 @@ import os
 import re
 import select
 import socket
+import stat
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from dxflow.agent import jobwatch
+from dxflow.agent.paths import open_regular
 from dxflow.agent.state import AgentState
 from dxflow.config import agent_name
 from dxflow.errors import DxflowError, NotFound, UsageError
-from dxflow.schedulers import JobState, get_scheduler
+from dxflow.schedulers import get_scheduler
 
 log = logging.getLogger(__name__)
 bp = Blueprint("logs", __name__)
@@ -34,7 +42,7 @@ bp = Blueprint("logs", __name__)
 NAMES = ("stdout", "stderr", "agent")
 POLL = 0.025              # seconds between two looks at a followed file
 KEEPALIVE = 5.0           # an SSE comment after this much silence (finds clients that went away)
-JOB_CHECK = 3.0           # seconds between two questions to the scheduler about the job, shared by all followers
+JOB_CHECK = 3.0           # seconds between two looks on this node at the job's end (never slurmctld), shared by all followers
 RETRY_LOOKUP = 10.0       # seconds before asking the scheduler again after it could not tell the paths
 MAX_LINES = 10_000_000
 READ_CHUNK = 256 * 1024
@@ -111,39 +119,56 @@ def job_output_paths(state: AgentState) -> dict[str, str]:
         return {"stdout": _absolute(out, state), "stderr": _absolute(err, state)}
 
 
+def spooled_paths(state: AgentState) -> dict[str, str]:
+    """Where the scheduler holds the job's output while the job runs (the adapter knows, see the
+    module docstring); {} for a scheduler that writes the final path directly. Asked once."""
+    cached = state.extra.get("log_spool")
+    if cached is not None:
+        return cached
+    if time.monotonic() < state.extra.get("log_spool_retry", 0.0):
+        return {}
+    try:
+        # getattr: a site's own adapter (schedulers.ADAPTERS) may predate spooled_output; it spools nothing
+        asker = getattr(get_scheduler(state.scheduler), "spooled_output", None)
+        spool = asker(state.job) if asker else {}
+    except (DxflowError, OSError, ValueError) as e:
+        log.warning("cannot ask %s where job %s's output is spooled: %s", state.scheduler, state.job, e)
+        state.extra["log_spool_retry"] = time.monotonic() + RETRY_LOOKUP
+        return {}
+    state.extra["log_spool"] = spool
+    return spool
+
+
+def _regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def log_path(state: AgentState, name: str) -> str:
     if name == "agent":
         return str(state.home / ".dxflow" / "logs" / f"{agent_name(state.cluster, state.job, state.node)}.log")
     if name in ("stdout", "stderr"):
-        path = job_output_paths(state)[name]
-        if not path:
+        final = job_output_paths(state)
+        if name == "stderr" and final["stderr"] == final["stdout"]:  # one file holds both: read it as stdout
+            return log_path(state, "stdout")
+        spool = spooled_paths(state).get(name, "")
+        if spool and _regular_file(spool):  # the job runs and its scheduler spools its output
+            return spool
+        if not final[name]:
             raise NotFound(f"the scheduler does not say where job {state.job} writes its {name}")
-        return path
+        return final[name]
     raise NotFound(f"no log named {name!r}: the logs are {', '.join(NAMES)}")
 
 
-# -- the job's end, asked at most every JOB_CHECK seconds for all followers ---------------------------
-
-_job_checks: dict[str, tuple[float, bool]] = {}
-_job_lock = threading.Lock()
-
+# -- the job's end: the agent's own look at this node, at most every JOB_CHECK seconds (issue #11) -----
 
 def job_over(state: AgentState) -> bool:
-    if state.scheduler == "local":
-        return False
-    now = time.monotonic()
-    with _job_lock:
-        at, over = _job_checks.get(state.job, (-1e9, False))
-        if now - at < JOB_CHECK:
-            return over
-        _job_checks[state.job] = (now, over)  # others wait for the next period, not for this query
-    try:
-        over = get_scheduler(state.scheduler).job_state(state.job) in (JobState.ENDED, JobState.ENDING)
-    except (DxflowError, OSError, ValueError) as e:
-        log.warning("cannot ask %s about job %s: %s", state.scheduler, state.job, e)
-    with _job_lock:
-        _job_checks[state.job] = (time.monotonic(), over)
-    return over
+    """Whether the job has ended, as the agent's job watch (:mod:`dxflow.agent.jobwatch`) sees it on this
+    node, looked at again when older than JOB_CHECK; False in an app without a watch (tests)."""
+    watch = jobwatch.of(state)
+    return watch is not None and watch.over(JOB_CHECK)
 
 
 # -- the client, for noticing that it went away ---------------------------------------------------------
@@ -220,14 +245,15 @@ def tail_offset(f, lines: int) -> int:
 
 
 def _open(path: str, name: str):
+    """The log opened for reading; a FIFO or a device in its place is refused (400), never waited on."""
     try:
-        return open(path, "rb")
+        return open_regular(path)
     except FileNotFoundError:
         raise NotFound(f"{name} log {path} does not exist (yet)") from None
-    except IsADirectoryError:
-        raise NotFound(f"{name} log {path} is a folder") from None
     except PermissionError:
         raise NotFound(f"{name} log {path} cannot be read by the job's user") from None
+    except UsageError as e:
+        raise UsageError(f"{name} log: {e}") from None
 
 
 def sse_event(data: str, event: str = "", event_id: int | None = None) -> bytes:
@@ -245,14 +271,24 @@ def sse_event(data: str, event: str = "", event_id: int | None = None) -> bytes:
 
 
 def follow(state: AgentState, path: str, lines: int | None, start: int | None, watch: ClientWatch,
-           poll: float = POLL) -> Iterator[bytes]:
-    """Server-sent events for ``path``: its last ``lines`` lines (or from byte ``start``), then new lines."""
+           poll: float = POLL, resolve: Callable[[], str] | None = None) -> Iterator[bytes]:
+    """Server-sent events for ``path``: its last ``lines`` lines (or from byte ``start``), then new lines.
+    While no file is there yet, ``resolve`` (when given) says again which path to wait for: a spool
+    that appears once the job starts writing replaces the final path that appears only at its end."""
     yield b"retry: 1000\n\n"
     f = None
     last_sent = time.monotonic()
     while f is None:
+        if resolve is not None:
+            try:
+                path = resolve()
+            except NotFound:
+                pass
         try:
-            f = open(path, "rb")
+            f = open_regular(path)
+        except UsageError as e:  # replaced by a fifo or a device since the route looked
+            yield sse_event(str(e), event="error")
+            return
         except OSError:
             if job_over(state):
                 yield sse_event(f"job {state.job} ended", event="end")
@@ -305,10 +341,14 @@ def follow(state: AgentState, path: str, lines: int | None, start: int | None, w
                 checked_rename = now
                 try:
                     if os.stat(path).st_ino != inode:
+                        fresh = open_regular(path)  # before closing: if it fails, f is still the one read
                         f.close()
-                        f = open(path, "rb")
+                        f = fresh
                         inode, pos, partial = os.fstat(f.fileno()).st_ino, 0, b""
                         continue
+                except UsageError as e:  # the new file under the name is a fifo or a device
+                    yield sse_event(str(e), event="error")
+                    return
                 except OSError:
                     pass
                 if job_over(state):
@@ -378,6 +418,10 @@ def follow_log(name: str):
     state = current_app.config["AGENT"]
     lines = _lines_arg()
     path = log_path(state, name)
+    try:  # a fifo or a device is refused now, with a status; a log that is not there yet is waited for
+        _open(path, name).close()
+    except NotFound:
+        pass
     start = None
     last_id = request.headers.get("Last-Event-ID", "") or request.args.get("offset", "")
     if last_id:
@@ -385,8 +429,8 @@ def follow_log(name: str):
             raise UsageError(f"Last-Event-ID / offset must be a byte offset, not {last_id!r}")
         start = int(last_id)
     watch = ClientWatch(client_socket(request.environ))
-    resp = Response(follow(state, path, lines, start, watch), mimetype="text/event-stream",
-                    direct_passthrough=True)
+    resp = Response(follow(state, path, lines, start, watch, resolve=lambda: log_path(state, name)),
+                    mimetype="text/event-stream", direct_passthrough=True)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     resp.headers["X-Dxflow-Path"] = path

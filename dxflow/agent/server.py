@@ -16,18 +16,17 @@ import pwd
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
 from dxflow import API_VERSION, __version__, registration
+from dxflow.agent import jobwatch
 from dxflow.agent.state import AgentState
 from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_key
 from dxflow.config import SiteConfig, agent_name, ensure_user_dir
-from dxflow.errors import SchedulerError
-from dxflow.schedulers import JobState, get_scheduler
+from dxflow.schedulers.base import QUERY_BUDGET
 
 log = logging.getLogger("dxflow.agent")
 PR_SET_CHILD_SUBREAPER = 36
@@ -51,7 +50,8 @@ class AgentServer(BaseApplication):
 
     def load_config(self) -> None:
         settings = {
-            "bind": [self.bind], "workers": 1, "worker_class": "gthread", "threads": self.site.agent_threads,
+            "bind": [self.bind], "workers": 1, "worker_class": "dxflow.edge.worker.GuardedThreadWorker",
+            "threads": self.site.agent_threads,
             "preload_app": True, "control_socket_disable": True, "timeout": 120, "graceful_timeout": 1, "keepalive": 30,
             "errorlog": str(self.log_path), "accesslog": None, "loglevel": "info",
             "proc_name": f"dxflow-agent {self.state.job}.{self.state.node}",
@@ -84,29 +84,12 @@ class AgentServer(BaseApplication):
         if self.state.scheduler == "local":
             log.info("web console of this node: run `dxflow console --agent %s:%s` for a login link",
                      self.state.job, self.state.node)
-        threading.Thread(target=watch_job, args=(self.state, self.site), daemon=True, name="job-watch").start()
+        # stops the agent when its job is gone, in case no epilog does; looked at on this node (issue #11)
+        jobwatch.start(self.state, self.site, stop=lambda: os.kill(os.getppid(), signal.SIGTERM))
 
     def _on_exit(self, arbiter) -> None:
         registration.remove(self.fleet_dir, agent_name(self.state.cluster, self.state.job, self.state.node),
                             pid=os.getpid())
-
-
-def watch_job(state: AgentState, site: SiteConfig) -> None:
-    """Stop the agent when its job is gone, in case no epilog runs. One scheduler query per interval."""
-    sched = get_scheduler(state.scheduler)
-    interval = max(site.job_check_interval, 60.0) if state.scheduler != "local" else 3600.0
-    interval = float(os.environ.get("DXFLOW_JOB_CHECK_INTERVAL", interval))
-    while True:
-        time.sleep(interval)
-        try:
-            job_state = sched.job_state(state.job)
-        except SchedulerError as e:
-            log.warning("cannot ask %s about job %s (will retry): %s", state.scheduler, state.job, e)
-            continue
-        if job_state in (JobState.ENDED, JobState.ENDING):
-            log.info("job %s is %s: agent stops", state.job, job_state.value)
-            os.kill(os.getppid(), signal.SIGTERM)
-            return
 
 
 def redirect_output(log_path: Path) -> None:
@@ -122,6 +105,7 @@ def serve(scheduler: str, cluster: str, job: str, node: str, *, work_dir: str = 
     started = time.time()
     os.environ["DXFLOW_AGENT"] = "1"  # marks the agent's processes (and children) as not the job's own
     site = SiteConfig.load()
+    QUERY_BUDGET.resize(site.controller_queries_per_minute)  # every controller query of this agent counts
     base = ensure_user_dir()
     log_path = base / "logs" / f"{agent_name(cluster, job, node)}.log"
     if not foreground:

@@ -7,7 +7,8 @@ binary); ``{"exit": code}`` from the agent, last, when the shell has exited.
 
 The shell runs as the agent's user (the job's), in the job's environment and work
 dir, as the leader of its own session with the PTY as controlling terminal; it stays
-a child of the agent, so the epilog's stop of the agent's tree takes it along. When
+a child of the agent and in the agent's cgroups (the job's own where the scheduler makes
+them: it counts against the job's limits), so the epilog's stop of the agent takes it along. When
 the client goes away the session gets SIGHUP (as on a hang-up of a real terminal)
 and the shell is reaped; processes that ignore SIGHUP (``nohup``) live on until the
 job ends, as they would after an ``ssh`` logout.

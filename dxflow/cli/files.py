@@ -5,7 +5,16 @@ node, PATH to the job's work dir and is relative to it unless absolute); a local
 has no colon before its first slash (``./a:b`` is local). Every file is checked by
 sha256 once it has arrived. A download goes to ``DST.dxflow-part`` first and is renamed
 only after that check, so running the same command again after an interruption
-resumes from the bytes already there.
+resumes from the bytes already there. An upload goes to a hidden partial file next to
+its target on the node (named by a key of the source: path, size, mtime), which the
+agent renames only once it holds the whole file with the source's sha256; the next
+upload of the same source continues it. A transfer that breaks off (the node's sshd
+restarted, its link down a while) is resumed where it broke by the command itself, a
+few times with a growing pause, before it gives up.
+
+A name the agent sends (a listing's entry, a file's own name) becomes a local path only
+after :func:`safe_name` accepted it: ``../x`` or ``a/b`` from a broken or hostile agent
+must not write outside DST. ``cp -r`` checks the whole remote tree before it writes anything.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import posixpath
 import sys
 import threading
 
+from dxflow.errors import DxflowError, UsageError  # loaded by the CLI's entry point anyway
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,6 +42,15 @@ log = logging.getLogger("dxflow.cp")
 CHUNK = 1024 * 1024
 PART_SUFFIX = ".dxflow-part"
 TIMEOUT = 600.0  # seconds without a byte moving (or an agent hashing a big file) before giving up
+RETRY_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)  # between tries of a broken transfer: ~1 min in all
+
+
+class TransferBroken(DxflowError):
+    """A transfer broke off on the way (connection, tunnel, agent being checked again): it resumes where it broke."""
+
+
+class ResumeRefused(UsageError):
+    """The agent refused to continue an upload's kept bytes (completed or removed meanwhile, another hash)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Write a node's side as JOB[:NODE]:PATH: NODE defaults to the job's first node; PATH is "
         "relative to the job's work dir unless absolute, and must stay in the work dir, your home "
         "or the site's scratch. A local path has no colon before its first slash (write ./a:b for a "
-        "local file named a:b). Each file is checked by sha256 after the copy. An interrupted "
-        "download leaves DST.dxflow-part: run the same command again to resume it."),
+        "local file named a:b). Each file is checked by sha256 after the copy. A transfer that breaks "
+        "off is resumed where it broke, a few times; an interrupted download leaves DST.dxflow-part, an "
+        "interrupted upload a hidden .dxflow-upload-*.part next to its target: run the same command "
+        "again to resume either."),
         epilog="examples: dxflow cp input.dat 1234:  |  dxflow cp -r 1234:n2:results ./  |  "
                "dxflow cp 1234:/scratch/alice/out.h5 .")
     p.add_argument("src", nargs="+", metavar="SRC", help="file or folder to copy (several: DST must be a folder)")
@@ -83,6 +105,20 @@ def parse_location(text: str) -> Location:
     return Location(rest, job, node)
 
 
+def safe_name(name: object, where: str) -> str:
+    """``name`` if it is one plain entry name that can be joined to a local folder; AccessDenied if not.
+
+    The agent's file system cannot hold ``/`` or NUL in a name, nor an entry called ``.``
+    or ``..``: such a name in an answer is a broken or hostile agent trying to write
+    outside the destination (``../../.bashrc``)."""
+    from dxflow.errors import AccessDenied
+
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\x00" in name:
+        raise AccessDenied(f"the agent sent {name!r} in {where}: not one plain file name, it could write "
+                           "outside the destination; nothing was copied")
+    return name
+
+
 # -- talking to one agent through the master ----------------------------------------
 class Agent:
     """The files API of one job's node, reached through the user's master."""
@@ -113,10 +149,8 @@ class Agent:
         (a refused upload): http.client alone would only report the broken pipe."""
         import http.client
 
-        from dxflow.master.client import UnixHTTPConnection
-
         self.client.ensure()
-        conn = UnixHTTPConnection(self.client.sock, timeout=TIMEOUT)
+        conn = self.client.connection(TIMEOUT)
         try:
             conn.request("PUT", url, body=body, headers=headers)
         except (BrokenPipeError, ConnectionResetError) as e:
@@ -127,6 +161,8 @@ class Agent:
         return conn.getresponse()
 
     def call(self, method: str, endpoint: str, body: Any = None, **query: Any) -> Any:
+        from dxflow.master.client import check
+
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         resp = self.request(method, self.url(endpoint, **query), data, headers)
@@ -148,21 +184,6 @@ class Agent:
 
     def mkdir(self, path: str) -> str:
         return self.call("POST", "/api/files/mkdir", {"path": path, "parents": True})["path"]
-
-
-def check(resp, raw: bytes | None = None) -> None:
-    """Like the master client's check, with 403 as AccessDenied (its own exit code)."""
-    from dxflow.errors import AccessDenied
-    from dxflow.master.client import check as client_check
-
-    if resp.status == 403:
-        raw = resp.read() if raw is None else raw
-        try:
-            message = json.loads(raw).get("message") or "access denied"
-        except ValueError:
-            message = raw.decode(errors="replace")[:300]
-        raise AccessDenied(message)
-    client_check(resp, raw)
 
 
 class _Background:
@@ -203,6 +224,24 @@ class Copier:
     def agent(self, loc: Location) -> Agent:
         return Agent(self.client, loc.job, loc.node)
 
+    def resuming(self, what: str, transfer, *args: Any) -> None:
+        """Run one file's ``transfer``; when it breaks off on the way, run it again (it resumes where
+        the bytes stop) after a pause, up to len(RETRY_PAUSES) times."""
+        import time
+
+        from dxflow.errors import AgentUnreachable, MasterUnavailable
+
+        for pause in (*RETRY_PAUSES, None):
+            try:
+                transfer(*args)
+                return
+            except (TransferBroken, AgentUnreachable, MasterUnavailable) as e:
+                if pause is None:
+                    raise TransferBroken(f"{what}: {e}; gave up after {len(RETRY_PAUSES)} tries: run the same "
+                                         "command again to resume") from e
+                self.note(f"{what}: {e}; resuming in {pause:.0f} s")
+                time.sleep(pause)
+
     # downloads ------------------------------------------------------------------------
     def download(self, src: Location, dst_text: str, many: bool) -> None:
         from pathlib import Path
@@ -215,7 +254,7 @@ class Copier:
             raise NotFound(f"{src}: no such file or folder on the node")
         dst = Path(dst_text or ".")
         if dst.is_dir():
-            dst = dst / st["name"]
+            dst = dst / safe_name(st.get("name"), f"its answer about {src}")
         elif many or dst_text.endswith("/"):
             raise NotFound(f"{dst_text}: no such folder here")
         elif not dst.parent.is_dir():
@@ -225,30 +264,50 @@ class Copier:
                 raise UsageError(f"{src} is a folder: add -r to copy it and everything in it")
             self.download_tree(agent, st["path"], dst)
         elif st["type"] == "file":
-            self.download_file(agent, st["path"], st["size"], dst)
+            self.resuming(str(src), self.download_file, agent, st["path"], st["size"], dst)
         else:
             raise UsageError(f"{src} is not a file or folder ({st['type']})")
 
     def download_tree(self, agent: Agent, folder: str, dst: Path) -> None:
-        dst.mkdir(exist_ok=True)
-        for e in agent.listdir(folder):
-            path = posixpath.join(folder, e["name"])
-            kind, size = e["type"], e["size"]
-            if kind == "link":
-                target = agent.stat(path)
-                if target is None or target["type"] != "file":
-                    self.note(f"skipping symlink {path} (to a folder, or dangling)")
-                    continue
-                kind, size = "file", target["size"]
-            if kind == "dir":
-                self.download_tree(agent, path, dst / e["name"])
-            elif kind == "file":
-                self.download_file(agent, path, size, dst / e["name"])
-            else:
-                self.note(f"skipping {path}: not a file or folder")
+        """The whole remote tree is listed (and every name checked) first, then copied."""
+        folders, files = self.plan_tree(agent, folder, dst)
+        for local in folders:
+            local.mkdir(exist_ok=True)
+        for path, size, local in files:
+            self.resuming(path, self.download_file, agent, path, size, local)
+
+    def plan_tree(self, agent: Agent, folder: str, dst: Path) -> tuple[list[Path], list[tuple[str, int, Path]]]:
+        """(local folders to make, parents first; (remote path, size, local path) of each file)."""
+        folders: list[Path] = [dst]
+        files: list[tuple[str, int, Path]] = []
+        pending = collections.deque([(folder, dst)])
+        while pending:
+            remote, local = pending.popleft()
+            entries = agent.listdir(remote)
+            names = [safe_name(e.get("name"), f"its listing of {remote}") for e in entries]
+            for e, name in zip(entries, names):
+                path = posixpath.join(remote, name)
+                kind, size = e["type"], e["size"]
+                if kind == "link":
+                    target = agent.stat(path)
+                    if target is None or target["type"] != "file":
+                        self.note(f"skipping symlink {path} (to a folder, or dangling)")
+                        continue
+                    kind, size = "file", target["size"]
+                if kind == "dir":
+                    folders.append(local / name)
+                    pending.append((path, local / name))
+                elif kind == "file":
+                    files.append((path, size, local / name))
+                else:
+                    self.note(f"skipping {path}: not a file or folder")
+        return folders, files
 
     def download_file(self, agent: Agent, path: str, size: int, dst: Path) -> None:
+        from dxflow.master.client import check
+
         import hashlib
+        import http.client
 
         from dxflow.cli.progress import bar
         from dxflow.errors import DxflowError
@@ -288,7 +347,11 @@ class Copier:
                 buf = memoryview(bytearray(CHUNK))
                 try:
                     while True:
-                        n = resp.readinto(buf)  # whole CHUNKs until the end: few, large writes
+                        try:
+                            n = resp.readinto(buf)  # whole CHUNKs until the end: few, large writes
+                        except (OSError, http.client.HTTPException) as e:
+                            n = 0
+                            log.info("%s: reading broke off: %s", path, e)
                         if not n:
                             break
                         out.write(buf[:n])
@@ -299,8 +362,8 @@ class Copier:
                     progress.close()
                     resp.close()
                 if expected >= 0 and received != expected:
-                    raise DxflowError(f"{path}: transfer broken off after {offset + received} of "
-                                      f"{offset + expected} bytes; run the same command again to resume")
+                    raise TransferBroken(f"{path}: transfer broken off after {offset + received} of "
+                                         f"{offset + expected} bytes")
         log.info("%s: %d bytes requested from byte %d, %d received", path, size - offset, offset, received)
         self.verify(path, remote.get(), None if direct else part, digest.hexdigest(), offset + received)
         if not direct:
@@ -370,20 +433,57 @@ class Copier:
                 self.upload_file(agent, local, posixpath.join(remote, f))
 
     def upload_file(self, agent: Agent, src: Path, target: str) -> None:
+        self.resuming(str(src), self.upload_once, agent, src, target)
+
+    def upload_once(self, agent: Agent, src: Path, target: str) -> None:
+        """Send what the node lacks of ``src``: the rest after the partial file a broken upload of the
+        same source left there (with the whole file's sha256, which the agent checks), else all of it;
+        when the kept bytes cannot be continued (the agent refuses: gone meanwhile, another hash), all of it."""
+        try:
+            self.upload_from(agent, src, target, None)
+        except ResumeRefused as e:
+            self.note(f"{src}: the kept bytes cannot be continued ({e}); sending the whole file")
+            self.upload_from(agent, src, target, 0)
+
+    def upload_from(self, agent: Agent, src: Path, target: str, start: int | None) -> int:
+        """One PUT of ``src`` from byte ``start`` (None: from where the kept partial file ends); the
+        byte it started from; ResumeRefused when the agent refuses to continue the kept bytes."""
+        from dxflow.master.client import check
+
         import hashlib
+        import http.client
 
         from dxflow.cli.progress import bar
-        from dxflow.errors import DxflowError
 
-        digest = hashlib.sha256()
         with open(src, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            progress = bar(size, 0, src.name, not self.quiet)
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            key = resume_key(src, st, agent, target)
+            part = posixpath.join(posixpath.dirname(target), f".dxflow-upload-{key}.part")
+            offset = 0
+            if start is None:
+                kept = agent.stat(part)
+                offset = kept["size"] if kept and kept["type"] == "file" and kept["size"] <= size else 0
+            query = {"path": target, "overwrite": "1", "resume": key, "offset": str(offset)}
+            digest = hashlib.sha256()
+            if offset:
+                self.note(f"resuming the upload of {src} at byte {offset} of {size} (kept on the node in {part})")
+                query["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()  # the agent checks the whole
+                f.seek(0)
+                while f.tell() < offset:  # the bytes already there count in this side's digest too
+                    chunk = f.read(min(CHUNK, offset - f.tell()))
+                    if not chunk:
+                        raise DxflowError(f"{src} shrank while it was copied")
+                    digest.update(chunk)
+            progress = bar(size, offset, src.name, not self.quiet)
 
             def body() -> Iterator[bytes]:
-                sent = 0
+                sent = offset
                 while sent < size:
-                    chunk = f.read(min(CHUNK, size - sent))
+                    try:
+                        chunk = f.read(min(CHUNK, size - sent))
+                    except OSError as e:  # this side's file: not a transfer to retry
+                        raise DxflowError(f"{src}: {e.strerror or e}") from e
                     if not chunk:
                         raise DxflowError(f"{src} shrank while it was copied")
                     digest.update(chunk)
@@ -392,20 +492,40 @@ class Copier:
                     yield chunk
 
             try:
-                resp = agent.upload(agent.url("/api/files/content", path=target, overwrite="1"), body(),
-                                    {"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+                resp = agent.upload(agent.url("/api/files/content", **query), body(),
+                                    {"Content-Length": str(size - offset),
+                                     "Content-Type": "application/octet-stream"})
                 raw = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise TransferBroken(f"{src}: the upload broke off ({e})") from e
             finally:
                 progress.close()
-        check(resp, raw)
+        try:
+            check(resp, raw)
+        except UsageError as e:
+            if offset:
+                raise ResumeRefused(str(e)) from e
+            raise
         answer = json.loads(raw)
         if answer["sha256"] != digest.hexdigest() or answer["size"] != size:
             raise DxflowError(f"{answer['path']} on the node has sha256 {answer['sha256'][:16]}… "
                               f"({answer['size']} bytes), not {digest.hexdigest()[:16]}… ({size} bytes) "
                               f"like {src}: run the command again")
-        log.info("%s -> %s: %d bytes, sha256 %s", src, answer["path"], size, answer["sha256"])
+        log.info("%s -> %s: %d bytes from byte %d, sha256 %s", src, answer["path"], size - offset, offset,
+                 answer["sha256"])
         self.files += 1
-        self.bytes += size
+        self.bytes += size - offset
+        return offset
+
+
+def resume_key(src: Path, st: os.stat_result, agent: Agent, target: str) -> str:
+    """The name of one upload of one source: the same source (path, size, mtime) to the same place
+    continues the bytes a broken try left; a changed source starts afresh."""
+    import hashlib
+
+    ident = "\0".join([os.path.abspath(src), str(st.st_size), str(st.st_mtime_ns), agent.job, agent.node or "",
+                        target])
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
 def cmd_cp(args: argparse.Namespace) -> int:

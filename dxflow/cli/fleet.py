@@ -10,7 +10,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", help="list your jobs' agents", description=(
         "List the agents of your running jobs: job, node, state, uptime, load. States: "
         "starting (registered, not yet checked), ready (reached through its tunnel and proved "
-        "its identity), lost (job running but agent unreachable), gone (job or agent ended)."))
+        "its identity), lost (job running but agent unreachable), gone (job or agent ended). LOAD, CPU and "
+        "MEMORY are the node's current figures when at most 5 s old; older ones (the agent could not be "
+        "asked, or is lost) are shown with their age, e.g. `0.52 (40s ago)`, never as current. With --json, "
+        "metrics_age and metrics_fresh say the same."))
     p.add_argument("--json", action="store_true", help="print a JSON list for scripts")
     p.add_argument("-a", "--all", action="store_true", help="also show agents that are gone")
     p.add_argument("--job", help="only this job's agents")
@@ -46,6 +49,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         cpu = f"{a['cpu_percent']:.0f}%" if a.get("cpu_percent") is not None else "-"
         mem = (f"{human_bytes(a['memory_total'] - a['memory_available'])}/{human_bytes(a['memory_total'])}"
                if a.get("memory_total") else "-")
+        if a.get("metrics_fresh") is False:
+            # an old reading is never shown as the node's present state: its age goes with it
+            if a.get("metrics_age") is None:  # of unknown age (read by an older master)
+                load = cpu = mem = "-"
+            else:
+                age = f" ({human_duration(a['metrics_age'])} ago)"
+                load, cpu, mem = (v if v == "-" else v + age for v in (load, cpu, mem))
         rows.append([a["job"], a["node"], a["state"], human_duration(up), load, cpu, mem,
                      a["detail"] if a["state"] != "ready" else ""])
     print_table(["JOB", "NODE", "STATE", "UPTIME", "LOAD", "CPU", "MEMORY", "NOTE"], rows)

@@ -1,8 +1,9 @@
 """A real, throwaway Slurm cluster on this one machine: ``dxflow lab up|down|status``.
 
-Each compute node is a network namespace (its own address on a bridge) plus a
-UTS namespace (its own host name); every node shares the machine's filesystem
-and process table, the way a real cluster shares a home directory. The login
+Each compute node is a network namespace (its own address on a bridge), a
+UTS namespace (its own host name) and, where the host allows, cgroups of its
+own; every node shares the machine's filesystem and process table, the way a
+real cluster shares a home directory. The login
 node is the host itself, reached as ``dxlab-login``. The lab runs Debian's own
 Slurm, munge and OpenSSH; dxflow is installed for every user under ``/opt``.
 
@@ -16,10 +17,12 @@ Modules, one concern each:
 - ``install``  dxflow for every user, and the scheduler hook scripts
 - ``users``    the lab's users and their SSH keys
 - ``network``  bridge, namespaces, host names and host keys
+- ``cgroups``  each node's own cgroup trees, namespace and mounts (Slurm's cgroup plugins; docs/lab.md)
 - ``slurm``    slurm.conf (rendered from data) and the Slurm commands the lab uses
 - ``procs``    pid files and processes
 - ``daemons``  starting and stopping munged, slurmctld, slurmd and sshd
 - ``cluster``  ``up``, ``down`` and ``status`` built from the pieces above
+- ``trace``    counting a process's scheduler calls and file-system look-ups with strace (the benches')
 """
 
 from __future__ import annotations

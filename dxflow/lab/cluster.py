@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from dxflow.errors import ConfigError, SchedulerError, UsageError
-from dxflow.lab import daemons, install, network, packages, procs, slurm, users
+from dxflow import jobcgroup
+from dxflow.lab import cgroups, daemons, install, network, packages, procs, slurm, users
 from dxflow.lab.layout import MAX_NODES, Layout, Node
 from dxflow.lab.runner import run
 from dxflow.lab.state import LabState, load, save
@@ -64,10 +65,21 @@ def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | N
 
     version = slurm.slurm_version()
     state.slurm_version = slurm.version_text(version)
+    use_cgroups, why_not = cgroups.available()
+    if use_cgroups:
+        # the nodes' folders stay under the cgroups they were first made in, whoever runs `up` again
+        state.cgroup_trees = state.cgroup_trees or cgroups.slurm_trees(Path("/proc/self/cgroup").read_text())
+    else:
+        log.warning("the lab runs Slurm without cgroups (proctrack/linuxproc): %s", why_not)
+    state.cgroups, state.cgroups_why_not = ("per-node", "") if use_cgroups else ("", why_not)
     changed = slurm.write_config(layout.slurm_conf,
-                                 slurm.render_slurm_conf(layout, nodes, slurm.node_shape(node_count), version),
+                                 slurm.render_slurm_conf(layout, nodes, slurm.node_shape(node_count), version,
+                                                         cgroups=use_cgroups),
                                  state.backups)
     state.remember("files_written", str(layout.slurm_conf))
+    if use_cgroups:
+        for node in nodes:
+            changed |= _write_node_conf(layout, node)
     if slurm.cgroup_conf_needed():
         changed |= slurm.write_config(layout.cgroup_conf, slurm.render_cgroup_conf(slurm.CGROUP_V2_CONF),
                                       state.backups)
@@ -79,15 +91,16 @@ def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | N
         # new node list or settings: slurmctld and every slurmd read slurm.conf at start
         daemons.stop_slurm(layout, cancel_jobs=False)
     for node in surplus:
-        _remove_node(layout, node)
+        _remove_node(layout, node, state.cgroup_trees)
     state.nodes = [n.name for n in nodes]
     step()
 
     daemons.start_slurmctld(layout, state)
     step()
     for node in nodes:
-        daemons.start_slurmd(layout, node, state)
-        daemons.start_sshd(layout, node, state)
+        node_cgroups = cgroups.ensure_node(layout, node, state.cgroup_trees) if use_cgroups else []
+        daemons.start_slurmd(layout, node, state, node_cgroups)
+        daemons.start_sshd(layout, node, state, node_cgroups)
         step()
     log.info("waiting for %d node(s) to be idle and to accept SSH", node_count)
     daemons.wait_ready(layout, nodes)
@@ -96,7 +109,21 @@ def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | N
     return status(layout)
 
 
-def _remove_node(layout: Layout, node: Node) -> None:
+def _write_node_conf(layout: Layout, node: Node) -> bool:
+    """The node's config folder: a link to slurm.conf and its own cgroup.conf. True if it changed."""
+    folder = layout.node_conf_dir(node)
+    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    link = layout.node_slurm_conf(node)
+    changed = False
+    if not (link.is_symlink() and os.readlink(link) == str(layout.slurm_conf)):
+        link.unlink(missing_ok=True)
+        link.symlink_to(layout.slurm_conf)
+        changed = True
+    text = slurm.render_cgroup_conf(cgroups.render_cgroup_conf(layout, node))
+    return slurm.write_config(layout.node_cgroup_conf(node), text, {}) or changed
+
+
+def _remove_node(layout: Layout, node: Node, trees: dict[str, str]) -> None:
     for pidfile, program in ((layout.slurmd_pidfile(node), "slurmd"), (layout.sshd_pidfile(node), "sshd")):
         pid = procs.daemon_pid(pidfile, program)
         if pid:
@@ -106,6 +133,7 @@ def _remove_node(layout: Layout, node: Node) -> None:
         daemons.stop_node_processes(node.netns)
     network.remove_node_net(node.netns)
     network.remove_uts(layout.uts_file(node.name))
+    cgroups.remove_node(layout, node, trees)
 
 
 def down(layout: Layout | None = None) -> None:
@@ -134,6 +162,16 @@ def down(layout: Layout | None = None) -> None:
             log.info("stopping %d dxflow process(es) of %s", len(leftovers), name)
             procs.terminate(leftovers, what=f"dxflow process of {name}")
     daemons.stop_munge(layout, state)
+
+    trees = state.cgroup_trees if state else {}
+    if not trees and cgroups.available()[0]:
+        trees = cgroups.slurm_trees(Path("/proc/self/cgroup").read_text())
+    cgroup_nodes = {p.name for d in (layout.runtime / "cgroup", layout.runtime / "cgns") if d.is_dir()
+                    for p in d.iterdir()} | set(state.nodes if state else [])
+    for name in sorted(cgroup_nodes):
+        if name[1:].isdigit():
+            cgroups.remove_node(layout, Node(int(name[1:]), layout.prefix), trees)
+    _remove_agent_cgroups(layout)
 
     log.info("removing the lab network")
     for netns in network.lab_netns_names():
@@ -171,6 +209,16 @@ def _remove_agent_records(layout: Layout) -> None:
         rundir = Path(SiteConfig().runtime_dir)
     for record in rundir.glob(f"{layout.cluster_name}.*.json"):
         record.unlink(missing_ok=True)
+
+
+def _remove_agent_cgroups(layout: Layout) -> None:
+    """Cgroups the hooks made for the lab's agents and no epilog removed (their processes are gone)."""
+    base = jobcgroup.own_cgroup(jobcgroup.hierarchies(), "x")
+    if base is None or not base.parent.is_dir():
+        return
+    for cg in base.parent.glob(f"{layout.cluster_name}.*"):
+        jobcgroup.kill(cg, timeout=2)
+        jobcgroup.remove(cg)
 
 
 def _lab_veths() -> list[str]:
@@ -220,6 +268,9 @@ def status(layout: Layout | None = None) -> dict:
         "users": [{"name": name, "exists": users.exists(name), "created_by_lab": name in state.users_created}
                   for name in state.users] if state else [],
         "slurm_version": state.slurm_version if state else "",
+        # "per-node": Slurm runs proctrack/cgroup and task/cgroup, each node in cgroups of its own
+        "cgroups": (state.cgroups or "off") if state else "off",
+        "cgroups_why_not": state.cgroups_why_not if state else "",
         "state_file": str(layout.state_file) if state else None,
     }
 
@@ -228,7 +279,8 @@ def status_table(info: dict) -> str:
     """``status()`` for people."""
     yes = {True: "running", False: "stopped"}
     lines = [f"lab: {info['state']}  (cluster {info['cluster']}, login {info['login']['name']} "
-             f"{info['login']['addr']}{', slurm ' + info['slurm_version'] if info['slurm_version'] else ''})"]
+             f"{info['login']['addr']}{', slurm ' + info['slurm_version'] if info['slurm_version'] else ''}"
+             f", cgroups {info.get('cgroups', 'off')})"]
     lines += [f"  {name:<10} {yes[up]}" for name, up in info["daemons"].items()]
     if info["nodes"]:
         lines.append(f"  {'NODE':<6} {'ADDRESS':<12} {'SLURMD':<8} {'SSHD':<8} SLURM STATE")

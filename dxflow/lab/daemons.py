@@ -11,9 +11,10 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 from dxflow.errors import SchedulerError
-from dxflow.lab import network, procs, slurm
+from dxflow.lab import cgroups, network, procs, slurm
 from dxflow.lab.layout import Layout, Node
 from dxflow.lab.runner import LabError, run, start_daemon
 from dxflow.lab.state import LabState
@@ -100,11 +101,33 @@ def start_slurmctld(layout: Layout, state: LabState) -> None:
     state.pids["slurmctld"] = pid
 
 
-def start_slurmd(layout: Layout, node: Node, state: LabState) -> None:
-    if slurmd_pid(layout, node):
+def on_node(layout: Layout, node: Node, argv: list[str], cgroup_procs: Sequence[Path]) -> list[str]:
+    """``argv`` run on ``node``: its network and UTS namespaces and, when the lab gives nodes their
+    own cgroups (``cgroup_procs``: the node's ``cgroup.procs`` files), its cgroups and cgroup namespace."""
+    if cgroup_procs:
+        argv = cgroups.enter_argv(list(cgroup_procs), argv, layout.cgns_file(node))
+    return network.node_argv(layout, node, argv)
+
+
+def placed(layout: Layout, node: Node, pid: int, cgroup_procs: Sequence[Path]) -> bool:
+    """A running daemon of ``node`` is where it should be (in the node's cgroup namespace, if any)."""
+    return not cgroup_procs or cgroups.same_namespace(pid, layout.cgns_file(node))
+
+
+def start_slurmd(layout: Layout, node: Node, state: LabState, cgroup_procs: Sequence[Path] = ()) -> None:
+    """slurmd of ``node``; with the node's own cgroups it reads the node's config folder (``-f``),
+    where its cgroup.conf names the node's cgroup mount."""
+    pid = slurmd_pid(layout, node)
+    if pid and not placed(layout, node, pid, cgroup_procs):
+        log.info("restarting slurmd on %s inside the node's cgroups", node.name)
+        if procs.terminate([pid], what=f"slurmd on {node.name}"):
+            raise LabError(f"slurmd on {node.name} (pid {pid}) would not stop")
+        pid = None
+    if pid:
         return
     log.info("starting slurmd on %s", node.name)
-    start_daemon(network.node_argv(layout, node, ["slurmd", "-N", node.name]),
+    conf = ["-f", str(layout.node_slurm_conf(node))] if cgroup_procs else []
+    start_daemon(on_node(layout, node, ["slurmd", *conf, "-N", node.name], cgroup_procs),
                  log_file=layout.log_dir / f"slurmd-{node.name}-start.log", what=f"slurmd on {node.name}")
     pid = _wait(lambda: slurmd_pid(layout, node), 15)
     if not pid:
@@ -112,13 +135,20 @@ def start_slurmd(layout: Layout, node: Node, state: LabState) -> None:
     state.pids[f"slurmd-{node.name}"] = pid
 
 
-def start_sshd(layout: Layout, node: Node, state: LabState) -> None:
-    if sshd_pid(layout, node):
+def start_sshd(layout: Layout, node: Node, state: LabState, cgroup_procs: Sequence[Path] = ()) -> None:
+    pid = sshd_pid(layout, node)
+    if pid and not placed(layout, node, pid, cgroup_procs):
+        # sessions already open keep their own sshd process: only the listener moves
+        log.info("restarting sshd on %s inside the node's cgroups", node.name)
+        procs.terminate([pid], what=f"sshd on {node.name}")
+        pid = None
+    if pid:
         return
     log.info("starting sshd on %s (%s)", node.name, node.addr)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder
-    start_daemon(network.node_argv(layout, node, [
-        "/usr/sbin/sshd", "-o", f"ListenAddress={node.addr}", "-o", f"PidFile={layout.sshd_pidfile(node)}"]),
+    start_daemon(on_node(layout, node, [
+        "/usr/sbin/sshd", "-o", f"ListenAddress={node.addr}", "-o", f"PidFile={layout.sshd_pidfile(node)}"],
+        cgroup_procs),
         log_file=layout.log_dir / f"sshd-{node.name}.log", what=f"sshd on {node.name}")
     pid = _wait(lambda: sshd_pid(layout, node), 10)
     if not pid:

@@ -7,6 +7,7 @@ and the hook scripts copied to ``/etc/dxflow/hooks``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -62,6 +63,10 @@ def install_dxflow(layout: Layout, source: Path | None) -> bool:
     if source is None:
         log.info("dxflow runs from an installed copy; not reinstalling it")
         return False
+    if editable_install_of(layout, source):
+        # a developer's `pip install -e`: edits are live already; a copy would freeze them
+        log.info("the venv runs %s in place (editable install); not reinstalling it", source)
+        return False
     log.info("installing dxflow from %s into %s", source, layout.venv)
     # pip rebuilds and reinstalls a local folder every time; dependencies come from
     # pip's cache or index only when missing
@@ -69,6 +74,18 @@ def install_dxflow(layout: Layout, source: Path | None) -> bool:
          "--no-warn-script-location", source],
         what="installing dxflow into the venv", timeout=900)
     return True
+
+
+def editable_install_of(layout: Layout, source: Path) -> bool:
+    """True when the venv's dxflow is an editable install of ``source`` (pip's direct_url.json, PEP 610)."""
+    for record in layout.venv.glob("lib/python*/site-packages/dxflow-*.dist-info/direct_url.json"):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("dir_info", {}).get("editable") and data.get("url") == source.resolve().as_uri():
+            return True
+    return False
 
 
 def make_readable(root: Path) -> None:

@@ -103,6 +103,29 @@ class Layout:
         return self.uts_dir / host
 
     @property
+    def node_etc(self) -> Path:
+        """One config folder per node: a link to slurm.conf and the node's own cgroup.conf."""
+        return self.root / "etc"
+
+    def node_conf_dir(self, node: Node) -> Path:
+        return self.node_etc / node.name
+
+    def node_slurm_conf(self, node: Node) -> Path:
+        """What the node's slurmd is started with (``slurmd -f``): it reads cgroup.conf beside it."""
+        return self.node_conf_dir(node) / "slurm.conf"
+
+    def node_cgroup_conf(self, node: Node) -> Path:
+        return self.node_conf_dir(node) / "cgroup.conf"
+
+    def cgroup_mount(self, node: Node) -> Path:
+        """The node's cgroup trees, mounted from inside its cgroup namespace (its CgroupMountpoint)."""
+        return self.runtime / "cgroup" / node.name
+
+    def cgns_file(self, node: Node) -> Path:
+        """Bind mount that keeps the node's cgroup namespace alive."""
+        return self.runtime / "cgns" / node.name
+
+    @property
     def slurm_conf(self) -> Path:
         return self.slurm_dir / "slurm.conf"
 

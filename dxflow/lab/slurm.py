@@ -36,6 +36,20 @@ BASE_SETTINGS: dict[str, str] = {
     "AccountingStorageType": "accounting_storage/none",
 }
 
+# Where each node has cgroups of its own (dxflow.lab.cgroups): Slurm as production sites run it —
+# processes tracked, limited and killed by cgroup, and the job's extern step made at allocation on
+# every node (PrologFlags=Contain), the cgroup pam_slurm_adopt (and dxflow's agent) join.
+# Memory becomes a consumable resource: task/cgroup limits a job to what it was allocated (with
+# CR_Core a job's --mem is not allocated and its cgroup gets the whole machine's memory: seen on 22.05,
+# "_memcg_initialize: job: alloc=0MB mem.limit=24105MB"). DefMemPerCPU (render_slurm_conf) keeps a job
+# that asks for no memory from taking the whole node.
+CGROUP_SETTINGS: dict[str, str] = {
+    "ProctrackType": "proctrack/cgroup",
+    "TaskPlugin": "task/cgroup,task/affinity",
+    "PrologFlags": "Alloc,Contain",
+    "SelectTypeParameters": "CR_Core_Memory",
+}
+
 # Differences between Slurm versions, as data: (first version, settings added or
 # replaced). None were needed between 22.05 and 24.11 so far; add rows here rather
 # than branching in code.
@@ -50,7 +64,9 @@ CGROUP_V2_CONF: dict[str, str] = {
     "IgnoreSystemd": "yes",
 }
 
-READY_STATES = frozenset({"idle", "mixed", "allocated", "completing"})
+# "planned": up, and held by the backfill scheduler for a pending job (22.05+: sinfo says so when a
+# job waits for a node that others still use).
+READY_STATES = frozenset({"idle", "mixed", "allocated", "completing", "planned"})
 
 
 @dataclass(frozen=True)
@@ -88,8 +104,10 @@ def version_text(version: tuple[int, ...]) -> str:
     return f"{version[0]}.{version[1]:02d}.{version[2] if len(version) > 2 else 0}"
 
 
-def settings_for(version: tuple[int, ...]) -> dict[str, str]:
+def settings_for(version: tuple[int, ...], cgroups: bool = False) -> dict[str, str]:
     settings = dict(BASE_SETTINGS)
+    if cgroups:
+        settings.update(CGROUP_SETTINGS)
     for since, extra in VERSION_SETTINGS:
         if tuple(version[:2]) >= since:
             settings.update(extra)
@@ -97,14 +115,16 @@ def settings_for(version: tuple[int, ...]) -> dict[str, str]:
 
 
 def render_slurm_conf(layout: Layout, nodes: list[Node], shape: NodeShape,
-                      version: tuple[int, ...] = (22, 5, 0)) -> str:
+                      version: tuple[int, ...] = (22, 5, 0), cgroups: bool = False) -> str:
     """The lab's whole slurm.conf (pure: same input, same text)."""
     lines = [
         MARKER,
         f"ClusterName={layout.cluster_name}",
         f"SlurmctldHost={layout.login_name}({layout.host_addr})",
     ]
-    lines += [f"{key}={value}" for key, value in settings_for(version).items()]
+    lines += [f"{key}={value}" for key, value in settings_for(version, cgroups).items()]
+    if cgroups:  # a job without --mem gets a CPU's share of its node: as many jobs fit as before
+        lines.append(f"DefMemPerCPU={max(1, shape.real_memory_mb // max(1, shape.cpus))}")
     lines += [
         f"Prolog={layout.prolog}",
         f"Epilog={layout.epilog}",

@@ -32,6 +32,11 @@ class LabState:
     hook_files: list[str] = field(default_factory=list)
     dirs_created: list[str] = field(default_factory=list)      # outside the lab root, removed if empty
     slurm_version: str = ""
+    #: "per-node" (each node has its own cgroups, Slurm runs its cgroup plugins) or "" (it does not)
+    cgroups: str = ""
+    cgroups_why_not: str = ""
+    #: v1 tree folder name -> the cgroup the nodes' folders were made under (``lab up``'s own, the first time)
+    cgroup_trees: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     updated_at: float = 0.0
     version: int = STATE_VERSION

@@ -1,9 +1,21 @@
 """The fleet watcher: registrations in, checked agents out.
 
-Every half second it scans ``~/.dxflow/fleet/``; new records are confirmed against
-the scheduler (is the job running, on that node?) and then reached through the
+It looks at ``~/.dxflow/fleet/`` (one ``stat``; the folder is read only when it changed, and
+the looks back off while nothing starts) and asks the scheduler for the user's jobs on news
+and otherwise rarely (:mod:`dxflow.master.pace`, issue #11). New records are confirmed
+against the scheduler (is the job running, on that node?) and then reached through the
 node's tunnel, where the agent must sign a fresh challenge with the key it
-registered. A record whose job has ended is removed, file and row.
+registered. A record whose job has ended is removed, file and row. A master with no live
+agent and no client for ``master_idle_exit`` seconds exits.
+
+An agent's port is only trusted while the master can prove it is the agent's: the
+first check on a transport reads the node's table of sockets first (is the port held by
+the user's process? :mod:`dxflow.master.listeners`), and from a passed check on, the
+agent's heartbeat stream (:mod:`dxflow.master.heartbeat`) is the proof that it still
+lives. That proof holds on one transport generation of the node's tunnel. Every request
+to an agent goes through :meth:`Fleet.relay_target` and :meth:`Fleet.connection`, which
+refuse (:class:`AgentLost`) an agent without it: once an agent is lost, nothing is sent
+to its port again until a check proves the port is the user's again.
 """
 
 from __future__ import annotations
@@ -11,32 +23,96 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import secrets
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from dxflow import registration
 from dxflow.auth import check_challenge, fingerprint, mint_token, user_key
-from dxflow.errors import AgentUnreachable, DxflowError, NotFound, SchedulerError
-from dxflow.master.registry import Agent, Registry
+from dxflow.config import SiteConfig
+from dxflow.errors import AgentLost, AgentStarting, AgentUnreachable, ConfigError, DxflowError, NotFound, SchedulerError
+from dxflow.master import heartbeat, listeners
+from dxflow.master.heartbeat import Heartbeats, Key
+from dxflow.master.pace import AskPolicy, Backoff, Clients, FolderWatch
+from dxflow.master.registry import METRICS_FRESH, Agent, Registry
 from dxflow.master.tunnels import TunnelHTTPConnection, TunnelPool
 from dxflow.schedulers import JobInfo, JobState, get_scheduler
+from dxflow.schedulers.base import QUERY_BUDGET
 
 log = logging.getLogger(__name__)
 
-SCAN_INTERVAL = 0.5
-SCHEDULER_INTERVAL = 5.0   # at most one scheduler query per scheduler per this many seconds
 HEALTH_INTERVAL = 30.0     # ready agents are pinged this often
 LOST_RETRY = 2.0           # unreachable agents are retried this often
-GONE_KEEP = 600.0
+GONE_KEEP = 600.0          # rows of gone agents are kept this long for `dxflow ls --all`
 IDLE_KEEP = 20.0           # idle kept-alive connections to agents are dropped after this (agents keep 30 s)
-IDLE_PER_AGENT = 8          # rows of gone agents are kept this long for `dxflow ls --all`
+IDLE_PER_AGENT = 8         # at most this many idle kept-alive connections per agent
+VERIFY_WAIT = 5.0          # a request waits this long at most for a check of its agent already under way
+METRICS_WAIT = 2.0         # `dxflow ls` waits this long at most for stale node metrics to be read again
+
+#: what a passed check proved: this registration (pid, key) at this listener, on this transport generation.
+Ident = tuple[str, int, int, str]
+
+
+def ident(agent: Agent) -> Ident:
+    return agent.reg.address, agent.reg.port, agent.reg.pid, agent.reg.public_key
+
+
+class AgentConnection(TunnelHTTPConnection):
+    """A relay's connection to an agent, on the transport its check passed on; a port that refuses
+    or a connection closed before its first answer marks the agent lost."""
+
+    def __init__(self, fleet: Fleet, agent: Agent, generation: int, timeout: float) -> None:
+        super().__init__(fleet.pool, agent.reg.address, agent.reg.port, timeout=timeout, generation=generation)
+        self._fleet = fleet
+        self._agent = agent
+        self.answered = False
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except AgentUnreachable as e:
+            if self._fleet.pool.generation(self._agent.reg.address) == self.generation:  # the tunnel is fine
+                self._fleet.lose(self._agent, f"agent stopped: its port refused the connection ({e})")
+            else:
+                self._fleet.forget(self._agent)
+            raise
+
+    def send(self, data) -> None:  # type: ignore[override]
+        try:
+            super().send(data)
+        except EOFError as e:  # paramiko's word for a transport that closed under a request body
+            raise ConnectionResetError(f"the tunnel to {self._agent.reg.node} closed") from e
+
+    def getresponse(self):  # type: ignore[override]
+        try:
+            resp = super().getresponse()
+        except TimeoutError:  # slow is not lost: the heartbeat says whether it lives
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            if not self.answered:
+                self._fleet.lose(self._agent, f"agent stopped: it closed a connection without answering ({e})")
+            raise
+        self.answered = True
+        return resp
+
+
+def site_config() -> SiteConfig:
+    """The site's policy; its defaults when the file is broken (the master still serves, and says why)."""
+    try:
+        return SiteConfig.load()
+    except ConfigError as e:
+        log.error("%s: using the defaults", e)
+        return SiteConfig()
 
 
 class Fleet:
-    def __init__(self, base: Path, user: str, pool: TunnelPool | None = None) -> None:
+    def __init__(self, base: Path, user: str, pool: TunnelPool | None = None, site: SiteConfig | None = None,
+                 ) -> None:
         self.base = base
         self.fleet_dir = base / "fleet"
         self.user = user
@@ -45,7 +121,15 @@ class Fleet:
         self.key = user_key(base)
         self._tokens: dict[str, tuple[float, str]] = {}
         self._jobs: dict[str, dict[str, JobInfo]] = {}   # scheduler -> job id -> info
-        self._jobs_at: dict[str, float] = {}
+        self.site = site or site_config()
+        self._asks: dict[str, AskPolicy] = {}              # scheduler -> when to ask it next
+        self._folder = FolderWatch(self.fleet_dir)
+        self._folder_lock = threading.Lock()
+        self._scan = Backoff(self.site.fleet_scan_interval, self.site.fleet_scan_max)
+        self._seen_at: dict[str, float] = {}               # agent name -> when its registration appeared
+        self.clients = Clients()
+        #: called once when the master has been idle for master_idle_exit seconds (the server stops)
+        self.on_idle: Callable[[], None] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._checks = ThreadPoolExecutor(max_workers=16, thread_name_prefix="agent-check")
@@ -53,6 +137,10 @@ class Fleet:
         self._lock = threading.Lock()
         self._idle: dict[str, list[tuple[TunnelHTTPConnection, float]]] = {}
         self._read_cache: dict = {}
+        self.uid = os.getuid()
+        self._verified: dict[str, tuple[Ident, int]] = {}   # agent name -> what its check proved, generation
+        self._agent_locks: dict[str, threading.Lock] = {}
+        self.heartbeats = Heartbeats(self._heartbeat_ended)
 
     # -- tokens and requests ------------------------------------------------
     def token(self, agent: Agent) -> str:
@@ -65,14 +153,24 @@ class Fleet:
         self._tokens[aud] = (now + 120, tok)
         return tok
 
-    def connection(self, agent: Agent, timeout: float = 60.0) -> TunnelHTTPConnection:
-        return TunnelHTTPConnection(self.pool, agent.reg.address, agent.reg.port, timeout=timeout)
+    def connection(self, agent: Agent, timeout: float = 60.0, generation: int | None = None) -> TunnelHTTPConnection:
+        """A connection to a verified agent (AgentLost if it is not); a check passes the ``generation`` it proves."""
+        if generation is None:
+            generation = self.verified(agent)
+            if generation is None:
+                raise AgentLost(f"agent lost: {agent.name} is not checked on the tunnel in use")
+            return AgentConnection(self, agent, generation, timeout)
+        return TunnelHTTPConnection(self.pool, agent.reg.address, agent.reg.port, timeout=timeout,
+                                    generation=generation)
 
     def acquire(self, agent: Agent, timeout: float = 60.0) -> tuple[TunnelHTTPConnection, bool]:
         """A kept-alive connection to the agent if one is idle (True), else a new one (False).
 
         Reusing the channel saves a channel open per request: the relay's added latency.
+        AgentLost if the agent is not verified (then no connection of it is handed out).
         """
+        if self.verified(agent) is None:
+            raise AgentLost(f"agent lost: {agent.name} is not checked on the tunnel in use")
         now = time.monotonic()
         with self._lock:
             idle = self._idle.get(agent.name, [])
@@ -97,9 +195,9 @@ class Fleet:
                 return
         conn.close()
 
-    def ask(self, agent: Agent, path: str, timeout: float = 15.0) -> tuple[int, dict]:
+    def ask(self, agent: Agent, path: str, timeout: float = 15.0, generation: int | None = None) -> tuple[int, dict]:
         """GET ``path`` from the agent: (HTTP status, its JSON answer); AgentUnreachable if it cannot be asked."""
-        conn = self.connection(agent, timeout)
+        conn = self.connection(agent, timeout, generation)
         try:
             conn.request("GET", path, headers={"Authorization": f"Bearer {self.token(agent)}"})
             resp = conn.getresponse()
@@ -113,8 +211,8 @@ class Fleet:
         except ValueError:
             return resp.status, {"error": "bad_gateway", "message": raw.decode(errors="replace")[:300]}
 
-    def get_json(self, agent: Agent, path: str, timeout: float = 15.0) -> dict:
-        status, data = self.ask(agent, path, timeout)
+    def get_json(self, agent: Agent, path: str, timeout: float = 15.0, generation: int | None = None) -> dict:
+        status, data = self.ask(agent, path, timeout, generation)
         if status != 200:
             raise DxflowError(f"agent {agent.name} answered {status}: {data.get('message', data)}")
         return data
@@ -123,6 +221,9 @@ class Fleet:
     def find(self, job: str, node: str | None = None) -> Agent:
         """The agent of JOB on NODE, or of the job's first node when NODE is not given."""
         agents = [a for a in self.registry.of_job(job) if a.state != "gone"]
+        if not agents or (node and all(a.reg.node != node for a in agents)):
+            self._read_folder(time.time())  # a command names an agent not seen yet (the looks back off): look now
+            agents = [a for a in self.registry.of_job(job) if a.state != "gone"]
         if not agents:
             raise NotFound(f"no agent of job {job}: see `dxflow ls` for your jobs' agents")
         if node:
@@ -136,6 +237,94 @@ class Fleet:
         agents.sort(key=lambda a: (order.index(a.reg.node) if a.reg.node in order else len(order), a.reg.node))
         return agents[0]
 
+    def relay_target(self, job: str, node: str | None = None) -> Agent:
+        """The agent of JOB on NODE that requests may be relayed to (the relay routes' one way to an agent).
+
+        An agent not verified on the node's current transport is checked first (or the check under way
+        is waited for, up to VERIFY_WAIT); AgentLost if it does not pass.
+        """
+        agent = self.find(job, node)
+        if agent.state == "ready" and self.verified(agent) is not None:
+            return agent
+        if agent.state == "starting":
+            self.refresh(metrics=False)
+        lock = self._agent_lock(agent.name)
+        if not lock.acquire(timeout=VERIFY_WAIT):
+            raise AgentStarting(f"agent {agent.name} is still being checked; try again in a moment")
+        try:
+            current = self.registry.get(agent.name)
+            if current is None or current.state == "gone":
+                raise AgentLost(f"agent lost: {agent.name} has stopped")
+            if not (current.state == "ready" and self.verified(current) is not None):
+                self._check_locked(current)
+                current = self.registry.get(agent.name) or current
+            if current.state == "ready" and self.verified(current) is not None:
+                return current
+            raise AgentLost(f"agent lost: {current.name}: {current.detail or current.state}")
+        finally:
+            lock.release()
+
+    # -- what is proven about each agent ----------------------------------------
+    def verified(self, agent: Agent) -> int | None:
+        """The transport generation on which this agent is proven to be itself, if that still holds."""
+        with self._lock:
+            entry = self._verified.get(agent.name)
+        if entry is None or entry[0] != ident(agent):
+            return None
+        gen = entry[1]
+        if self.pool.generation(agent.reg.address) != gen or self.heartbeats.generation(entry[0][:2]) != gen:
+            return None
+        return gen
+
+    def proven_generation(self, agent: Agent) -> int:
+        """The transport generation the agent is proven on, for a channel that must go through it alone."""
+        gen = self.verified(agent)
+        if gen is None:
+            raise AgentLost(f"agent {agent.name} lost: it is no longer proven on its node's tunnel; "
+                            "see `dxflow ls`")
+        return gen
+
+    def forget(self, agent: Agent) -> None:
+        """Drop what was proven about the agent: it must be checked again before anything is sent to it."""
+        with self._lock:
+            self._verified.pop(agent.name, None)
+            idle = self._idle.pop(agent.name, [])
+            key = (agent.reg.address, agent.reg.port)
+            shared = any(v[0][:2] == key for v in self._verified.values())
+        for conn, _ in idle:
+            conn.close()
+        if not shared:
+            self.heartbeats.drop(key)
+
+    def lose(self, agent: Agent, why: str) -> None:
+        """The agent is lost: nothing goes to its port until a check proves the port is the user's again."""
+        self.forget(agent)
+        current = self.registry.get(agent.name)
+        if current is not None and current.state != "gone" and current.reg.pid == agent.reg.pid:
+            self.registry.set_state(agent.name, "lost", why)
+
+    def _heartbeat_ended(self, key: Key, why: str, dead: bool) -> None:
+        with self._lock:
+            names = [name for name, (proven, _) in self._verified.items() if proven[:2] == key]
+        for name in names:
+            agent = self.registry.get(name)
+            if agent is None:
+                continue
+            if dead:
+                self.lose(agent, why)
+            else:
+                log.info("agent %s must be checked again: %s", name, why)
+                self.forget(agent)
+        if names:  # news: an agent's end is often its job's, whose epilog removes the registration now
+            self._scan.reset()
+            for policy in self._asks.values():
+                policy.want()
+        self._wake.set()
+
+    def _agent_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._agent_locks.setdefault(name, threading.Lock())
+
     # -- the loop -------------------------------------------------------------
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.run, name="fleet", daemon=True)
@@ -146,33 +335,35 @@ class Fleet:
         self._stop.set()
         self._wake.set()
         self._checks.shutdown(wait=False, cancel_futures=True)
+        self.heartbeats.stop()
         self.pool.close()
 
     def run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.cycle()
+                if self._idle_over():
+                    return
+                wait = self._next_wait()
             except Exception:  # noqa: BLE001 - the watcher must keep going; the log says why
                 log.exception("fleet cycle failed")
-            self._wake.wait(SCAN_INTERVAL)
+                wait = self._scan.high
+            self._wake.wait(wait)
             self._wake.clear()
 
     def cycle(self) -> None:
         now = time.time()
-        on_disk = {r.name: r for r in registration.read_all(self.fleet_dir, self._read_cache) if r.user == self.user}
-        new = [name for name, reg in on_disk.items() if self.registry.upsert(reg)]
-        for agent in self.registry.all():
-            if agent.name not in on_disk and agent.state != "gone":
-                self.registry.set_state(agent.name, "gone", "registration removed (agent stopped)")
-            elif agent.state == "gone" and agent.name not in on_disk and now - agent.changed > GONE_KEEP:
-                self.registry.delete(agent.name)
+        if self._folder.changed():
+            self._read_folder(now)
         agents = [a for a in self.registry.all() if a.state != "gone"]
         if not agents:
             return
-        jobs = self._scheduler_jobs({a.reg.scheduler for a in agents}, force=bool(new))
+        jobs = self._scheduler_jobs({a.reg.scheduler for a in agents})
         for agent in agents:
             info = jobs.get(agent.reg.scheduler, {}).get(agent.reg.job)
-            known = agent.reg.scheduler in jobs
+            # an answer older than the registration tells nothing about it: it waits for the next one
+            known = (agent.reg.scheduler in jobs and
+                     self._ask(agent.reg.scheduler).asked_at_wall >= self._seen_at.get(agent.name, 0.0))
             if known and agent.reg.scheduler != "local" and (info is None or info.state in (JobState.ENDED,
                                                                                           JobState.ENDING)):
                 self._gone(agent, "job ended" if info is None else f"job {info.state.value}")
@@ -180,31 +371,101 @@ class Fleet:
             if known and info is not None and info.nodes and agent.reg.node not in info.nodes:
                 self._gone(agent, f"job {agent.reg.job} does not run on {agent.reg.node}")
                 continue
-            wait = {"starting": 0.0, "lost": LOST_RETRY}.get(agent.state, HEALTH_INTERVAL)
-            due = now - agent.checked >= wait
-            if due:
+            if now - agent.checked >= self._check_wait(agent):
                 self._check_later(agent)
 
+    def _read_folder(self, now: float) -> None:
+        """Read the registrations: new ones are added, removed ones are gone; either is news."""
+        with self._folder_lock:  # the watcher and a request (find) may both read it
+            self._read_folder_locked(now)
+
+    def _read_folder_locked(self, now: float) -> None:
+        self._folder.read()
+        on_disk = {r.name: r for r in registration.read_all(self.fleet_dir, self._read_cache) if r.user == self.user}
+        news = False
+        for name, reg in on_disk.items():
+            if self.registry.upsert(reg):
+                self._seen_at[name] = now
+                news = True
+        for agent in self.registry.all():
+            if agent.name not in on_disk and agent.state != "gone":
+                self.forget(agent)
+                self.registry.set_state(agent.name, "gone", "registration removed (agent stopped)")
+                news = True
+            elif agent.state == "gone" and agent.name not in on_disk and now - agent.changed > GONE_KEEP:
+                self.registry.delete(agent.name)
+                self._seen_at.pop(agent.name, None)
+                with self._lock:
+                    self._agent_locks.pop(agent.name, None)
+        if news:
+            for policy in self._asks.values():
+                policy.want()
+            self._scan.reset()
+
+    def _check_wait(self, agent: Agent) -> float:
+        """Seconds between two checks of the agent in its state."""
+        if agent.state == "ready" and self.verified(agent) is None:
+            return 0.0  # a restarted master, a new tunnel, a heartbeat gone silent: prove it again now
+        return {"starting": 0.0, "lost": LOST_RETRY}.get(agent.state, HEALTH_INTERVAL)
+
+    def _next_wait(self) -> float:
+        """Seconds until the next look: the backoff, or sooner when a check or a question is due."""
+        wait = self._scan.next()
+        now = time.time()
+        agents = [a for a in self.registry.all() if a.state != "gone"]
+        with self._lock:
+            checking = set(self._checking)
+        for agent in agents:
+            if agent.state == "starting":
+                wait = min(wait, self._scan.low)
+            elif agent.name not in checking:
+                wait = min(wait, max(self._scan.low, agent.checked + self._check_wait(agent) - now))
+        for name in {a.reg.scheduler for a in agents} - {"local"}:
+            wait = min(wait, max(self._scan.low, self._ask(name).wait()))
+        if self.site.master_idle_exit > 0 and not self._live(agents):
+            wait = min(wait, max(self._scan.low, self.site.master_idle_exit - self.clients.idle_for()))
+        return wait
+
+    @staticmethod
+    def _live(agents: list[Agent]) -> bool:
+        return any(a.state in ("starting", "ready") for a in agents)
+
+    def _idle_over(self) -> bool:
+        """True (and the server told) when there was no live agent and no client for master_idle_exit seconds."""
+        limit = self.site.master_idle_exit
+        if limit <= 0 or self.on_idle is None or self.clients.idle_for() < limit:
+            return False
+        if self._live(self.registry.all()):
+            return False
+        log.info("no live agent and no client for %.0f s: the master exits (the next command starts it)", limit)
+        self.on_idle()
+        return True
+
     def _gone(self, agent: Agent, why: str) -> None:
+        self.forget(agent)
         self.registry.set_state(agent.name, "gone", why)
         registration.remove(self.fleet_dir, agent.name, pid=agent.reg.pid)
 
-    def _scheduler_jobs(self, names: set[str], force: bool) -> dict[str, dict[str, JobInfo]]:
-        """Each scheduler's jobs of this user, asked at most every SCHEDULER_INTERVAL (or now, on news)."""
-        now = time.monotonic()
-        for name in names:
-            if name == "local":
+    def _ask(self, name: str) -> AskPolicy:
+        policy = self._asks.get(name)
+        if policy is None:
+            policy = self._asks[name] = AskPolicy(self.site.master_check_interval, self.site.master_check_gap)
+        return policy
+
+    def _scheduler_jobs(self, names: set[str]) -> dict[str, dict[str, JobInfo]]:
+        """Each scheduler's jobs of this user: asked (one filtered query) when its policy says so, and
+        within the process's cap; otherwise the last answer."""
+        for name in names - {"local"}:
+            policy = self._ask(name)
+            if not policy.due() or not QUERY_BUDGET.available():
                 continue
-            if not force and now - self._jobs_at.get(name, -1e9) < SCHEDULER_INTERVAL:
-                continue
+            policy.asked()
             try:
                 jobs = get_scheduler(name).jobs(user=self.user)
                 self._jobs[name] = {j.job: j for j in jobs}
-                self._jobs_at[name] = now
             except (SchedulerError, DxflowError) as e:
                 log.warning("cannot list %s jobs: %s", name, e)
                 self._jobs.pop(name, None)  # unknown: agents are neither confirmed nor dropped
-                self._jobs_at[name] = now
         return {k: v for k, v in self._jobs.items() if k in names}
 
     def _check_later(self, agent: Agent) -> None:
@@ -216,23 +477,79 @@ class Fleet:
 
     def _check(self, agent: Agent) -> None:
         try:
-            challenge = secrets.token_urlsafe(24)
-            health = self.get_json(agent, f"/api/health?challenge={challenge}")
-            if not check_challenge(agent.reg.public_key, challenge, health.get("signature", "")):
-                self.registry.set_state(agent.name, "lost", "identity check failed: not the registered agent")
-                return
-            info = self.get_json(agent, "/api/node")
-            self.registry.set_state(agent.name, "ready", "", node_info=info)
-        except DxflowError as e:
-            self.registry.set_state(agent.name, "lost", str(e))
-        except Exception as e:  # noqa: BLE001
-            log.exception("checking %s", agent.name)
-            self.registry.set_state(agent.name, "lost", f"{type(e).__name__}: {e}")
+            with self._agent_lock(agent.name):
+                current = self.registry.get(agent.name)
+                if current is not None and current.state != "gone" and current.reg.pid == agent.reg.pid:
+                    self._check_locked(current)
         finally:
             with self._lock:
                 self._checking.discard(agent.name)
 
-    def refresh(self) -> None:
-        """Re-check now (the CLI asks before listing)."""
-        self._jobs_at.clear()
+    def _check_locked(self, agent: Agent) -> None:
+        """Check the agent (its lock held): on a transport where it is not proven yet, the port's owner
+        first, then its signature of a fresh challenge, then its heartbeat stream; lost if any fails."""
+        try:
+            proven = gen = self.verified(agent)
+            if gen is None:
+                self.forget(agent)
+                gen = self.pool.connect(agent.reg.address)
+                why = listeners.refusal_on(self.pool, agent.reg.address, agent.reg.port, self.uid,
+                                           agent.reg.node, gen)
+                if why:
+                    self.lose(agent, why)
+                    return
+            challenge = secrets.token_urlsafe(24)
+            health = self.get_json(agent, f"/api/health?challenge={challenge}", generation=gen)
+            if not check_challenge(agent.reg.public_key, challenge, health.get("signature", "")):
+                self.lose(agent, "identity check failed: not the registered agent")
+                return
+            info = self.get_json(agent, "/api/node", generation=gen)
+            key = (agent.reg.address, agent.reg.port)
+            if self.heartbeats.generation(key) != gen:
+                if proven is not None:  # it ended during this check: the port's owner is read again first
+                    self.forget(agent)
+                    return
+                stream = heartbeat.open_stream(self.pool, agent.reg.address, agent.reg.port, self.token(agent), gen)
+                self.heartbeats.add(key, stream, gen)
+            with self._lock:
+                self._verified[agent.name] = (ident(agent), gen)
+            self.registry.set_state(agent.name, "ready", "", node_info=info)
+        except DxflowError as e:
+            self.lose(agent, str(e))
+        except Exception as e:  # noqa: BLE001
+            log.exception("checking %s", agent.name)
+            self.lose(agent, f"{type(e).__name__}: {e}")
+
+    def refresh(self, metrics: bool = True) -> None:
+        """The user runs a command that wants a fresh view (`dxflow ls`): read the folder and ask the
+        scheduler now (the question at most every master_check_gap seconds); with ``metrics``, the node
+        metrics of ready agents older than METRICS_FRESH are read again first (up to METRICS_WAIT)."""
+        for policy in self._asks.values():
+            policy.want()
+        self._folder.force()
+        self._scan.reset()
         self._wake.set()
+        if metrics:
+            self.refresh_metrics()
+
+    def refresh_metrics(self, wait: float = METRICS_WAIT) -> None:
+        """Read ``/api/node`` again of every ready, proven agent whose metrics are older than METRICS_FRESH,
+        all at once; what is not answered within ``wait`` keeps its old reading (and its age says so)."""
+        now = time.time()
+        stale = [a for a in self.registry.all()
+                 if a.state == "ready" and (a.metrics_age(now) is None or a.metrics_age(now) > METRICS_FRESH)
+                 and self.verified(a) is not None]
+        if not stale:
+            return
+        done = [self._checks.submit(self._read_metrics, a, wait) for a in stale]
+        futures.wait(done, timeout=wait)
+
+    def _read_metrics(self, agent: Agent, timeout: float) -> None:
+        try:
+            info = self.get_json(agent, "/api/node", timeout=timeout)
+        except DxflowError as e:  # unreachable now: the heartbeat decides whether it is lost
+            log.info("metrics of %s not refreshed: %s", agent.name, e)
+            return
+        current = self.registry.get(agent.name)
+        if current is not None and current.state == "ready" and current.reg.pid == agent.reg.pid:
+            self.registry.set_metrics(agent.name, info)

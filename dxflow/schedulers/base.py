@@ -8,15 +8,20 @@ JSON fields hold what, and how its native states map to :class:`JobState`.
 from __future__ import annotations
 
 import enum
+import glob
 import logging
 import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from dxflow.errors import SchedulerError, UsageError
+from dxflow.jobcgroup import CGROUP_ROOT, JobCgroups, job_cgroups
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +79,21 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-def run(argv: Sequence[str], *, timeout: float = 30.0, env: Mapping[str, str] | None = None) -> str:
-    """Run a scheduler command and return its stdout; raise :class:`SchedulerError` on any failure."""
+def run(argv: Sequence[str], *, timeout: float = 30.0, env: Mapping[str, str] | None = None,
+        errors: str = "strict") -> str:
+    """Run a scheduler command and return its stdout; raise :class:`SchedulerError` on any failure.
+
+    ``errors="replace"`` for a command that prints users' bytes as they are (Torque's XML). A command
+    that asks the controller about jobs (:data:`QUERY_COMMANDS`) draws from :data:`QUERY_BUDGET` first:
+    when it is spent, SchedulerError and nothing is run (the caller asks later)."""
     argv = list(argv)
+    if os.path.basename(argv[0]) in QUERY_COMMANDS and not QUERY_BUDGET.take():
+        raise SchedulerError(f"{argv[0]} not run: the cap of {QUERY_BUDGET.per_minute:g} controller queries a "
+                             "minute of this process is reached (controller_queries_per_minute, "
+                             "/etc/dxflow/dxflow.toml); asked again later")
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, errors=errors)
     except FileNotFoundError as e:
         raise SchedulerError(f"{argv[0]} not found: is the scheduler's client installed and on PATH?") from e
     except subprocess.TimeoutExpired as e:
@@ -96,6 +110,82 @@ def first_env(environ: Mapping[str, str], names: Sequence[str]) -> str:
         if value:
             return value
     return ""
+
+
+# -- load on the controller (issue #11): a cap on queries, and what a node knows by itself ------------
+
+#: Client commands that ask the controller about jobs: every run of one draws from :data:`QUERY_BUDGET`.
+QUERY_COMMANDS = frozenset({"squeue", "qstat", "bjobs"})
+
+
+class QueryBudget:
+    """At most ``per_minute`` controller queries a minute from this process: a token bucket holding one
+    minute's worth (at least one query). 0: no cap. :func:`run` draws from :data:`QUERY_BUDGET`, which
+    the agent and the master size from the site's ``controller_queries_per_minute`` (hooks and the CLI
+    leave it uncapped)."""
+
+    def __init__(self, per_minute: float = 0.0) -> None:
+        self._lock = threading.Lock()
+        self.per_minute = 0.0
+        self._tokens = 1.0
+        self._at = time.monotonic()
+        self.resize(per_minute)
+
+    def resize(self, per_minute: float) -> None:
+        with self._lock:
+            self.per_minute = max(0.0, float(per_minute))
+            self._tokens = max(1.0, self.per_minute)
+            self._at = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(max(1.0, self.per_minute), self._tokens + (now - self._at) * self.per_minute / 60.0)
+        self._at = now
+
+    def available(self) -> bool:
+        """Whether a query may be asked now (nothing spent)."""
+        with self._lock:
+            if self.per_minute <= 0:
+                return True
+            self._refill()
+            return self._tokens >= 1.0
+
+    def take(self) -> bool:
+        """Spend one query if the budget allows it now."""
+        with self._lock:
+            if self.per_minute <= 0:
+                return True
+            self._refill()
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
+#: What every controller query of this process draws from; no cap until the process sets one.
+QUERY_BUDGET = QueryBudget()
+
+
+class Presence(str, enum.Enum):
+    """What a look at the job's node tells about the job there (:meth:`Scheduler.job_here`)."""
+
+    LASTING = "lasting"   # a sign kept for the job's whole life on this node is there: it runs here
+    PASSING = "passing"   # only the sign of a passing part of it (a step) is there: it runs here now
+    ABSENT = "absent"     # the signs' folders can be looked at and none is there
+    UNKNOWN = "unknown"   # no sign known, or none can be looked at: only the controller can tell
+
+
+@dataclass(frozen=True)
+class LocalSign:
+    """A path the scheduler's daemon on a node keeps while a job, or a part of it, runs there, and which
+    the job's user can see. ``pattern``: a glob (wildcards in its last part only) with ``{job}``,
+    ``{node}``, ``{uid}``, ``{user}`` and the adapter's own fields (:meth:`Scheduler.local_sign_fields`).
+    ``lasting``: there from the job's start on the node to its end there, so that its absence, once it
+    was seen, means the job ended here. ``source``: where this is written down."""
+
+    pattern: str
+    lasting: bool
+    source: str
 
 
 class Scheduler:
@@ -151,6 +241,10 @@ class Scheduler:
         """Fields carried by hook arguments (PBS, Torque); none by default."""
         return {}
 
+    def complete_hook_job(self, job: HookJob) -> None:
+        """Fill in, for the prolog, what the hook's environment does not carry but the scheduler
+        knows (OpenPBS's classic prologue gets no work dir). Nothing by default; never raises."""
+
     def expand_nodes(self, text: str) -> list[str]:
         return [n for n in text.replace(",", " ").split() if n]
 
@@ -170,6 +264,15 @@ class Scheduler:
         info = self.job(job_id)
         return info.state if info else JobState.ENDED
 
+    def spooled_output(self, job_id: str) -> dict[str, str]:
+        """Where the job's stdout and stderr are *while it runs*, for a scheduler that holds them in a
+        spool of its own and copies them to the final path only when the job ends (PBS, Torque,
+        LSF by default): ``{"stdout": path, "stderr": path}``, either key may be missing. Asked by the
+        agent, as the job's user, on the job's node (a spool is local to the node that writes it); the
+        caller reads a path only if a regular file is there, else the final path. {} for a scheduler
+        that writes the final path directly (Slurm)."""
+        return {}
+
     def map_state(self, native: str) -> JobState:
         return self.state_map.get(native.upper(), JobState.UNKNOWN)
 
@@ -187,3 +290,60 @@ class Scheduler:
         dirs = [d for d in self.environ.get("PATH", os.defpath).split(os.pathsep) if d]
         found = shutil.which(name, path=os.pathsep.join(dirs + self.client_dirs()))
         return found or name
+
+    # -- the job's own cgroups on a node (issue #9: everything dxflow runs counts against the job) --
+    #: Where the scheduler keeps the job's processes on a node outside any task it launched: groups of
+    #: paths relative to its cgroup mount, with ``{job}``, ``{uid}``, ``{user}``, ``{node}`` (v2 also
+    #: ``{init}``); see :class:`dxflow.jobcgroup.JobCgroups`. Empty: none known, the agent runs beside the job.
+    job_cgroup_v1: tuple[tuple[str, ...], ...] = ()
+    job_cgroup_v2: tuple[tuple[str, ...], ...] = ()
+
+    def cgroup_setup(self) -> tuple[Path, float]:
+        """Where this scheduler's cgroup plugin finds the cgroup trees, and how many seconds after the
+        prolog the job's own cgroups may take to appear on a node (0: they never do)."""
+        return CGROUP_ROOT, 0.0
+
+    def job_cgroups(self, job: HookJob) -> JobCgroups | None:
+        """The job's own cgroups on this node for the prolog's launcher to join, or None."""
+        if not (self.job_cgroup_v1 or self.job_cgroup_v2):
+            return None
+        mount, wait = self.cgroup_setup()
+        return job_cgroups(mount, self.job_cgroup_v1, self.job_cgroup_v2, wait,
+                           job=job.job, uid=str(job.uid), user=job.user, node=job.node)
+
+    # -- is the job still running on this node, asked without the controller (issue #11) --------------
+    #: What the scheduler keeps on a node while a job runs there (:class:`LocalSign`). Empty: nothing
+    #: known, and the agent asks the controller instead, rarely (``controller_check_interval``).
+    local_signs: tuple[LocalSign, ...] = ()
+
+    def local_sign_fields(self, node: str) -> dict[str, str] | None:
+        """The adapter's own fields of its sign patterns on ``node``; None when they cannot be known."""
+        return {}
+
+    def job_here(self, job_id: str, node: str) -> Presence:
+        """Whether the job runs on this node (``node`` as the scheduler names it), from a look at the
+        node's own files: no controller call. Asked by the agent, as the job's user, on the job's node."""
+        fields = self.local_sign_fields(node) if self.local_signs else None
+        if fields is None:
+            return Presence.UNKNOWN
+        values = {"job": job_id, "node": node, "uid": str(os.getuid()), **fields}
+        if any("{user}" in sign.pattern for sign in self.local_signs):  # a name lookup may go to LDAP
+            import pwd
+
+            values["user"] = pwd.getpwuid(os.getuid()).pw_name
+        escaped = {k: glob.escape(v) for k, v in values.items()}  # a value's [ ] * ? are not wildcards
+        looked = passing = False
+        for sign in self.local_signs:
+            folder = os.path.dirname(sign.pattern.format(**values)) or "."
+            wildcard = any(c in os.path.basename(sign.pattern) for c in "*?[")
+            # a folder that cannot be listed (or entered) tells nothing: never read it as "absent"
+            if not os.access(folder, os.R_OK | os.X_OK if wildcard else os.X_OK):
+                continue
+            looked = True
+            if glob.glob(sign.pattern.format(**escaped)):
+                if sign.lasting:
+                    return Presence.LASTING
+                passing = True
+        if passing:
+            return Presence.PASSING
+        return Presence.ABSENT if looked else Presence.UNKNOWN

@@ -9,7 +9,7 @@ from __future__ import annotations
 import getpass
 import socket
 
-from dxflow.schedulers.base import JobInfo, JobState, Scheduler
+from dxflow.schedulers.base import JobInfo, JobState, Presence, Scheduler
 
 
 class Local(Scheduler):
@@ -27,6 +27,9 @@ class Local(Scheduler):
 
     def job_state(self, job_id: str) -> JobState:
         return JobState.RUNNING  # nothing can end it but the agent itself
+
+    def job_here(self, job_id: str, node: str) -> Presence:
+        return Presence.LASTING  # the same: it runs here for as long as the agent does
 
     def local_job(self, job: str = "local") -> JobInfo:
         return JobInfo(job=job, user=getpass.getuser(), state=JobState.RUNNING,

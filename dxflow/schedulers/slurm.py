@@ -9,16 +9,26 @@ A job object (22.05, trimmed)::
      "standard_output": "/home/alice/slurm-%j.out", "standard_error": ""}
 
 24.11 prints ``"job_state": ["RUNNING"]`` (a list of flags) — both shapes are read.
+
+Load on slurmctld (issue #11). The agent learns whether its job still runs on its node from
+slurmstepd's sockets on that node (:attr:`Slurm.local_signs`), not from slurmctld. What is asked
+of slurmctld is filtered there: one job (``squeue --jobs JOB``, which loads that job alone) or one
+user's jobs (``squeue --user USER``, which loads only theirs), as plain text, which every
+generation filters; the whole queue as JSON only for a caller that wants every job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+from pathlib import Path
 from typing import Any
 
+from dxflow.errors import SchedulerError
 from dxflow.schedulers import pyslurm_backend
-from dxflow.schedulers.base import JobInfo, JobState, Scheduler, run
+from dxflow.jobcgroup import CGROUP_ROOT
+from dxflow.schedulers.base import JobInfo, JobState, LocalSign, Scheduler, check_name, run
 from dxflow.schedulers.hostlist import expand_hostlist
 
 log = logging.getLogger(__name__)
@@ -54,10 +64,44 @@ class Slurm(Scheduler):
     squeue = ("squeue", "--json")
     commands = ("squeue", "sinfo")
 
+    # How a process joins the job on a node (issue #9). With PrologFlags=Contain, slurmd starts the
+    # job's "extern" step on every node right after the prolog (_rpc_prolog, then _spawn_prolog_stepd,
+    # src/slurmd/slurmd/req.c 22.05); pam_slurm_adopt puts SSH sessions into that step's cgroups.
+    # The prolog's launcher does the same for the agent, so what it runs counts against the job.
+    # v1: "<CgroupPrepend>/uid_%u/job_%u/step_%s" (xcgroup_create_hierarchy, src/plugins/cgroup/v1/
+    # xcgroup.c), CgroupPrepend "/slurm", or "/slurm_%n" in a build for several slurmd per host such
+    # as Debian's (src/common/cgroup.c; 22.05 and 24.11). Freezer first: proctrack/cgroup puts the
+    # extern step's sleep there after task/cgroup made the others (_spawn_job_container, slurmstepd/mgr.c).
+    job_cgroup_v1 = tuple(
+        tuple(f"{controller}/{prepend}/uid_{{uid}}/job_{{job}}/step_extern"
+              for controller in ("freezer", "cpuset", "memory", "devices", "cpuacct"))
+        for prepend in ("slurm", "slurm_{node}"))
+    # v2: "<scope>/job_%u/step_%s/user"; the scope is system.slice/slurmstepd.scope (%n_slurmstepd.scope
+    # for several slurmd) under the mount (22.05) or under init's parent cgroup (24.11) (_set_int_cg_ns,
+    # src/plugins/cgroup/v2/cgroup_v2.c). Not seen running: the lab host is v1.
+    job_cgroup_v2 = tuple((f"{init}system.slice/{scope}.scope/job_{{job}}/step_extern/user",)
+                          for init in ("", "{init}/") for scope in ("slurmstepd", "{node}_slurmstepd"))
+    #: Seconds the launcher waits for the extern step (it normally appears within tens of milliseconds).
+    extern_step_wait = 10.0
+
     def expand_nodes(self, text: str) -> list[str]:
         return expand_hostlist(text) if text else []
 
+    def cgroup_setup(self) -> tuple[Path, float]:
+        """CgroupMountpoint from the cgroup.conf beside slurmd's slurm.conf (slurmd gives its path to
+        the prolog as SLURM_CONF); a wait only when slurm.conf has PrologFlags=Contain and a cgroup
+        proctrack, the settings under which slurmd makes the extern step's cgroups."""
+        conf = Path(self.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
+        slurm_conf = read_conf(conf)
+        cgroup_conf = read_conf(conf.with_name("cgroup.conf"))
+        mount = Path(cgroup_conf.get("cgroupmountpoint", str(CGROUP_ROOT)).rstrip("/") or "/")
+        flags = {f.strip().lower() for f in slurm_conf.get("prologflags", "").split(",")}
+        contained = "contain" in flags and slurm_conf.get("proctracktype", "").lower() == "proctrack/cgroup"
+        return mount, self.extern_step_wait if contained else 0.0
+
     def jobs(self, user: str | None = None) -> list[JobInfo]:
+        if user is not None:  # slurmctld loads this user's jobs only (pyslurm would load every job)
+            return self._plain([*self.squeue_user, check_name("user", user)])
         if pyslurm_backend.status(self.environ).usable:
             try:
                 items = pyslurm_backend.load_jobs()
@@ -69,6 +113,21 @@ class Slurm(Scheduler):
         data = json.loads(run(argv))
         infos = [self._info(item) for item in data.get("jobs", [])]
         return [i for i in infos if user is None or i.user == user]
+
+    def job(self, job_id: str) -> JobInfo | None:
+        """One job with its name, work dir and output paths (the agent asks once, for its logs):
+        ``squeue --json --jobs JOB``, filtered by slurmctld where ``--json`` honours filters; 22.05
+        lists every job, filtered here. Not for polling: :meth:`job_state` is."""
+        check_name("job id", job_id)
+        data = json.loads(run([*self.squeue, "--jobs", job_id]))
+        return next((i for i in map(self._info, data.get("jobs", [])) if i.job == job_id), None)
+
+    def job_state(self, job_id: str) -> JobState:
+        """The job's state from slurmctld, asked for that one job (the agent's fallback when no look
+        at its node can tell): ENDED once slurmctld no longer lists it."""
+        found = self._plain([*self.squeue_one, check_name("job id", job_id)])
+        info = next((i for i in found if i.job == job_id), None)
+        return info.state if info else JobState.ENDED
 
     def backend(self) -> str:
         return "pyslurm" if pyslurm_backend.status(self.environ).usable else " ".join(self.squeue)
@@ -93,6 +152,86 @@ class Slurm(Scheduler):
             stdout=expand_pattern(str(item.get("standard_output", "") or ""), item),
             stderr=expand_pattern(str(item.get("standard_error", "") or ""), item),
         )
+
+    # -- filtered queries as plain text (issue #11) ----------------------------------------------------
+    # squeue asks slurmctld for one job when given one id (slurm_load_job) and for one user's jobs when
+    # given one user (slurm_load_job_user) instead of every job (_print_job, src/squeue/squeue.c).
+    # Sample line: "161|alice|RUNNING|n[1-2]"; %A is the job's own id (an array element's too), %T its
+    # state in full, %N its nodes (empty while pending). "|" is in none of them. No line: not listed
+    # (ended); squeue exits 1 with "Invalid job id specified" for an id slurmctld forgot.
+    #: one job's state and nodes
+    squeue_one = ("squeue", "--noheader", "--format=%A|%u|%T|%N", "--jobs")
+    #: one user's jobs' states and nodes
+    squeue_user = ("squeue", "--noheader", "--format=%A|%u|%T|%N", "--user")
+    #: what squeue says for a job slurmctld no longer knows
+    unknown_job = "Invalid job id specified"
+
+    def _plain(self, argv: list[str]) -> list[JobInfo]:
+        try:
+            out = run(argv)
+        except SchedulerError as e:
+            if self.unknown_job in f"{e.stderr}\n{e.stdout}":
+                return []
+            raise
+        infos = []
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) != 4 or not parts[0]:
+                continue
+            job, user, state, nodes = parts
+            infos.append(JobInfo(job=job, user=user, state=self.map_state(state),
+                                 nodes=self.expand_nodes(nodes) if nodes else []))
+        return infos
+
+    # -- is the job still running on this node, asked without slurmctld (issue #11) --------------------
+    # slurmstepd listens on "<SlurmdSpoolDir>/<node>_<job>.<step>" while the step runs on the node
+    # ("%s/%s_%u.%u", _step_connect in src/common/stepd_api.c; 23.02+ appends ".<component>" for a
+    # heterogeneous job's component). stepd_available() in the same file lists them for `scontrol
+    # listpids` and `scontrol pidinfo`, which ask the local slurmstepd and never slurmctld. The socket
+    # is mode 0777 in a 0755 folder: the job's user sees it (seen on the lab, 22.05). Step ids: slurm.h.
+    local_signs = (
+        LocalSign("{spool}/{node}_{job}.4294967292", lasting=True,
+                  source="extern step (SLURM_EXTERN_CONT, 0xfffffffc): with PrologFlags=Contain slurmd "
+                         "starts it on every node of the job after the prolog and ends it with the job"),
+        LocalSign("{spool}/{node}_{job}.4294967291", lasting=True,
+                  source="batch step (SLURM_BATCH_SCRIPT, 0xfffffffb) on the batch host: the job ends "
+                         "when its batch script does"),
+        LocalSign("{spool}/{node}_{job}.4294967290", lasting=True,
+                  source="interactive step (SLURM_INTERACTIVE_STEP, 0xfffffffa; LaunchParameters="
+                         "use_interactive_step): salloc's shell, whose end ends the allocation"),
+        LocalSign("{spool}/{node}_{job}.*", lasting=False,
+                  source="any other step (srun), while it runs on this node"),
+    )
+    #: SlurmdSpoolDir when slurm.conf does not set it (slurm.conf(5))
+    default_spool = "/var/spool/slurmd"
+
+    def local_sign_fields(self, node: str) -> dict[str, str] | None:
+        """``{spool}``: SlurmdSpoolDir of the slurm.conf slurmd gave the prolog (SLURM_CONF), with
+        ``%n`` (node name) and ``%h`` (host name) expanded as slurmd does (slurm.conf(5)). Read once:
+        slurm.conf may live on a shared file system, and the agent looks every few seconds."""
+        spools: dict[str, str] = self.__dict__.setdefault("_spools", {})
+        if node not in spools:
+            conf = read_conf(Path(self.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"))
+            spool = conf.get("slurmdspooldir") or self.default_spool
+            host = socket.gethostname().split(".")[0]
+            spools[node] = spool.replace("%n", node).replace("%h", host)
+        return {"spool": spools[node]}
+
+
+def read_conf(path: Path) -> dict[str, str]:
+    """``Key=Value`` settings of a slurm.conf-style file, keys lower-cased (Slurm ignores their case);
+    ``{}`` when it cannot be read. Node and partition lines are skipped; Include is not followed."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() not in ("nodename", "partitionname", "nodeset", "frontendname"):
+            out[key.strip().lower()] = value.strip().split()[0] if value.strip() else ""
+    return out
 
 
 def expand_pattern(pattern: str, item: dict[str, Any]) -> str:

@@ -178,7 +178,7 @@ def test_refusals_surface_as_errors(master, tree):
 
 def test_relay_response_reads_what_has_arrived():
     """The master's relay must pass on a live stream's first bytes without waiting for more."""
-    from dxflow.master.app import _RelayResponse
+    from dxflow.master.tunnels import ChannelResponse
 
     class Channel:  # what a paramiko channel offers: recv, and a file without read1
         def __init__(self, sock):
@@ -196,7 +196,7 @@ def test_relay_response_reads_what_has_arrived():
     a, b = socket.socketpair()
     a.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     b.settimeout(5)
-    resp = _RelayResponse(Channel(b), method="GET")
+    resp = ChannelResponse(Channel(b), method="GET")
     resp.begin()
     assert resp.read1(256 * 1024) == b"hello"  # the stream stays open: read(n) would block here
     a.sendall(b"0\r\n\r\n")
@@ -207,7 +207,8 @@ def test_relay_response_reads_what_has_arrived():
 
 def test_refused_big_upload_reports_the_refusal(master, tree):
     """The agent answers 403 without reading a 20 MB body: the answer, not a broken pipe, reaches the user."""
-    from dxflow.cli.files import Agent, check
+    from dxflow.cli.files import Agent
+    from dxflow.master.client import check
 
     agent = Agent(master, "42", None)
     size = 20 * 1024 * 1024

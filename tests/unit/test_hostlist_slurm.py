@@ -31,13 +31,13 @@ def test_squeue_json_both_shapes(monkeypatch):
     other = dict(old, job_id=9, user_name="bob")
     import json
     monkeypatch.setattr("dxflow.schedulers.slurm.run", lambda argv: json.dumps({"jobs": [old, new, other]}))
-    jobs = slurm.jobs(user="alice")
-    assert [j.job for j in jobs] == ["7", "8"]  # 22.05 ignores --user: filtered here
+    jobs = slurm.jobs()
+    assert [j.job for j in jobs] == ["7", "8", "9"]
     assert jobs[0].state is JobState.RUNNING and jobs[0].nodes == ["n1", "n2"]
     assert jobs[0].stdout == "/home/alice/slurm-7.out"
     assert jobs[1].state is JobState.ENDING and jobs[1].stdout == "/tmp/wrap-00008.out"
-    assert slurm.job_state("9") is JobState.RUNNING
-    assert slurm.job_state("404") is JobState.ENDED
+    assert slurm.job("9").user == "bob"  # 22.05 ignores --jobs with --json: filtered here
+    assert slurm.job("404") is None
 
 
 def test_expand_pattern_keeps_unknown_and_percent():

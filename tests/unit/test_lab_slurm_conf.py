@@ -47,6 +47,18 @@ def test_render_has_the_lab_settings(layout: Layout) -> None:
     assert "SlurmctldPort" not in conf and "SlurmdPort" not in conf
 
 
+def test_render_with_cgroups_runs_slurm_as_production_sites_do(layout: Layout) -> None:
+    shape = slurm.NodeShape(cpus=2, real_memory_mb=3013)
+    conf = conf_dict(slurm.render_slurm_conf(layout, layout.nodes(2), shape, cgroups=True))
+    assert conf["ProctrackType"] == "proctrack/cgroup"
+    assert conf["TaskPlugin"].split(",")[0] == "task/cgroup"
+    assert conf["PrologFlags"] == "Alloc,Contain"          # the extern step: the cgroup agents join
+    assert conf["SelectTypeParameters"] == "CR_Core_Memory"  # else --mem sets no limit
+    assert conf["DefMemPerCPU"] == "1506"                  # a job without --mem: a CPU's share, not the node
+    without = conf_dict(slurm.render_slurm_conf(layout, layout.nodes(2), shape))
+    assert "DefMemPerCPU" not in without and without["ProctrackType"] == "proctrack/linuxproc"
+
+
 def test_render_node_and_partition_lines(layout: Layout) -> None:
     text = slurm.render_slurm_conf(layout, layout.nodes(3), slurm.NodeShape(cpus=4, real_memory_mb=1234))
     nodes = [line for line in text.splitlines() if line.startswith("NodeName=")]
