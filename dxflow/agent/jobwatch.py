@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 #: Seconds between the job's end being known and the agent stopping: followers send their last lines
 #: and their ``end`` event first (they look at least once a second).
 END_GRACE = 2.0
+#: Seconds between controller questions while someone follows a log and no look can tell (PBS, LSF):
+#: a follower must see the end of the job, and only the followed node's agent asks, within the cap.
+FOLLOW_ASK = 10.0
 #: Environment variable that sets both intervals at once (the lab tests use 1 s).
 INTERVAL_ENV = "DXFLOW_JOB_CHECK_INTERVAL"
 #: Where the agent's watch is kept in :attr:`AgentState.extra`.
@@ -62,6 +65,7 @@ class JobWatch:
         self._seen_lasting = False
         self._looked_at = float("-inf")
         self._next_ask = time.monotonic() + self.rng.uniform(0.0, ask_every)
+        self._next_follow_ask = float("-inf")
 
     def next_ask_in(self) -> float:
         """Seconds until the controller may be asked next (if a look cannot tell by then)."""
@@ -90,9 +94,15 @@ class JobWatch:
 
     def over(self, max_age: float) -> bool:
         """Whether the job has ended, by a look no older than ``max_age`` seconds (made now when the last
-        one is older). Never asks the controller: that is the watch's own schedule."""
+        one is older). Where a look cannot tell, a follower's question goes to the controller at most
+        every :data:`FOLLOW_ASK` seconds (within the process's cap)."""
         if not self.ended.is_set() and time.monotonic() - self._looked_at >= max_age:
-            self.look()
+            presence = self.look()
+            now = time.monotonic()
+            if (not self.ended.is_set() and presence not in (Presence.LASTING, Presence.PASSING)
+                    and now >= self._next_follow_ask and QUERY_BUDGET.available()):
+                self._next_follow_ask = now + min(FOLLOW_ASK, self.ask_every)
+                self._ask()
         return self.ended.is_set()
 
     def tick(self) -> None:
@@ -104,6 +114,10 @@ class JobWatch:
         if now < self._next_ask or not QUERY_BUDGET.available():
             return  # not yet; or over the process's cap: the next round tries again
         self._next_ask = now + self.ask_every * self.rng.uniform(0.9, 1.1)
+        self._ask()
+
+    def _ask(self) -> None:
+        """One question about this job to the controller."""
         self.asked += 1
         try:
             state = self.sched.job_state(self.job)

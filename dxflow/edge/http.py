@@ -5,6 +5,7 @@ response heads read from a raw socket, and the response that says "this connecti
 from __future__ import annotations
 
 from typing import Callable, Iterable
+from urllib.parse import quote
 
 from werkzeug.wrappers import Response
 
@@ -31,6 +32,16 @@ class Hijacked(Response):
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         raise StopIteration()  # gunicorn's workers treat it as "close this connection" (as flask-sock does)
+
+
+#: characters a path keeps as they are when a relay writes it on the wire again (RFC 3986 pchar and "/")
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def request_target(path: str, query: str = "") -> str:
+    """The request target for a decoded ``path`` (as a router hands it) and a raw query string: the path
+    percent-encoded again, so that ``?``, ``#``, spaces and non-ASCII in a name reach the agent intact."""
+    return "/" + quote(path.lstrip("/"), safe=PATH_SAFE) + (f"?{query}" if query else "")
 
 
 def without_own_cookies(cookie_header: str) -> str:

@@ -15,7 +15,7 @@ from flask import Flask, Response, jsonify, request, stream_with_context
 
 from dxflow import __version__
 from dxflow.edge import httperrors
-from dxflow.edge.http import RELAY_DROP, without_own_cookies
+from dxflow.edge.http import RELAY_DROP, request_target, without_own_cookies
 from dxflow.errors import AgentUnreachable, UsageError
 from dxflow.master.fleet import Fleet
 
@@ -63,7 +63,7 @@ def create_app(fleet: Fleet) -> Flask:
             headers["Cookie"] = cookie
         headers["Authorization"] = f"Bearer {fleet.token(agent)}"
         query = request.query_string.decode()
-        target = "/" + path + (f"?{query}" if query else "")
+        target = request_target(path, query)
         conn, reused = fleet.acquire(agent, timeout=3600)
         body = None
         length = request.content_length

@@ -18,7 +18,7 @@ import socket
 from flask import Flask, Response, jsonify, request
 
 from dxflow.edge.http import (HOP_BY_HOP, RELAY_DROP, Hijacked, buffered_after_head, parse_head, read_body,
-                              read_head, without_own_cookies)
+                              read_head, request_target, without_own_cookies)
 from dxflow.edge.pipes import pipe
 
 from dxflow.errors import AgentUnreachable
@@ -37,7 +37,7 @@ def init_app(app: Flask, fleet: Fleet) -> None:
     def fleet_websocket(job: str, node: str, path: str):
         agent = fleet.relay_target(job, None if node == "-" else node)
         query = request.query_string.decode()
-        return relay_websocket(fleet, agent, "/" + path + (f"?{query}" if query else ""))
+        return relay_websocket(fleet, agent, request_target(path, query))
 
     app.add_url_rule("/api/fleet/<job>/<node>/<path:path>", endpoint="fleet_websocket", view_func=fleet_websocket,
                      methods=["GET"], websocket=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Jobs, dxflow, wait_agents
 from dxflow import auth
 
 PYTHON = "/opt/dxflow/venv/bin/python"
@@ -133,8 +134,6 @@ def _unix_forwarder(sock_path: str) -> tuple[socket.socket, threading.Thread]:
 
 
 def test_fuzz_master_api_no_server_errors(lab, tmp_path):
-    from conftest import Jobs, dxflow, wait_agents
-
     jobs = Jobs()
     job = jobs.submit(USER, "sleep 600")
     server = None

@@ -248,12 +248,25 @@ def test_the_cap_holds_whatever_the_interval(ran, tmp_path):
     assert len(ran) == 3 and all(argv[-2:] == ["--jobs", "161"] for argv in ran)
 
 
-def test_a_follower_looks_at_most_every_max_age_and_never_asks():
-    node = Node(Presence.UNKNOWN, JobState.ENDED)
+def test_a_follower_looks_at_most_every_max_age_and_never_asks_where_a_look_tells():
+    node = Node(Presence.LASTING, JobState.ENDED)
     watch = jobwatch.JobWatch(node, "161", "n2", look_every=60, ask_every=0.0)
     for _ in range(20):
         assert not watch.over(max_age=10.0)
     assert node.looks == 1 and node.asks == 0
+
+
+def test_a_follower_where_no_look_tells_asks_at_most_every_follow_interval(monkeypatch):
+    """PBS and LSF have no sign on the node yet: a follower must still see the job end, so the followed
+    node's agent asks about its one job, at most every FOLLOW_ASK seconds."""
+    node = Node(Presence.UNKNOWN, JobState.RUNNING)
+    watch = jobwatch.JobWatch(node, "161", "n2", look_every=60, ask_every=600)
+    for _ in range(20):
+        assert not watch.over(max_age=0.0)
+    assert node.asks == 1
+    monkeypatch.setattr(watch, "_next_follow_ask", 0.0)  # FOLLOW_ASK seconds later
+    node.state = JobState.ENDED
+    assert watch.over(max_age=0.0) and node.asks == 2
 
 
 def test_an_ended_job_stops_the_agent(monkeypatch):
