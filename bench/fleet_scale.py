@@ -23,17 +23,14 @@ import json
 import os
 import pwd
 import shlex
-import shutil
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-PYTHON = "/opt/dxflow/venv/bin/python"
+from dxflow.lab.private_master import PYTHON, PrivateMaster
 
-MASTER = "from pathlib import Path; import sys; from dxflow.master.server import MasterServer; " \
-         "MasterServer(Path(sys.argv[1])).run()"
 QUERY = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -68,8 +65,8 @@ def main() -> int:
     steps = [int(x) for x in args.steps.split(",")]
     pw = pwd.getpwnam(args.user)
     job = as_user(args.user, ["sbatch", "--parsable", "-N2", "--wrap=sleep 3600"]).strip()
-    base = Path(pw.pw_dir) / f".dxflow-scale-{os.getpid()}"
-    proc = None
+    private = PrivateMaster(args.user, f".dxflow-scale-{os.getpid()}")
+    started = False
     try:
         fleet = Path(pw.pw_dir) / ".dxflow" / "fleet"
         deadline = time.monotonic() + 60
@@ -79,21 +76,10 @@ def main() -> int:
                 sys.exit(f"job {job}: its two agents did not register")
             real = [json.loads(p.read_text()) for p in fleet.glob(f"*.{job}.*.json")]
             time.sleep(0.2)
-        (base / "logs").mkdir(parents=True, mode=0o700)
-        (base / "fleet").mkdir(mode=0o700)
-        for name in ("id_rsa", "id_rsa.pub"):
-            shutil.copy2(Path(pw.pw_dir) / ".dxflow" / name, base / name)
-        for p in [base, *base.rglob("*")]:
-            os.lchown(p, pw.pw_uid, pw.pw_gid)
-        proc = subprocess.Popen(["runuser", "-l", args.user, "-c", shlex.join([PYTHON, "-c", MASTER, str(base)])],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        while not (base / "master.pid").exists():
-            if proc.poll() is not None:
-                sys.exit(f"the private master did not start; see {base}/logs/master.log")
-            time.sleep(0.1)
-        time.sleep(1)
-        arbiter = int((base / "master.pid").read_text())
+        private.prepare()
+        started = True
+        arbiter = private.start()
+        base = private.base
         print(f"job {job}: 2 real agents (n1, n2); private master pid {arbiter}")
         print(f"{'agents':>7} {'ready after':>12} {'master RSS':>11} {'per agent':>10} {'transports':>11}")
         made = 0
@@ -123,14 +109,10 @@ def main() -> int:
             print(f"{n:>7} {took:>10.1f} s {rss / 1024:>8.1f} MiB {per:>10} {transports:>11}")
         return 0
     finally:
-        if proc is not None:
-            try:
-                os.kill(int((base / "master.pid").read_text()), 15)
-            except (OSError, ValueError):
-                pass
-            proc.wait(timeout=20)
+        if started:
+            private.stop()
         subprocess.run(["scancel", job], check=False)
-        shutil.rmtree(base, ignore_errors=True)
+        private.remove()
 
 
 if __name__ == "__main__":

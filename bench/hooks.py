@@ -10,7 +10,7 @@ and times:
   with a token signed by the user's key;
 * epilog start → the agent and every process it started are gone (the epilog returns
   only then, and the bench checks /proc afterwards);
-* the agent's memory: RSS of its gunicorn arbiter and worker.
+* the agent's memory: RSS of its gunicorn arbiter and worker (each, and their sum) and their PSS.
 
 With ``PrologFlags=Contain`` (the lab's), slurmd makes the job's extern step and its cgroups
 before the prolog runs, and the prolog's launcher joins them: for its made-up jobs the bench
@@ -92,9 +92,22 @@ class ExternStep:
 
 
 def rss_kib(pid: int) -> int:
+    """Resident memory of a process, shared pages included (what ``ps`` and ``top`` show)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: each shared page counted once over the processes sharing it. For
+    arbiter + worker (a fork) it is what the two really take together; RSS counts shared pages twice."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -166,7 +179,7 @@ def main() -> int:
     noop.write_text("#!/bin/sh\nexit 0\n")
     noop.chmod(0o755)
 
-    base_t, pro_t, ans_t, epi_t, orphans, rss = [], [], [], [], 0, []
+    base_t, pro_t, ans_t, epi_t, orphans, rss, pss, split = [], [], [], [], 0, [], [], []
     for i in range(args.rounds):
         job = args.first_job + int(time.time()) % 100000 * 100 + i
         env = hook_env(job, args.node, pw)
@@ -184,6 +197,8 @@ def main() -> int:
             before = {p.pid for p in all_procs().values() if p.sid == record["pid"]} | {record["pid"]}
             time.sleep(0.5)  # the worker has booted and served: its memory as it stays
             rss.append(sum(rss_kib(p) for p in before) / 1024)
+            pss.append(sum(pss_kib(p) for p in before) / 1024)
+            split.append((rss_kib(record["pid"]) / 1024, sum(rss_kib(p) for p in before - {record["pid"]}) / 1024))
             env["SLURM_SCRIPT_CONTEXT"] = "epilog_slurmd"
             epi_t.append(timed([EPILOG], env))
             left = before & set(all_procs())
@@ -200,6 +215,9 @@ def main() -> int:
     print(f"{'orphans left after epilogs':<38} {orphans}")
     print(f"{'agent memory (arbiter + worker RSS)':<38} median {statistics.median(rss):7.1f} MiB   target ≤ 50 MiB: "
           f"{'met' if statistics.median(rss) <= 50 else 'NOT met'}")
+    print(f"{'  arbiter RSS, worker RSS':<38} median {statistics.median(a for a, _ in split):7.1f} MiB, "
+          f"{statistics.median(w for _, w in split):.1f} MiB")
+    print(f"{'  arbiter + worker PSS (shared once)':<38} median {statistics.median(pss):7.1f} MiB")
     return 0 if orphans == 0 else 1
 
 

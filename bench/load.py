@@ -35,11 +35,10 @@ import time
 from pathlib import Path
 
 from dxflow.lab.trace import Trace, scheduler_commands, under
+from dxflow.lab.private_master import PYTHON, PrivateMaster
+from dxflow.layout import UserLayout
 
-PYTHON = "/opt/dxflow/venv/bin/python"
 TICK = os.sysconf("SC_CLK_TCK")
-MASTER = "import sys; from pathlib import Path; from dxflow.master.server import MasterServer; " \
-         "MasterServer(Path(sys.argv[1])).run()"
 #: the user, as the lab user: `dxflow ls` every 30 s, `logs -f` on the first node, the console's polls
 USER = textwrap.dedent("""
     import json, sys, threading, time
@@ -148,39 +147,27 @@ def measure(n: int, args, pw: pwd.struct_passwd, work: Path) -> dict:
     job = as_user(args.user, ["sbatch", "--parsable", f"-N{n}", "--ntasks-per-node=1",
                               f"--output={pw.pw_dir}/.dxflow-load-{os.getpid()}-%j.out",
                               "--wrap=while true; do date; sleep 5; done"]).strip()
-    base = Path(pw.pw_dir) / f".dxflow-load-{os.getpid()}-{n}"
-    fleet = Path(pw.pw_dir) / ".dxflow" / "fleet"
-    master = agents_trace = master_trace = None
+    private = PrivateMaster(args.user, f".dxflow-load-{os.getpid()}-{n}")
+    base = private.base
+    fleet = UserLayout.of(pw.pw_dir).fleet_dir
+    started = False
+    agents_trace = master_trace = None
     try:
         deadline = time.monotonic() + 120
         while len(list(fleet.glob(f"*.{job}.*.json"))) < n:
             if time.monotonic() > deadline:
                 sys.exit(f"job {job}: its {n} agents did not register within 120 s")
             time.sleep(0.5)
-        (base / "logs").mkdir(parents=True, mode=0o700)
-        (base / "fleet").mkdir(mode=0o700)
-        for name in ("id_rsa", "id_rsa.pub"):
-            shutil.copy2(Path(pw.pw_dir) / ".dxflow" / name, base / name)
-        for p in [base, *base.rglob("*")]:
-            os.lchown(p, pw.pw_uid, pw.pw_gid)
-        master = subprocess.Popen(["runuser", "-l", args.user, "-c", shlex.join([PYTHON, "-c", MASTER, str(base)])],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
-        while not (base / "master.sock").exists():
-            if master.poll() is not None:
-                sys.exit(f"the private master did not start; see {base}/logs/master.log")
-            time.sleep(0.1)
-        time.sleep(1)
-        arbiter = int((base / "master.pid").read_text())
+        private.prepare()
+        started = True
+        arbiter = private.start()
+        time.sleep(1)                                        # its workers are up
         master_pids = tree(arbiter)
         agents = agent_pids(job)
         all_agents = [p for pids in agents.values() for p in pids]
         master_trace = Trace(work / f"master-{n}.strace", pids=master_pids)
         agents_trace = Trace(work / f"agents-{n}.strace", pids=all_agents)
-        for src in fleet.glob(f"*.{job}.*.json"):           # the job's agents appear to the master now
-            dst = base / "fleet" / src.name
-            shutil.copy2(src, dst)
-            os.chown(dst, pw.pw_uid, pw.pw_gid)
+        private.adopt(fleet.glob(f"*.{job}.*.json"))        # the job's agents appear to the master now
         first = sorted(agents)[0]
         seconds = args.minutes * 60
         t0 = time.monotonic()
@@ -202,8 +189,8 @@ def measure(n: int, args, pw: pwd.struct_passwd, work: Path) -> dict:
             "master_calls_per_min": len(m_sched) / minutes, "agent_calls_per_min": len(a_sched) / minutes,
             "master_commands": sorted({" ".join(c.argv) for c in m_sched}),
             "agent_commands": sorted({" ".join(c.argv) for c in a_sched}),
-            "master_fleet_ops_per_min": len(under(m_calls, base / "fleet")) / minutes,
-            "master_fleet_reads_per_min": sum(c.name == "openat" for c in under(m_calls, base / "fleet")) / minutes,
+            "master_fleet_ops_per_min": len(under(m_calls, private.files.fleet_dir)) / minutes,
+            "master_fleet_reads_per_min": sum(c.name == "openat" for c in under(m_calls, private.files.fleet_dir)) / minutes,
             "agent_fleet_ops_per_min": len(under(a_calls, fleet)) / minutes,
             "idle_cpu_master": master_cpu, "idle_cpu_agent_max": max(agent_cpu.values()),
             "idle_cpu_agents": agent_cpu,
@@ -212,18 +199,15 @@ def measure(n: int, args, pw: pwd.struct_passwd, work: Path) -> dict:
         for t in (master_trace, agents_trace):
             if t is not None:
                 t.stop()
-        if master is not None:
-            try:
-                os.kill(int((base / "master.pid").read_text()), 15)
-            except (OSError, ValueError):
-                pass
-            master.wait(timeout=30)
+        if started:
+            private.stop()
         subprocess.run(["scancel", job], check=False)
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
-            for log in (base / "logs").glob("*.log"):
-                shutil.copy2(log, args.logs / f"{n}-nodes-{log.name}")
-        shutil.rmtree(base, ignore_errors=True)
+            for log in [*private.files.logs_dir.glob("*.log"), private.files.master_log]:
+                if log.exists():
+                    shutil.copy2(log, args.logs / f"{n}-nodes-{log.name}")
+        private.remove()
         for out in Path(pw.pw_dir).glob(f".dxflow-load-{os.getpid()}-*.out"):
             out.unlink(missing_ok=True)
 

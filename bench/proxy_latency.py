@@ -11,13 +11,16 @@ or curl without keep-alive does):
   does) → SSH tunnel → agent → ``/proxy/PORT/``;
 * **api**: the master → agent API round trip, ``/api/fleet/JOB/-/api/health``.
 
-The added latency is master − node (medians); the design's target is ≤ 2 ms.
+The added latency is master − node (medians); the target is ≤ 1.5 ms (issue #14 item 6).
 
 The master is a private instance of the installed master (same code, its own socket
 in ``~/.dxflow-bench-PID``, reading the user's registrations), so that other users
 of a shared lab restarting the user's master do not disturb the run.
 
-Usage: /opt/dxflow/venv/bin/python bench/proxy_latency.py [--requests 300] [--user alice]
+On a shared machine, run more, shorter rounds (``--rounds 8 --requests 100``): the round-by-round
+differences show which rounds met load from elsewhere.
+
+Usage: /opt/dxflow/venv/bin/python bench/proxy_latency.py [--requests 300] [--rounds 2] [--user alice]
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ import json
 import os
 import pwd
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
 import textwrap
 import time
 
-PYTHON = "/opt/dxflow/venv/bin/python"
+from dxflow.lab.private_master import PYTHON, PrivateMaster
+
 PORT = 8765
-TARGET_MS = 2.0
+TARGET_MS = 1.5
 
 # Runs as the user; prints JSON {name: [seconds, ...]}. Blocks alternate so drift hits all alike.
 MEASURE = textwrap.dedent("""
@@ -107,15 +110,6 @@ def stats(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs) * 1000, xs[min(len(xs) - 1, int(0.95 * len(xs)))] * 1000
 
 
-# Runs as the user: the installed master, on a private base folder (argv: base).
-MASTER = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    from dxflow.master.server import MasterServer, socket_path
-    base = Path(sys.argv[1])
-    socket_path(base).unlink(missing_ok=True)
-    MasterServer(base).run()
-""")
 
 AGENTS = textwrap.dedent("""
     import json, sys
@@ -123,30 +117,6 @@ AGENTS = textwrap.dedent("""
     from dxflow.master.client import MasterClient
     print(json.dumps(MasterClient(Path(sys.argv[1])).json("GET", "/api/agents?refresh=1", timeout=10)))
 """)
-
-
-def private_master(pw: pwd.struct_passwd) -> tuple[str, subprocess.Popen]:
-    """A master of the user's own, on ``~/.dxflow-bench-PID``, sharing the user's registrations and key."""
-    home = os.path.join(pw.pw_dir, ".dxflow")
-    base = os.path.join(pw.pw_dir, f".dxflow-bench-{os.getpid()}")
-    os.makedirs(os.path.join(base, "logs"), mode=0o700)
-    os.symlink(os.path.join(home, "fleet"), os.path.join(base, "fleet"))
-    for name in ("id_rsa", "id_rsa.pub"):
-        with open(os.path.join(home, name), "rb") as src, open(os.path.join(base, name), "wb") as dst:
-            dst.write(src.read())
-    os.chmod(os.path.join(base, "id_rsa"), 0o600)
-    for root, dirs, files in os.walk(base):
-        for name in [root, *[os.path.join(root, f) for f in files + dirs]]:
-            os.lchown(name, pw.pw_uid, pw.pw_gid)
-    proc = subprocess.Popen(["runuser", "-l", pw.pw_name, "-c", shlex.join([PYTHON, "-c", MASTER, base])],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(os.path.join(base, "master.sock")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the private master did not start; see {base}/logs/master.log")
-        time.sleep(0.1)
-    return base, proc
 
 
 def wait_ready(user: str, job: str, base: str, timeout: float = 60) -> dict:
@@ -184,7 +154,14 @@ def bench(a: argparse.Namespace) -> int:
     for path in (www, os.path.join(www, "small.txt")):
         os.chown(path, pw.pw_uid, pw.pw_gid)
     script = f"cd {shlex.quote(www)} && exec python3 -m http.server {PORT} --bind 127.0.0.1"
-    base, master = private_master(pw)
+    private = PrivateMaster(a.user, f".dxflow-bench-{os.getpid()}", share_fleet=True)
+    try:
+        private.prepare().start()
+    except BaseException:  # no master to stop, but the folders made so far go
+        subprocess.run(["rm", "-rf", www], check=False)
+        private.remove()
+        raise
+    base = str(private.base)
     job = None
     try:
         job = as_user(a.user, ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", f"--chdir={pw.pw_dir}",
@@ -204,21 +181,22 @@ def bench(a: argparse.Namespace) -> int:
                     raise SystemExit("the job's http.server did not come up")
                 time.sleep(0.3)
         results: dict[str, list[float]] = {}
+        rounds: list[float] = []  # each round's master − node: a burst of load elsewhere spoils one round only
         for _ in range(a.rounds):
+            this: dict[str, list[float]] = {}
             for mode, netns, extra in (("node", f"dxlab-{node}", reg), ("login", None, job)):
                 out = json.loads(as_user(a.user, [PYTHON, "-c", MEASURE, mode, str(a.requests), "1", extra,
                                                   str(PORT), base], netns=netns))
                 for k, v in out.items():
                     results.setdefault(k, []).extend(v)
+                    this.setdefault(k, []).extend(v)
+            rounds.append((statistics.median(this["master"]) - statistics.median(this["node"])) * 1000)
     finally:
         if job:
             subprocess.run(["scancel", job], check=False)
-        try:
-            os.killpg(master.pid, signal.SIGTERM)
-            master.wait(10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        subprocess.run(["rm", "-rf", www, base], check=False)
+        private.stop()
+        private.remove()
+        subprocess.run(["rm", "-rf", www], check=False)
 
     print(f"proxy latency, job {job} on {node}, {len(results['node'])} requests each "
           f"(new connection per request, 100-byte file)")
@@ -234,9 +212,11 @@ def bench(a: argparse.Namespace) -> int:
     added = med["master"] - med["node"]
     print(f"added by the agent's proxy (agent − node):        {med['agent'] - med['node']:.2f} ms")
     print(f"added by dxflow end to end (master − node):       {added:.2f} ms  "
-          f"target ≤ {TARGET_MS:.0f} ms → {added / TARGET_MS:.2f}× target "
+          f"target ≤ {TARGET_MS:g} ms → {added / TARGET_MS:.2f}× target "
           f"({'met' if added <= TARGET_MS else 'NOT met'})")
     print(f"master → agent API round trip (median):           {med['api']:.2f} ms")
+    print(f"added, round by round (master − node):            {', '.join(f'{r:.2f}' for r in rounds)} ms; "
+          f"median {statistics.median(rounds):.2f} ms")
     return 0
 
 

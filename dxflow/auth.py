@@ -27,9 +27,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from dxflow import layout
 from dxflow.errors import AuthError, ConfigError
 
 MAX_TOKEN_LIFETIME = 300
+#: seconds a token's ``exp`` and ``iat`` may be off (clocks of login and compute nodes differ a little)
+TOKEN_LEEWAY = 5
 DEFAULT_TOKEN_LIFETIME = 120
 LOGIN_TOKEN_LIFETIME = 300
 #: ``use`` claims: a bearer token has none (as every dxflow before the claim minted them).
@@ -84,27 +87,27 @@ def user_key(base: Path) -> rsa.RSAPrivateKey:
     Agents on several nodes may start at once on a shared home: the first one to
     link its key wins and the others read it.
     """
-    path = base / "id_rsa"
+    path = base / layout.KEY
     if not path.exists():
         key = new_key()
-        if _write_new(path, private_pem(key), 0o600):
-            _write_new(base / "id_rsa.pub", public_pem(key).encode(), 0o644)
+        if _write_new(path, private_pem(key), layout.FILE_MODE):
+            _write_new(base / layout.PUBLIC_KEY, public_pem(key).encode(), layout.PUBLIC_KEY_MODE)
             return key
     st = path.stat()
     if st.st_mode & 0o077:
         raise ConfigError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); run: chmod 600 {path}")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path} is not a usable key: {e}; remove it to make a new one") from e
-    if not isinstance(key, rsa.RSAPrivateKey):
+    if not isinstance(loaded, rsa.RSAPrivateKey):
         raise ConfigError(f"{path} is not an RSA key; remove it to make a new one")
-    return key
+    return loaded
 
 
 def user_public_key(base: Path) -> str:
     """PEM of the user's public key, made with the key pair on first use."""
-    pub = base / "id_rsa.pub"
+    pub = base / layout.PUBLIC_KEY
     try:
         return pub.read_text()
     except FileNotFoundError:
@@ -136,14 +139,14 @@ def verify_token(token: str, public_key_pem: str, user: str, audience: str, *, u
         raise ValueError(f"unknown token use {use!r}")
     try:
         claims = jwt.decode(token, public_key_pem, algorithms=["RS256"], audience=audience,
-                            options={"require": ["exp", "iat", "sub", "aud"]}, leeway=5)
+                            options={"require": ["exp", "iat", "sub", "aud"]}, leeway=TOKEN_LEEWAY)
     except jwt.PyJWTError as e:
         raise AuthError(f"token refused: {e}") from e
     if claims["sub"] != user:
         raise AuthError("token refused: not for this agent's user")
     if claims["exp"] - claims["iat"] > MAX_TOKEN_LIFETIME:
         raise AuthError(f"token refused: lifetime over {MAX_TOKEN_LIFETIME} s")
-    if claims["iat"] > time.time() + 5:
+    if claims["iat"] > time.time() + TOKEN_LEEWAY:
         raise AuthError("token refused: issued in the future")
     if claims.get("use", BEARER) != use:
         raise AuthError("token refused: a console login token opens no API, send a bearer token"
@@ -158,6 +161,8 @@ def sign_challenge(key: rsa.RSAPrivateKey, challenge: str) -> str:
 
 def check_challenge(public_key_pem: str, challenge: str, signature: str) -> bool:
     pub = serialization.load_pem_public_key(public_key_pem.encode())
+    if not isinstance(pub, rsa.RSAPublicKey):  # agents sign with RSA keys only (new_key)
+        return False
     try:
         pub.verify(base64.b64decode(signature), challenge.encode(), padding.PKCS1v15(), hashes.SHA256())
         return True

@@ -1,19 +1,27 @@
-"""Where dxflow keeps things, and the site policy from ``/etc/dxflow/dxflow.toml``.
+"""The site policy from ``/etc/dxflow/dxflow.toml``, and the name of an agent's files.
+
+What dxflow keeps in a user's home is laid out in :mod:`dxflow.layout`. The table of site
+config keys in the docs is generated from :class:`SiteConfig` itself, its defaults and its ``#:``
+comments: ``python -m dxflow.config --markdown`` (:func:`site_config_table`).
 
 Imported by the scheduler hooks, so it imports only the standard library.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pwd
+import re
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dxflow.errors import ConfigError
 
-SITE_CONFIG = Path(os.environ.get("DXFLOW_SITE_CONFIG", "/etc/dxflow/dxflow.toml"))
+DEFAULT_SITE_CONFIG = Path("/etc/dxflow/dxflow.toml")
+#: The site config this process reads: ``$DXFLOW_SITE_CONFIG`` (a hook given one passes it to its agent).
+SITE_CONFIG = Path(os.environ.get("DXFLOW_SITE_CONFIG") or DEFAULT_SITE_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,27 @@ class SiteConfig:
     stop_timeout: float = 1.0
     #: Extra roots agents may serve files from; ``$USER`` and ``$JOB`` are expanded.
     scratch_roots: list[str] = field(default_factory=list)
-    #: Cluster name when the scheduler does not tell.
-    cluster: str = ""
+    #: Seconds between an agent's samples of its job (CPU, memory, I/O, GPUs; docs/metrics.md). Default
+    #: 2; 0 turns sampling (and the job's report) off.
+    metrics_interval: float = 2.0
+    # -- where the site keeps things (issue #10; docs/admin-slurm.md) --
+    #: Folder of the scheduler's client commands (``squeue``, ``qstat``, ``bjobs``), looked in first by
+    #: hooks, agents, masters and ``dxflow doctor`` alike. Default "": PATH, then the scheduler's usual
+    #: places. Set it where they are outside ``/usr/bin`` (``/opt/slurm/bin``): agents run with a short PATH.
+    scheduler_bin: str = ""
+    #: Keep each agent's log (``~/.dxflow/logs/CLUSTER.JOB.NODE.log``) after its job ended. Default false:
+    #: the epilog removes it with the agent's registration, as the user.
+    keep_agent_logs: bool = False
+    #: Unix datagram socket of the syslog daemon that receives the audit trail (who did what on which
+    #: job: exec, shell, file writes and deletes, proxy and forward use; dxflow.audit).
+    audit_socket: str = "/dev/log"
+    #: Syslog facility of the audit trail: a name of logging.handlers.SysLogHandler.facility_names.
+    audit_facility: str = "authpriv"
+    #: How masters reach nodes (docs/ssh.md): "auto" takes paramiko where it can log in with the user's
+    #: keys or agent and verify the host key, the user's OpenSSH client otherwise (host certificates,
+    #: hostbased, GSSAPI, MFA, settings paramiko cannot honour); "paramiko" or "openssh" forces one.
+    #: A user's ``ssh_transport`` in ``~/.dxflow/config`` wins over this.
+    ssh_transport: str = "auto"
 
     @classmethod
     def load(cls, path: Path | None = None) -> "SiteConfig":
@@ -94,26 +121,49 @@ class SiteConfig:
         return cls(**data)
 
 
-def user_dir(home: str | os.PathLike[str] | None = None) -> Path:
-    """``~/.dxflow`` of the current (or given home's) user."""
-    if home is None:
-        home = os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
-    return Path(home) / ".dxflow"
-
-
-def ensure_user_dir(home: str | os.PathLike[str] | None = None) -> Path:
-    """Create ``~/.dxflow`` (0700) and its sub-folders; refuse one that is not ours or is open to others."""
-    base = user_dir(home)
-    for path in (base, base / "fleet", base / "logs"):
-        path.mkdir(mode=0o700, exist_ok=True)
-    st = base.lstat()
-    if st.st_uid != os.getuid() or not base.is_dir() or base.is_symlink():
-        raise ConfigError(f"{base} is not a folder owned by you; remove it and retry")
-    if st.st_mode & 0o077:
-        os.chmod(base, 0o700)
-    return base
-
-
 def agent_name(cluster: str, job: str, node: str) -> str:
     """File-name-safe key of one agent: cluster, job and node (one agent per job per node)."""
     return f"{cluster}.{job}.{node}"
+
+
+def site_config_keys() -> list[tuple[str, str, str]]:
+    """``(key, default as TOML, what it sets)`` for every key of :class:`SiteConfig`, the text read
+    from the ``#:`` comment lines above each field."""
+    import inspect  # here, not at the top: the hooks import this module, and their start-up is measured
+
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    for line in inspect.getsource(SiteConfig).splitlines():
+        doc = re.match(r"\s*#:\s?(.*)$", line)
+        name = re.match(r"\s*(\w+)\s*:\s*[^=]+=", line)
+        if doc:
+            comment.append(doc.group(1).strip())
+        elif name and comment:
+            docs[name.group(1)] = " ".join(comment).replace("``", "`")  # reST's literals, as Markdown's
+            comment = []
+        else:
+            comment = []
+    defaults = SiteConfig()
+    return [(f.name, _toml(getattr(defaults, f.name)), docs.get(f.name, "")) for f in fields(SiteConfig)]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, list)):
+        return json.dumps(value)
+    return repr(value)
+
+
+def site_config_table() -> str:
+    """The keys of ``/etc/dxflow/dxflow.toml`` as a Markdown table (what the docs show)."""
+    lines = ["| key | default | what it sets |", "| --- | --- | --- |"]
+    bar = "\\|"  # a "|" in a cell would end it
+    lines += [f"| `{key}` | `{default}` | {doc.replace('|', bar)} |" for key, default, doc in site_config_keys()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m dxflow.config --markdown")
+    sys.stdout.write(site_config_table())

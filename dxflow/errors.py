@@ -2,11 +2,20 @@
 
 Every error says what happened and, where it can, what to do about it. The CLI
 exits with the class's ``exit_code``; the HTTP servers answer with its ``http_status``.
+The table of exit codes in the README is generated from this module:
+``python -m dxflow.errors --markdown`` (:func:`exit_code_table`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
+
+#: exit codes of the CLI that no error class carries (``dxflow.cli.main`` returns them).
+EXIT_OK = 0
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+EXIT_CONNECTION_LOST = 255  # `exec`/`shell`: the command's own status never arrived (as ssh exits)
 
 
 class DxflowError(Exception):
@@ -93,3 +102,50 @@ class AccessDenied(DxflowError):
 
     exit_code = 9
     http_status = 403
+
+
+#: what each exit code means to the user, where a class's docstring does not say it.
+_MEANING = {
+    EXIT_OK: "success (`dxflow exec` and `dxflow shell`: the remote command's own exit code, whatever it is)",
+    1: "an error of no more specific kind (also: a command dxflow ran failed)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_BROKEN_PIPE: "the reader of dxflow's output went away (`dxflow ls` piped into `head -1`)",
+    EXIT_CONNECTION_LOST: "`dxflow exec` or `dxflow shell`: the connection broke before the command's exit code arrived",
+}
+#: what a code also means, beyond its class's docstring.
+_ALSO = {3: " `dxflow master status`: no master runs on this login node."}
+
+
+def exit_codes() -> list[tuple[int, str, str]]:
+    """``(code, error classes, meaning)`` for every exit code of the CLI, from the classes above (only
+    this module's: which other modules happen to be imported must not change the table; a class
+    elsewhere takes its code from one of these, which ``tests/unit/test_generated_docs.py`` checks)."""
+    names: dict[int, list[str]] = {}
+    meanings: dict[int, str] = {}
+    todo: list[type[DxflowError]] = [DxflowError]
+    while todo:  # the root first, then each branch: a class that sets its own code defines the row
+        cls = todo.pop(0)
+        if cls.__module__ != __name__:
+            continue
+        code = cls.exit_code
+        names.setdefault(code, []).append(cls.__name__)
+        if "exit_code" in vars(cls) and code not in meanings:
+            meanings[code] = (_MEANING.get(code) or (cls.__doc__ or "").strip().splitlines()[0]) + _ALSO.get(code, "")
+        todo.extend(sorted(cls.__subclasses__(), key=lambda c: c.__name__))
+    rows = [(code, ", ".join(names.get(code, [])), meanings.get(code) or _MEANING[code])
+            for code in sorted(set(names) | set(_MEANING))]
+    return rows
+
+
+def exit_code_table() -> str:
+    """The exit codes as a Markdown table (what the README shows)."""
+    lines = ["| exit code | error | meaning |", "| --- | --- | --- |"]
+    lines += [f"| {code} | {', '.join(f'`{n}`' for n in names.split(', ')) if names else ''} | {meaning} |"
+              for code, names, meaning in exit_codes()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m dxflow.errors --markdown")
+    sys.stdout.write(exit_code_table())

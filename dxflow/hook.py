@@ -1,6 +1,6 @@
 """``dxflow hook prolog|epilog``: what the scheduler's scripts call, as root, on each node.
 
-Rules (see docs/admin.md and CONTRACTS.md): return fast, never hang the job, exit 0
+Rules (each scheduler's hook contract: docs/schedulers.md): return fast, never hang the job, exit 0
 whatever happens to dxflow, never touch another job's processes. Standard library
 only, so the prolog finishes in a few tens of milliseconds; the agent itself
 (Flask, gunicorn) starts detached after the hook has returned — born in a cgroup of its
@@ -19,11 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from dxflow import jobcgroup
+from dxflow import config, jobcgroup
 from dxflow.config import SiteConfig, agent_name
 from dxflow.errors import ConfigError
+from dxflow.layout import UserLayout
 from dxflow.locks import locked
 from dxflow.procs import read_proc, stop_tree
 from dxflow.schedulers import HookJob, Scheduler, get_scheduler
@@ -34,8 +35,8 @@ log = logging.getLogger("dxflow.hook")
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: Seconds a hook waits for the lock on an agent's record (another hook for the same job and node holds it).
 RECORD_LOCK_WAIT = 10.0
-#: Seconds the epilog gives the child that removes the agent's registration from the user's home
-#: (a hung file system, or a FIFO the user put there, must not hang the epilog: the node would drain).
+#: Seconds a hook gives a child that works in the user's home as the user (:func:`as_user`): a hung
+#: file system, or a FIFO the user put there, must not hang the hook (the node would drain).
 REGISTRATION_TIMEOUT = 5.0
 
 
@@ -43,14 +44,14 @@ def hook_log(site: SiteConfig) -> Path:
     """The site's hook log; a hook run as the job's user (LSF's default) logs to ~/.dxflow/logs."""
     if os.getuid() == 0:
         return Path(site.hook_log)
-    return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".dxflow" / "logs" / "hooks.log"
+    return UserLayout.of(pwd.getpwuid(os.getuid()).pw_dir).hook_log
 
 
 def runtime_dir(site: SiteConfig) -> Path:
     """Where a hook keeps its agent records: root's runtime dir, or ~/.dxflow/run for a hook run as the user."""
     if os.getuid() == 0:
         return Path(site.runtime_dir)
-    return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".dxflow" / "run"
+    return UserLayout.of(pwd.getpwuid(os.getuid()).pw_dir).run_dir
 
 
 def _site_logger(site: SiteConfig) -> None:
@@ -93,7 +94,7 @@ def agent_alive(record: dict) -> bool:
     return bool(p and record.get("start") is not None and p.start == record.get("start"))
 
 
-def agent_env(job: HookJob, pw: pwd.struct_passwd, passthrough: dict[str, str]) -> dict[str, str]:
+def agent_env(pw: pwd.struct_passwd, passthrough: dict[str, str]) -> dict[str, str]:
     env = {
         "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name, "SHELL": pw.pw_shell or "/bin/sh",
         "PATH": SAFE_PATH, "LANG": "C.UTF-8",
@@ -131,32 +132,35 @@ def join_own_cgroup(job: HookJob) -> Path | None:
 def start_agent(site: SiteConfig, sched: Scheduler, job: HookJob, pw: pwd.struct_passwd, path: Path) -> int:
     """Start the agent detached and write its record; return its pid. Called with the record locked.
 
-    The agent is born in its own cgroup (:func:`join_own_cgroup`). Where the scheduler makes the
-    job's own cgroups on the node (Slurm's extern step) it starts as :mod:`dxflow.adopt`, root for
-    the moment it takes to join them, then the agent (same pid: the record holds). Otherwise it
-    starts as the job's user directly (a user cannot move processes between cgroups either way).
+    The agent is born in its own cgroup (:func:`join_own_cgroup`). As root it starts as
+    :mod:`dxflow.adopt`, root for the moment it takes to join the job's own cgroups where the scheduler
+    makes them (Slurm's extern step), then the agent (same pid: the record holds). The launcher drops
+    root before it enters the home: a root-squashed home (NFS, GPFS) of mode 0700 refuses root, and
+    ``Popen(cwd=home, user=...)`` would enter it first. A hook run as the user (LSF's default) starts
+    the agent directly (a user cannot move processes between cgroups either way).
     """
     passthrough = {k: v for k in sched.passthrough_env if (v := sched.environ.get(k))}
-    env = agent_env(job, pw, passthrough)
+    if config.SITE_CONFIG != config.DEFAULT_SITE_CONFIG:  # the agent reads the site config the hook read
+        passthrough["DXFLOW_SITE_CONFIG"] = str(config.SITE_CONFIG)
+    env = agent_env(pw, passthrough)
     as_root = os.getuid() == 0
     own = join_own_cgroup(job)
     plan = sched.job_cgroups(job) if as_root else None
     groups = os.getgrouplist(job.user, job.gid)
-    if plan:
-        spec = {"job": plan.to_dict(), "record": str(path), "log": str(hook_log(site)), "uid": job.uid,
-                "gid": job.gid, "groups": groups, "cwd": pw.pw_dir, "argv": agent_argv(site, job)}
-        argv, cwd, user = [site.python or sys.executable, "-I", "-m", "dxflow.adopt", json.dumps(spec)], "/", {}
-    else:
-        # as root, become the job's user; run as that user already (LSF's default), stay as is
+    if as_root:
+        spec = {"job": plan.to_dict() if plan else None, "record": str(path), "log": str(hook_log(site)),
+                "uid": job.uid, "gid": job.gid, "groups": groups, "cwd": pw.pw_dir, "argv": agent_argv(site, job)}
+        argv, cwd = [site.python or sys.executable, "-I", "-m", "dxflow.adopt", json.dumps(spec)], "/"
+    else:  # run as the job's user already (LSF's default): stay as is
         argv, cwd = agent_argv(site, job), pw.pw_dir
-        user = dict(user=job.uid, group=job.gid, extra_groups=groups) if as_root else {}
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, **user)
+                            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     child = read_proc(proc.pid)
-    record = {"pid": proc.pid, "start": child.start if child else None,
-              "uid": job.uid, "gid": job.gid, "user": job.user, "job": job.job, "node": job.node,
-              "cluster": job.cluster, "scheduler": job.scheduler, "home": pw.pw_dir,
-              "own_cgroup": str(own) if own else None, "job_cgroups": [], "time": time.time()}
+    record: dict[str, Any] = {
+        "pid": proc.pid, "start": child.start if child else None,
+        "uid": job.uid, "gid": job.gid, "user": job.user, "job": job.job, "node": job.node,
+        "cluster": job.cluster, "scheduler": job.scheduler, "home": pw.pw_dir,
+        "own_cgroup": str(own) if own else None, "job_cgroups": [], "time": time.time()}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, path)
@@ -178,13 +182,18 @@ def prolog(scheduler: str, argv: Sequence[str] = ()) -> int:
         if job.uid == 0:
             log.warning("job %s belongs to root: no agent (agents never run as root)", job.job)
             return 0
-        if not os.path.isdir(pw.pw_dir):
-            log.error("job %s: home %s of %s is missing: no agent", job.job, pw.pw_dir, job.user)
-            return 0
         as_root = os.getuid() == 0
         if not as_root and job.uid != os.getuid():
             log.error("job %s of %s: this hook runs as uid %d and can start agents only for itself",
                       job.job, job.user, os.getuid())
+            return 0
+        # looked at as the user: root may not enter a root-squashed home (issue #10)
+        reached = as_user(job.uid, job.gid, user_groups(job.user, job.gid), lambda: home_reachable(pw.pw_dir),
+                          REGISTRATION_TIMEOUT, f"job {job.job}: a look at home {pw.pw_dir}")
+        if not reached:
+            why = "missing or not open to its user" if reached is False else \
+                f"not answering within {REGISTRATION_TIMEOUT:.0f} s"
+            log.error("job %s: home %s of %s is %s: no agent", job.job, pw.pw_dir, job.user, why)
             return 0
         rundir = runtime_dir(site)
         rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -208,31 +217,33 @@ def prolog(scheduler: str, argv: Sequence[str] = ()) -> int:
     return 0
 
 
-def remove_registration(record: dict, timeout: float = REGISTRATION_TIMEOUT) -> bool:
-    """Remove the agent's registration from the user's home, as the user, in a child given ``timeout``
-    seconds, then killed: the home may hang (a dead file server) or hold a trap (a FIFO). True when done.
+def as_user(uid: int, gid: int, groups: list[int], work: Callable[[], bool], timeout: float,
+            what: str = "work in a home") -> bool | None:
+    """Run ``work`` in a child that is the job's user, given ``timeout`` seconds, then killed; True or
+    False as ``work`` answered (an exception: False), None when it was killed at its deadline.
 
-    The child never follows links as root (it becomes the user first), holds none of the epilog's
-    output pipes (slurmd waits for them to close) and removes the registration only if it still
-    names the agent that was stopped.
+    The hook touches the user's home only this way. Root drops to the user's groups, gid and uid
+    before the home is looked at: a root-squashed home (NFS, GPFS: root is nobody there) of mode 0700
+    refuses root, and a link the user put there is never followed as root. The child holds none of
+    the hook's output pipes (slurmd waits for them to close), and a hung file server or a FIFO in the
+    home costs the hook ``timeout`` seconds, never the node.
     """
-    name = agent_name(record["cluster"], record["job"], record["node"])
-    fleet = Path(record["home"]) / ".dxflow" / "fleet"
     pid = os.fork()
     if pid == 0:  # child
+        code = 2
         try:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             if os.getuid() == 0:
-                os.setgroups([])
-                os.setgid(int(record["gid"]))
-                os.setuid(int(record["uid"]))
-            from dxflow.registration import remove
-            remove(fleet, name, pid=int(record["pid"]))
-            os._exit(0)
+                os.setgroups(groups)  # groups first: they cannot be set once root is gone
+                os.setgid(gid)
+                os.setuid(uid)
+            code = 0 if work() else 1
         except BaseException:
-            os._exit(1)
+            code = 2
+        finally:
+            os._exit(code)
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -245,10 +256,46 @@ def remove_registration(record: dict, timeout: float = REGISTRATION_TIMEOUT) -> 
     # A child stuck in the kernel (a hard NFS mount) dies only when its call returns: not waited for.
     time.sleep(0.05)
     os.waitpid(pid, os.WNOHANG)
-    log.error("job %s node %s: removing %s/%s.json took over %.0f s: child %d killed, registration left "
-              "(the master drops it once the agent does not answer)", record["job"], record["node"], fleet,
-              name, timeout, pid)
-    return False
+    log.error("%s took over %.0f s: child %d killed (it ran as uid %d)", what, timeout, pid, uid)
+    return None
+
+
+def user_groups(user: str, gid: int) -> list[int]:
+    """The user's groups as a login would set them (a home may be open to one of them only)."""
+    try:
+        return os.getgrouplist(user, gid)
+    except (KeyError, OSError):  # gone from the name service since the prolog: the primary group
+        return [gid]
+
+
+def home_reachable(home: str) -> bool:
+    return os.path.isdir(home) and os.access(home, os.R_OK | os.W_OK | os.X_OK)
+
+
+def clean_home(record: dict, keep_log: bool = False, timeout: float = REGISTRATION_TIMEOUT) -> bool:
+    """Remove, as the user (:func:`as_user`), the stopped agent's registration (only if it still names
+    that agent: a newer one may have replaced it) and, unless the site keeps them (``keep_agent_logs``),
+    its log from the user's home. True when done."""
+    name = agent_name(record["cluster"], record["job"], record["node"])
+    layout = UserLayout.of(record["home"])
+
+    def work() -> bool:
+        from dxflow.registration import remove
+        remove(layout.fleet_dir, name, pid=int(record["pid"]))
+        if not keep_log:
+            layout.agent_log(name).unlink(missing_ok=True)
+        return True
+
+    uid, gid = int(record["uid"]), int(record["gid"])
+    done = as_user(uid, gid, user_groups(str(record.get("user", "")), gid), work, timeout,
+                   f"job {record['job']} node {record['node']}: removing {layout.fleet_dir}/{name}.json and its log")
+    if done is None:
+        log.error("job %s node %s: registration and log left (the master drops a registration once its agent "
+                  "does not answer)", record["job"], record["node"])
+    elif not done:
+        log.error("job %s node %s: could not clean %s as uid %d: registration %s.json or its log left",
+                  record["job"], record["node"], layout.base, uid, name)
+    return bool(done)
 
 
 def own_cgroup_of(record: dict) -> Path | None:
@@ -330,7 +377,7 @@ def epilog(scheduler: str, argv: Sequence[str] = ()) -> int:
         finally:
             lock.unlink(missing_ok=True)
         if record:
-            remove_registration(record)  # after the lock is released: a stuck child must not hold it
+            clean_home(record, site.keep_agent_logs)  # after the lock is released: a stuck child must not hold it
             log.info("job %s node %s: %s (pid %d)", job.job, job.node, note, int(record["pid"]))
     except Exception as e:
         _site_logger(site)

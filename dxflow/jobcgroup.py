@@ -21,6 +21,7 @@ Standard library only: the hooks import this and must stay fast.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -193,16 +194,27 @@ def kill(cg: Path, timeout: float = 2.0) -> set[int]:
     return left
 
 
-def remove(cg: Path) -> bool:
-    """Remove ``cg`` and the cgroups below it (they must be empty). True when it is gone."""
-    for sub in subtree(cg):
-        try:
-            sub.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.debug("cannot remove cgroup %s: %s", sub, e)
-    return not cg.exists()
+def remove(cg: Path, timeout: float = 1.0) -> bool:
+    """Remove ``cg`` and the cgroups below it (they must be empty). True when it is gone.
+
+    A cgroup whose last tasks were just killed refuses ``rmdir`` (EBUSY) until the kernel has
+    finished their exit, which ``cgroup.procs`` no longer shows; so busy ones are retried until
+    ``timeout`` seconds have passed, never longer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = False
+        for sub in subtree(cg):
+            try:
+                sub.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                busy = busy or e.errno == errno.EBUSY
+                log.debug("cannot remove cgroup %s: %s", sub, e)
+        if not busy or not cg.exists() or time.monotonic() >= deadline:
+            return not cg.exists()
+        time.sleep(0.02)
 
 
 def init_path(v2: Path) -> str:
@@ -231,43 +243,75 @@ def of_process(pid: int) -> dict[str, str]:
     return out
 
 
+def usable(cg: Path) -> bool:
+    """The v1 cgroup ``cg`` exists and can take a process: a cpuset refuses one (ENOSPC) until its cpus and
+    mems are set."""
+    if not cg.is_dir():
+        return False
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        try:
+            if not (cg / name).read_text().strip():
+                return False
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class JobCgroups:
     """The job's own cgroups on this node, as its scheduler makes them: what the launcher waits for and joins.
 
     ``groups`` are alternatives (the layout differs between versions and builds of a scheduler), each
-    a tuple of folders joined together. v1: one folder per controller; the group's first one gets a
-    process once the scheduler has set the job up on this node (Slurm's extern step puts its
-    ``sleep`` there last). v2: one folder, joined once it exists.
+    a tuple of folders joined together. v1: one folder per controller. When the job is set up on this
+    node depends on the scheduler: ``populated`` — once the group's first folder holds a process
+    (Slurm makes the extern step's folders, writes their limits, and puts its ``sleep`` there last);
+    otherwise once the folders exist (PBS's cgroup hook and Torque's pbs_mom write the limits as they
+    make the folders, on every host of the job, before any prologue — a sister host gets a process
+    there only with a task, maybe never). v2: one folder, joined once it exists.
     """
 
     groups: tuple[tuple[str, ...], ...]
     v2: bool
     wait: float  # seconds the launcher waits for them: they appear only after the prolog has returned
+    populated: bool = True
 
     def ready(self) -> list[Path] | None:
         """The folders to join once the job is set up on this node, else None (not yet, or never)."""
         for group in self.groups:
             paths = [Path(d) for d in group]
-            if paths and (paths[0].is_dir() if self.v2 else has_members(paths[0])):
+            if not paths:
+                continue
+            if self.v2:  # (an empty cpuset.cpus in v2 means the parent's: no wait for it)
+                if paths[0].is_dir():
+                    return [p for p in paths if p.is_dir()]
+            elif not self.populated:
+                if usable(paths[0]) and all(usable(p) for p in paths if p.is_dir()):
+                    return [p for p in paths if p.is_dir()]
+            elif has_members(paths[0]):
                 return [p for p in paths if p.is_dir()]
         return None
 
     def to_dict(self) -> dict:
-        return {"groups": [list(g) for g in self.groups], "v2": self.v2, "wait": self.wait}
+        return {"groups": [list(g) for g in self.groups], "v2": self.v2, "wait": self.wait,
+                "populated": self.populated}
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobCgroups":
         return cls(groups=tuple(tuple(str(d) for d in g) for g in data.get("groups", ())),
-                   v2=bool(data.get("v2")), wait=float(data.get("wait", 0)))
+                   v2=bool(data.get("v2")), wait=float(data.get("wait", 0)),
+                   populated=bool(data.get("populated", True)))
 
 
 Templates = Iterable[Iterable[str]]
 
 
-def job_cgroups(mount: Path, v1: Templates, v2: Templates, wait: float, **fields: str) -> JobCgroups | None:
+def job_cgroups(mount: Path, v1: Templates, v2: Templates, wait: float, *, populated: bool = True,
+                **fields: str) -> JobCgroups | None:
     """Fill a scheduler's templates (groups of paths relative to ``mount``, with ``{job}``, ``{uid}``...
-    and, for v2, ``{init}``) for the kind of tree ``mount`` holds. None when there is nothing to wait for."""
+    and, for v2, ``{init}``) for the kind of tree ``mount`` holds. None when there is nothing to wait for.
+    ``populated``: see :class:`JobCgroups`."""
     if wait <= 0:
         return None
     is_v2 = (mount / "cgroup.controllers").exists()
@@ -276,4 +320,4 @@ def job_cgroups(mount: Path, v1: Templates, v2: Templates, wait: float, **fields
     groups: dict[tuple[str, ...], None] = {}
     for group in (v2 if is_v2 else v1):
         groups[tuple(os.path.normpath(mount / t.format(**fields).lstrip("/")) for t in group)] = None
-    return JobCgroups(tuple(groups), is_v2, wait) if groups else None
+    return JobCgroups(tuple(groups), is_v2, wait, populated) if groups else None

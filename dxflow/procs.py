@@ -1,4 +1,5 @@
-"""Process trees read from /proc: find and stop exactly one agent and what it started.
+"""Processes read from /proc: find and stop exactly one agent and what it started, and whose
+open files are whose (:func:`open_fds`).
 
 Standard library only: the epilog imports this and must stay fast.
 """
@@ -9,6 +10,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,21 @@ def all_procs() -> dict[int, Proc]:
     return out
 
 
-def start_time(pid: int) -> int | None:
-    p = read_proc(pid)
-    return p.start if p else None
+def open_fds(uid: int) -> Iterator[tuple[int, list[str]]]:
+    """``(pid, ["/proc/PID/fd/N", …])`` for each process of ``uid`` whose fds this process may list:
+    a user lists only their own processes' (root anyone's), so no other user's process is among
+    them. Processes that end meanwhile are skipped, and so are fds closed before they are read."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            names = os.listdir(fd_dir)
+        except OSError:  # gone, or not ours to read
+            continue
+        yield int(entry), [f"{fd_dir}/{name}" for name in names]
 
 
 def _members(leader: int, uid: int, procs: dict[int, Proc], leader_alive: bool) -> dict[int, Proc]:

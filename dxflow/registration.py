@@ -13,7 +13,14 @@ import secrets
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from dxflow import API_VERSION, __version__
+
 log = logging.getLogger(__name__)
+
+#: Agent API versions this release's master talks to. An agent's API changes (a route, a field, a
+#: token) only with a new number; an agent of another number is shown as ``incompatible`` with the
+#: reason, never contacted (docs/install.md, "Upgrading while jobs run").
+COMPATIBLE_API = frozenset({API_VERSION})
 
 
 @dataclass
@@ -37,6 +44,14 @@ class Registration:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+    def incompatibility(self) -> str:
+        """Why this release cannot talk to the registered agent; "" when it can."""
+        if self.api_version in COMPATIBLE_API:
+            return ""
+        return (f"agent of dxflow {self.version} speaks agent API {self.api_version}; this master "
+                f"(dxflow {__version__}) speaks {', '.join(map(str, sorted(COMPATIBLE_API)))}: the agent ends "
+                "with its job, and new jobs get agents of the installed release")
 
     @classmethod
     def from_dict(cls, data: dict) -> "Registration":

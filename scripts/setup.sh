@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (the lab builds a Slurm cluster on this machine)" >&2; exit 2; }
 export DEBIAN_FRONTEND=noninteractive
 PKGS="slurm-wlm munge openssh-server iproute2 util-linux procps python3-venv python3-pip"
+PKGS="$PKGS libcap2-bin"  # capsh: the lab tests' stand-in for a root-squashed home (tests/lab/test_root_squash.py)
+# the lab's SSH profiles (dxflow lab profile up mfa|adopt): a TOTP PAM module, oathtool for the tests' codes,
+# Slurm's pam_slurm_adopt
+PKGS="$PKGS libpam-google-authenticator oathtool libpam-slurm-adopt"
 [ "${DXFLOW_BROWSER:-1}" = 1 ] && PKGS="$PKGS chromium"
 missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
@@ -17,7 +21,8 @@ VENV=/opt/dxflow/venv
 [ -x $VENV/bin/python ] || /usr/bin/python3 -m venv $VENV
 echo "== installing dxflow ${1:+and $1 extras }into $VENV" >&2
 $VENV/bin/pip install -q --upgrade pip >/dev/null
-$VENV/bin/pip install -q ".${1:+[$1]}"
+# the dependency versions the tests passed with (docs/install.md); a site may drop -c to take newer ones
+$VENV/bin/pip install -q -c constraints.txt ".${1:+[$1]}"
 chmod -R a+rX /opt/dxflow
 echo "== bringing the lab cluster up" >&2
 $VENV/bin/dxflow lab up

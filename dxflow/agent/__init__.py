@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from typing import TYPE_CHECKING
 
-from dxflow.agent.state import AgentState
-from dxflow.edge import httperrors
+if TYPE_CHECKING:  # the agent's arbiter imports this package but never Flask (dxflow.agent.server)
+    from flask import Flask
+
+    from dxflow.agent.state import AgentState
 
 #: blueprint modules, in the order they are registered. Each has ``bp`` (and may have ``init_app``).
 BLUEPRINTS = ("health", "node", "files", "logs", "exec", "shell", "proxy", "ports", "console", "openapi")
@@ -14,7 +16,10 @@ BLUEPRINTS = ("health", "node", "files", "logs", "exec", "shell", "proxy", "port
 def create_app(state: AgentState, test_config: dict | None = None) -> Flask:
     import importlib
 
+    from flask import Flask
+
     from dxflow.agent import auth
+    from dxflow.edge import httperrors
 
     app = Flask("dxflow.agent")
     app.config["AGENT"] = state
@@ -24,12 +29,7 @@ def create_app(state: AgentState, test_config: dict | None = None) -> Flask:
         app.config.update(test_config)
     auth.init_app(app)
     for name in BLUEPRINTS:
-        try:
-            module = importlib.import_module(f"dxflow.agent.{name}")
-        except ModuleNotFoundError as e:  # an area not shipped in this build
-            if e.name != f"dxflow.agent.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"dxflow.agent.{name}")
         app.register_blueprint(module.bp)
         if hasattr(module, "init_app"):
             module.init_app(app)

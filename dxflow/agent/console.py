@@ -17,6 +17,7 @@ import re
 import time
 from pathlib import Path
 
+import werkzeug.wrappers
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, redirect, request, send_from_directory
 
 from dxflow import __version__
@@ -60,7 +61,7 @@ def init_app(app: Flask) -> None:
     app.before_request_funcs.setdefault(None, []).insert(0, take_session)
 
 
-def login_page(error: str = "", status: int = 401) -> Response:
+def login_page(error: str = "", status: int = 401) -> werkzeug.wrappers.Response:
     state = current_app.config["AGENT"]
     body = (f"{alert(error)}<p>Open the link printed by <code>dxflow console --agent JOB[:NODE]</code>, run where "
             "this agent runs. A link works once, within a few minutes.</p>")
@@ -74,7 +75,7 @@ def _static(name: str) -> Response:
 
 
 @bp.get("/console/login")
-def login():
+def login() -> werkzeug.wrappers.Response:
     state = current_app.config["AGENT"]
     sessions: Sessions = current_app.config["CONSOLE_SESSIONS"]
     token = request.args.get("token", "")
@@ -127,7 +128,7 @@ def index():
 
 
 @bp.get("/console/config.json")
-def config():
+def config() -> werkzeug.wrappers.Response:
     state = current_app.config["AGENT"]
     sid = g.get("console_session")
     sessions: Sessions = current_app.config["CONSOLE_SESSIONS"]

@@ -4,7 +4,9 @@ The command runs as the job's user (the agent's own user) in the job's environme
 and work dir, in its own process group but still a child of the agent: in the agent's
 cgroups — the job's own where the scheduler makes them (Slurm's extern step, see
 dxflow/adopt.py), so it counts against the job's CPU and memory limits, and the one the
-prolog made for the agent, which the epilog kills whole. Its output arrives as
+prolog made for the agent, which the epilog kills whole. Where the scheduler has a launcher
+(PBS ``pbs_attach``, LSF ``blaunch``: dxflow/agent/injob.py) the command is started through it,
+as a task of the job. Its output arrives as
 NDJSON lines ``{"stream": "stdout"|"stderr", "data": <base64>}`` and a last
 ``{"exit": code}``; a blank line is a keepalive after ``KEEPALIVE`` seconds of
 silence (it is also how a relay notices a client that went away). When the client
@@ -26,6 +28,8 @@ from typing import Iterator
 
 from flask import Blueprint, Response, current_app, request
 
+from dxflow import audit
+from dxflow.agent.injob import in_job
 from dxflow.agent.jobenv import job_environment, job_workdir
 from dxflow.agent.logs import ClientWatch, client_socket
 from dxflow.errors import UsageError
@@ -95,6 +99,7 @@ def start(argv: list[str], cwd: str, env: dict[str, str], stdin: bytes | None) -
 
 
 def _feed(proc: subprocess.Popen, data: bytes) -> None:
+    assert proc.stdin is not None  # started with a pipe for its stdin when there is data to feed
     try:
         proc.stdin.write(data)
     except (BrokenPipeError, OSError):
@@ -125,6 +130,7 @@ def stream(proc: subprocess.Popen, watch: ClientWatch, stdin: bytes | None,
     keepalive = KEEPALIVE if keepalive is None else keepalive
     if stdin is not None:
         threading.Thread(target=_feed, args=(proc, stdin), daemon=True, name="exec-stdin").start()
+    assert proc.stdout is not None and proc.stderr is not None  # start() pipes both
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
     sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
@@ -144,7 +150,7 @@ def stream(proc: subprocess.Popen, watch: ClientWatch, stdin: bytes | None,
             out = []
             for key, _ in events:
                 if key.data is None:  # the client's socket: readable means it closed (or pipelined)
-                    sel.unregister(client)
+                    sel.unregister(key.fileobj)
                     if watch.sleep(0):
                         log.info("exec: client went away, stopping pid %d", proc.pid)
                         return
@@ -186,7 +192,8 @@ def run_command():
     env = job_environment(state)
     env.update(req["env"])
     try:
-        proc = start(req["argv"], cwd, env, req["stdin"])
+        argv, env = in_job(state, req["argv"], cwd, env)  # the scheduler's launcher, where it has one
+        proc = start(argv, cwd, env, req["stdin"])
     except (FileNotFoundError, PermissionError, OSError) as e:
         # like a shell: 127 for a command not found, 126 for one that cannot run
         code = 127 if isinstance(e, FileNotFoundError) else 126
@@ -195,6 +202,7 @@ def run_command():
         body = _line({"stream": "stderr", "data": base64.b64encode(message).decode()}) + _line({"exit": code})
         return Response(body, mimetype="application/x-ndjson")
     log.info("exec pid %d: %s (cwd %s)", proc.pid, " ".join(req["argv"])[:200], cwd)
+    audit.record("exec", req["argv"], state, request.environ, cwd=cwd, pid=proc.pid)
     watch = ClientWatch(client_socket(request.environ))
     resp = Response(stream(proc, watch, req["stdin"]), mimetype="application/x-ndjson", direct_passthrough=True)
     resp.headers["Cache-Control"] = "no-cache"

@@ -35,6 +35,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 from werkzeug.http import http_date
 from werkzeug.wsgi import wrap_file
 
+from dxflow import audit
 from dxflow.agent.paths import Roots, open_regular
 from dxflow.errors import AccessDenied, NotFound, UsageError
 
@@ -274,6 +275,7 @@ def upload():
             else 0o666 & ~current_app.config["FILE_UMASK"])
     expected = request.content_length
     key = request.args.get("resume")
+    audit.record("write", str(target), current_app.config["AGENT"], request.environ, overwrite=existing)
     if key is not None:
         return _upload_resumable(target, key, mode, existing, overwrite)
     fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=folder)
@@ -282,22 +284,12 @@ def upload():
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            size = _receive(out, digest, expected)
+            os.fchmod(out.fileno(), mode)  # before the fsync, which makes it last with the bytes
+            size = _write_body(out, digest, expected)
             if expected is not None and size != expected:
                 raise UsageError(f"upload broken off after {size} of {expected} bytes: "
                                  f"{target} was left as it was")
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # fails if someone made the file meanwhile: never clobber it
-            except FileExistsError as e:
-                raise UsageError(f"{target} exists: pass overwrite=1 to replace it") from e
-            tmp.unlink()
-        _fsync_dir(folder)
+        _put_in_place(tmp, target, overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -326,6 +318,30 @@ def _receive(out, digest, expected: int | None) -> int:
         if expected is not None and size > expected:
             break
     return size
+
+
+def _write_body(out, digest, expected: int | None) -> int:
+    """:func:`_receive` into ``out``, then flush and fsync what arrived (all of it, or what came before
+    a break); the bytes received."""
+    try:
+        return _receive(out, digest, expected)
+    finally:
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _put_in_place(written: Path, target: Path, overwrite: bool) -> None:
+    """The complete, fsynced file ``written`` (in ``target``'s folder) becomes ``target``: replacing
+    it only with ``overwrite``; the folder is fsynced so that the new name survives a crash too."""
+    if overwrite:
+        os.replace(written, target)
+    else:
+        try:
+            os.link(written, target)  # fails if someone made the file meanwhile: never clobber it
+        except FileExistsError as e:
+            raise UsageError(f"{target} exists: pass overwrite=1 to replace it") from e
+        written.unlink()
+    _fsync_dir(target.parent)
 
 
 def resume_name(target: Path, key: str) -> Path:
@@ -376,9 +392,7 @@ def _upload_resumable(target: Path, key: str, mode: int, existing: bool, overwri
                              "stat it and send from there")
         out.truncate(offset)
         out.seek(offset)
-        size = _receive(out, hashlib.sha256(), expected)
-        out.flush()
-        os.fsync(out.fileno())  # what arrived is kept for the next try, even when the body broke off
+        size = _write_body(out, hashlib.sha256(), expected)  # kept for the next try, even when it broke off
         if size != expected:
             raise UsageError(f"upload broken off after {offset + size} of {offset + expected} bytes: they are "
                              f"kept in {part} for the next try; {target} was left as it was")
@@ -389,15 +403,7 @@ def _upload_resumable(target: Path, key: str, mode: int, existing: bool, overwri
             raise UsageError(f"the uploaded bytes hash to {digest.hexdigest()[:16]}…, not {want[:16]}…: "
                              f"dropped; {target} was left as it was, send the whole file again")
         os.fchmod(out.fileno(), mode)
-    if overwrite:
-        os.replace(part, target)
-    else:
-        try:
-            os.link(part, target)  # fails if someone made the file meanwhile: never clobber it
-        except FileExistsError as e:
-            raise UsageError(f"{target} exists: pass overwrite=1 to replace it") from e
-        part.unlink()
-    _fsync_dir(target.parent)
+    _put_in_place(part, target, overwrite)
     return jsonify(path=str(target), size=offset + size, sha256=digest.hexdigest()), (200 if existing else 201)
 
 
@@ -413,6 +419,7 @@ def mkdir():
             raise UsageError(f"{path} exists and is not a folder")
     else:
         path.mkdir()
+    audit.record("mkdir", str(path), current_app.config["AGENT"], request.environ)
     return jsonify(path=str(path)), 201
 
 
@@ -444,6 +451,7 @@ def move():
         if dst.is_dir() and not dst.is_symlink():
             raise UsageError(f"{dst} is a folder on another file system: delete it first") from e
         shutil.move(str(src), str(dst))
+    audit.record("move", str(src), current_app.config["AGENT"], request.environ, to=str(dst))
     return jsonify(src=str(src), dst=str(dst))
 
 
@@ -467,6 +475,7 @@ def delete():
                 raise
     else:
         path.unlink()  # a symlink is removed itself, never what it points to
+    audit.record("delete", str(path), current_app.config["AGENT"], request.environ)
     return jsonify(path=str(path), deleted=True)
 
 

@@ -9,6 +9,7 @@ also end the stream (and free its thread) once the master has gone.
 from __future__ import annotations
 
 import os
+import select
 import time
 from typing import Iterator
 
@@ -19,8 +20,11 @@ from dxflow.auth import sign_challenge
 
 bp = Blueprint("health", __name__)
 
-BEAT_EVERY = 5.0
-BEAT_CHECK = 0.5  # how often a beating stream checks that the agent's arbiter lives
+#: A line this often keeps the stream from looking silent to the master (``dxflow.master.heartbeat.SILENT``).
+#: The agent's death is told by the stream's end, not by missing lines: so rarely, each line being a
+#: wakeup of the agent and of the master, per agent (issue #11: idle CPU).
+BEAT_EVERY = 15.0
+BEAT_CHECK = 0.5  # where no pidfd can watch the arbiter: how often a beating stream looks that it lives
 
 
 @bp.get("/api/health")
@@ -41,13 +45,25 @@ def heartbeat():
     parent = os.getppid()  # the gunicorn arbiter: the agent's registered pid
 
     def beats() -> Iterator[bytes]:
-        # the worker outlives a SIGKILLed arbiter for a moment: the beat stops with the arbiter, not later
-        while os.getppid() == parent:
-            yield b": beat\n\n"  # an SSE comment: the first one sends the head at once
-            time.sleep(BEAT_CHECK)
-            for _ in range(int(BEAT_EVERY / BEAT_CHECK) - 1):
-                if os.getppid() != parent:
-                    return
-                time.sleep(BEAT_CHECK)
+        # the worker outlives a SIGKILLed arbiter for a moment: the beat stops with the arbiter, not later.
+        # A pidfd of the arbiter becomes readable the moment it exits: one wakeup per line, none between.
+        try:
+            watch: int | None = os.pidfd_open(parent)
+        except (OSError, AttributeError):  # kernel before 5.3: look every BEAT_CHECK seconds instead
+            watch = None
+        try:
+            while os.getppid() == parent:
+                yield b": beat\n\n"  # an SSE comment: the first one sends the head at once
+                if watch is not None:
+                    if select.select([watch], [], [], BEAT_EVERY)[0]:
+                        return
+                    continue
+                for _ in range(max(1, int(BEAT_EVERY / BEAT_CHECK))):
+                    time.sleep(BEAT_CHECK)
+                    if os.getppid() != parent:
+                        return
+        finally:
+            if watch is not None:
+                os.close(watch)
 
     return Response(beats(), mimetype="text/event-stream", headers={"Cache-Control": "no-store"})

@@ -13,22 +13,12 @@ import os
 import pwd
 
 from dxflow.agent.state import AgentState
+from dxflow.metrics.sources import environ
 from dxflow.procs import read_proc
 from dxflow.schedulers import get_scheduler
 
 #: variables never taken from the job's processes (they belong to that process, not the job).
 SKIP = {"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES"}
-
-
-def _environ(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        raw = f.read()
-    out = {}
-    for item in raw.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep and key:
-            out[key.decode(errors="replace")] = value.decode(errors="replace")
-    return out
 
 
 def job_environment(state: AgentState) -> dict[str, str]:
@@ -44,10 +34,7 @@ def job_environment(state: AgentState) -> dict[str, str]:
         p = read_proc(pid)
         if p is None or p.uid != uid:
             continue
-        try:
-            env = _environ(pid)
-        except OSError:
-            continue
+        env = environ(pid)  # empty when unreadable: matches no job
         if env.get("DXFLOW_AGENT"):
             continue  # the agent's own processes and what it started
         if any(env.get(n) == state.job for n in names) and (best is None or p.start < best[0]):

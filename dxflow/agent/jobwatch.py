@@ -5,9 +5,11 @@ its stream when the job ends. Both learn it here (issue #11: slurmctld serves ev
 cluster, and a tool that asks it from every node of a job, in a loop, gets banned). Two ways to
 know, the cheap one first:
 
-- a look at the node's own files (:meth:`Scheduler.job_here`; Slurm: slurmstepd's sockets in
-  slurmd's spool folder) every ``job_check_interval`` seconds, and when a log follower wants to
-  know (at most every ``max_age`` it gives). No controller call, nothing on the shared file system.
+- a look at the node's own files (:meth:`Scheduler.job_here`, the adapter's ``local_signs``: Slurm,
+  slurmstepd's sockets in slurmd's spool folder; PBS and Torque, pbs_mom's job file in
+  ``mom_priv/jobs``; LSF, sbatchd's job folder in /tmp, else the job file) every
+  ``job_check_interval`` seconds, and when a log follower wants to know (at most every ``max_age``
+  it gives). No controller call; on the shared file system at most LSF's job file, one stat.
   Once a sign that lasts the job's whole life on the node was seen, its absence means the job
   ended here;
 - only where no look can tell (no lasting sign on this node, or none known for the scheduler), a
@@ -37,8 +39,9 @@ log = logging.getLogger(__name__)
 #: Seconds between the job's end being known and the agent stopping: followers send their last lines
 #: and their ``end`` event first (they look at least once a second).
 END_GRACE = 2.0
-#: Seconds between controller questions while someone follows a log and no look can tell (PBS, LSF):
-#: a follower must see the end of the job, and only the followed node's agent asks, within the cap.
+#: Seconds between controller questions while someone follows a log and no look can tell (an adapter
+#: without signs, or a node where none was seen): a follower must see the end of the job, and only the
+#: followed node's agent asks, within the cap.
 FOLLOW_ASK = 10.0
 #: Environment variable that sets both intervals at once (the lab tests use 1 s).
 INTERVAL_ENV = "DXFLOW_JOB_CHECK_INTERVAL"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import select
 import socket
 import stat
@@ -34,6 +33,7 @@ from dxflow.agent.paths import open_regular
 from dxflow.agent.state import AgentState
 from dxflow.config import agent_name
 from dxflow.errors import DxflowError, NotFound, UsageError
+from dxflow.layout import UserLayout
 from dxflow.schedulers import get_scheduler
 
 log = logging.getLogger(__name__)
@@ -47,24 +47,9 @@ RETRY_LOOKUP = 10.0       # seconds before asking the scheduler again after it c
 MAX_LINES = 10_000_000
 READ_CHUNK = 256 * 1024
 MAX_PARTIAL = 64 * 1024   # a line longer than this is sent in pieces
-#: where a scheduler writes a job's output when the user named no file (relative to the work dir).
-DEFAULT_STDOUT = {"slurm": "slurm-{job}.out"}
-_PATTERN = re.compile(r"%(\d*)([jJuxAaNns%])")
 
 
 # -- where the logs are ------------------------------------------------------------------------------
-
-def expand_pattern(pattern: str, state: AgentState, name: str = "") -> str:
-    """Expand the %-patterns this node can know by itself (%j %u %x %N %n %%); leave the rest."""
-    table = {"j": state.job, "J": state.job, "u": state.user, "x": name, "N": state.node, "n": "0", "%": "%"}
-
-    def one(m: re.Match) -> str:
-        value = table.get(m.group(2))
-        if value is None or (m.group(2) == "x" and not name):
-            return m.group(0)
-        width = int(m.group(1) or 0)
-        return value.zfill(width) if width and value.isdigit() else value
-    return _PATTERN.sub(one, pattern)
 
 
 def _absolute(path: str, state: AgentState) -> str:
@@ -86,8 +71,10 @@ def job_output_paths(state: AgentState) -> dict[str, str]:
         cached = state.extra.get("log_paths")
         if cached is not None:
             return cached
+        sched = get_scheduler(state.scheduler)
         given = {"stdout": state.stdout, "stderr": state.stderr}
-        if given["stdout"] and "%" not in given["stdout"] + given["stderr"]:
+        fields = sched.output_fields(state.job, state.user)
+        if given["stdout"] and not any(sched.output_is_pattern(p) for p in given.values()):
             # stderr goes to stdout when the user named no file for it
             paths = {"stdout": _absolute(given["stdout"], state),
                      "stderr": _absolute(given["stderr"] or given["stdout"], state)}
@@ -96,7 +83,7 @@ def job_output_paths(state: AgentState) -> dict[str, str]:
         info = None
         if time.monotonic() >= state.extra.get("log_lookup_retry", 0.0):
             try:
-                info = get_scheduler(state.scheduler).job(state.job)
+                info = sched.job(state.job)
             except (DxflowError, OSError, ValueError) as e:
                 log.warning("cannot ask %s where job %s writes its output: %s", state.scheduler, state.job, e)
             if info is None:
@@ -104,18 +91,15 @@ def job_output_paths(state: AgentState) -> dict[str, str]:
         if info is not None:
             if info.work_dir and not state.work_dir:
                 state.work_dir = info.work_dir
-            out = info.stdout or expand_pattern(given["stdout"], state, info.name)
-            err = info.stderr or expand_pattern(given["stderr"], state, info.name) or out
-            if not out:
-                default = DEFAULT_STDOUT.get(state.scheduler, "")
-                out = default.format(job=state.job)
-                err = err or out
+            named = sched.output_fields(state.job, state.user, info.name)
+            out = info.stdout or sched.expand_output(given["stdout"] or sched.default_output, named)
+            err = info.stderr or sched.expand_output(given["stderr"], named) or out
             paths = {"stdout": _absolute(out, state), "stderr": _absolute(err, state)}
             state.extra["log_paths"] = paths
             return paths
         # the scheduler could not tell (yet): best effort from what the prolog gave
-        out = expand_pattern(given["stdout"], state) or DEFAULT_STDOUT.get(state.scheduler, "").format(job=state.job)
-        err = expand_pattern(given["stderr"], state) or out
+        out = sched.expand_output(given["stdout"] or sched.default_output, fields)
+        err = sched.expand_output(given["stderr"], fields) or out
         return {"stdout": _absolute(out, state), "stderr": _absolute(err, state)}
 
 
@@ -128,9 +112,7 @@ def spooled_paths(state: AgentState) -> dict[str, str]:
     if time.monotonic() < state.extra.get("log_spool_retry", 0.0):
         return {}
     try:
-        # getattr: a site's own adapter (schedulers.ADAPTERS) may predate spooled_output; it spools nothing
-        asker = getattr(get_scheduler(state.scheduler), "spooled_output", None)
-        spool = asker(state.job) if asker else {}
+        spool = get_scheduler(state.scheduler).spooled_output(state.job)
     except (DxflowError, OSError, ValueError) as e:
         log.warning("cannot ask %s where job %s's output is spooled: %s", state.scheduler, state.job, e)
         state.extra["log_spool_retry"] = time.monotonic() + RETRY_LOOKUP
@@ -148,7 +130,7 @@ def _regular_file(path: str) -> bool:
 
 def log_path(state: AgentState, name: str) -> str:
     if name == "agent":
-        return str(state.home / ".dxflow" / "logs" / f"{agent_name(state.cluster, state.job, state.node)}.log")
+        return str(UserLayout.of(state.home).agent_log(agent_name(state.cluster, state.job, state.node)))
     if name in ("stdout", "stderr"):
         final = job_output_paths(state)
         if name == "stderr" and final["stderr"] == final["stdout"]:  # one file holds both: read it as stdout

@@ -1,16 +1,31 @@
-"""``/api/node``: what this node is and how busy it is (read from /proc, no extra package)."""
+"""``/api/node``: what this node is and how busy it is (read from /proc, no extra package).
+
+``/api/metrics?since=``: what the job uses on this node, sampled every ``metrics_interval`` seconds
+since the agent started (:mod:`dxflow.metrics`), by a thread of the gunicorn worker that serves it.
+"""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
-import shutil
 import socket
-import subprocess
+import threading
 import time
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Flask, current_app, jsonify, request
+
+from dxflow.config import SiteConfig
+from dxflow.errors import NotFound
+from dxflow.metrics import gpus as gpu_alloc
+from dxflow.metrics import parse_since, sources
+from dxflow.metrics.sampler import Sampler
+from dxflow.schedulers import get_scheduler
 
 bp = Blueprint("node", __name__)
+log = logging.getLogger(__name__)
+#: Where the agent's sampler is kept in :attr:`AgentState.extra`.
+SAMPLER = "metrics_sampler"
 
 
 def meminfo() -> dict[str, int]:
@@ -38,33 +53,17 @@ def uptime() -> float:
         return float(f.read().split()[0])
 
 
-def gpus() -> list[dict]:
-    """GPUs from ``nvidia-smi`` when it exists; an empty list otherwise."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
+def gpus(state) -> list[dict]:
+    """The job's own GPUs on this node as its sampler last read them (never the node's others: another
+    user's job may run on them); an empty list when the job has none, or before they are known."""
+    sampler = state.extra.get(SAMPLER)
+    if sampler is None:
         return []
-    query = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu"
-    try:
-        out = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    result = []
-    for line in out.strip().splitlines():
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) == 6:
-            idx, name, util, used, total, temp = cells
-            result.append({"index": int(idx), "name": name, "utilization": _num(util),
-                           "memory_used": _num(used) * 2**20, "memory_total": _num(total) * 2**20,
-                           "temperature": _num(temp)})
-    return result
-
-
-def _num(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return 0.0
+    # this answer's figures were always numbers (an unknown one 0, as nvidia-smi's [N/A] was read here
+    # before); /api/metrics says None where a figure is unknown
+    return [{"index": g["index"], "uuid": g["uuid"], "name": g["name"],
+             **{k: g[k] or 0.0 for k in ("utilization", "memory_used", "memory_total", "temperature")}}
+            for g in sampler.last_gpus()]
 
 
 _last_cpu: list[tuple[float, int, int]] = []
@@ -97,10 +96,59 @@ def node_info() -> dict:
         "load": list(os.getloadavg()),
         "uptime": uptime(),
         "agent_uptime": time.time() - state.started,
-        "gpus": gpus(),
+        "gpus": gpus(state),
     }
 
 
 @bp.get("/api/node")
 def node():
     return jsonify(node_info())
+
+
+# -- the job's metrics -------------------------------------------------------------------
+def job_gpus(pids: set[int]) -> list[str] | None:
+    """The job's GPUs: from the agent's environment (what the prolog passed on), else from one of the
+    job's processes here, the lowest pid (None while there is none)."""
+    envs = [dict(os.environ)] + [sources.environ(pid) for pid in sorted(pids)[:1]]
+    return gpu_alloc.allocation(*envs)
+
+
+def make_sampler(state, interval: float) -> Sampler:
+    return Sampler(job=state.job, node=state.node, user=state.user, cluster=state.cluster,
+                   scheduler=state.scheduler, home=state.home,
+                   job_env_names=tuple(get_scheduler(state.scheduler).hook_env.get("job", ())),
+                   interval=interval, gpu_allocation=job_gpus,
+                   agent_pids=lambda: {os.getpid(), os.getppid()})
+
+
+def start_sampling(state, interval: float) -> Sampler:
+    """Sample the job in a thread of this process; the report part is written once more at exit."""
+    sampler = make_sampler(state, interval)
+    state.extra[SAMPLER] = sampler
+    threading.Thread(target=sampler.run, daemon=True, name="job-metrics").start()
+    atexit.register(sampler.stop)
+    return sampler
+
+
+def init_app(app: Flask) -> None:
+    """Start sampling the job: the agent's app is built in its gunicorn worker (dxflow.agent.server),
+    the process that serves ``/api/metrics``."""
+    state = app.config["AGENT"]
+    interval = app.config.get("METRICS_INTERVAL")
+    if interval is None:
+        interval = SiteConfig.load().metrics_interval
+    if interval <= 0 or not app.config.get("METRICS_SAMPLING", os.environ.get("DXFLOW_AGENT") == "1"):
+        return  # off at this site, or an app built by a test
+    if SAMPLER not in state.extra:
+        start_sampling(state, interval)
+
+
+@bp.get("/api/metrics")
+def metrics():
+    """The job's series on this node from ``?since=`` (a duration back, ``10m``, or an epoch time;
+    default: the whole life), the columns' names, and the summary the report is made of."""
+    sampler = current_app.config["AGENT"].extra.get(SAMPLER)
+    if sampler is None:
+        raise NotFound("this agent does not sample its job (metrics_interval = 0 at this site)")
+    since = parse_since(request.args["since"]) if request.args.get("since") else 0.0
+    return jsonify(sampler.payload(since))

@@ -56,6 +56,15 @@ CORE_PATHS = {
                 "memory_available": {"type": "integer"}, "load": {"type": "array", "items": {"type": "number"}},
                 "uptime": {"type": "number"}, "agent_uptime": {"type": "number"},
                 "gpus": {"type": "array", "items": {"type": "object"}}}}}}}}}},
+    "/api/metrics": {"get": {
+        "summary": "the job's own usage on this node over its life (dxflow.metrics): columns, rows, summary",
+        "operationId": "metrics", "tags": ["agent"],
+        "parameters": [{"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "a duration back (10m, 90s, 2h) or an epoch time; default: the whole life"}],
+        "responses": {"200": {"description": "the series and its summary",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "400": {"description": "since is neither a duration nor an epoch time", **_ERR},
+                      "404": {"description": "sampling is off at this site (metrics_interval = 0)", **_ERR}}}},
     "/api/openapi.json": {"get": {
         "summary": "this document", "operationId": "openapi", "tags": ["agent"],
         "responses": {"200": {"description": "OpenAPI 3 document",
@@ -72,12 +81,7 @@ def document() -> dict:
     for name in BLUEPRINTS:
         if name in ("health", "node", "openapi"):
             continue
-        try:
-            module = importlib.import_module(f"dxflow.agent.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"dxflow.agent.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"dxflow.agent.{name}")
         for path, ops in copy.deepcopy(getattr(module, "OPENAPI", None) or {}).items():
             paths.setdefault(path, {}).update(ops)
         schemas.update(getattr(module, "OPENAPI_SCHEMAS", None) or {})

@@ -22,18 +22,19 @@ for a writer, and ``/dev/zero`` never ends).
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from dxflow.errors import AccessDenied, UsageError
+from dxflow.layout import DOT_DXFLOW
 
 NAME_MAX = 255    # bytes in one path component (Linux file systems)
 PATH_MAX = 4096   # bytes in a whole path
 #: inside the home, dxflow's own folder (the user's signing key, registrations) is never served.
-PRIVATE_DIR = ".dxflow"
+PRIVATE_DIR = DOT_DXFLOW
 #: what a path that is not a regular file is, in the user's words.
 KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symlink"}
@@ -148,7 +149,7 @@ class Roots:
         return any(r.path == str(real) for r in self.all())
 
 
-def open_regular(path: str | os.PathLike[str], *, follow: bool = True) -> BinaryIO:
+def open_regular(path: str | os.PathLike[str], *, follow: bool = True) -> io.BufferedReader:
     """``path`` opened for binary reading if it is a regular file; :class:`UsageError` if it is not.
 
     Opened with ``O_NONBLOCK`` so that a FIFO or a device answers at once instead of

@@ -10,35 +10,27 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
 from dxflow.edge.tcptable import REACHES_LOOPBACK4, Listener, listeners
 from dxflow.errors import AccessDenied, NotFound, UsageError
+from dxflow.procs import open_fds
 
 bp = Blueprint("ports", __name__)
 
 def socket_owners(uid: int | None = None) -> dict[int, int]:
     """Socket inode -> pid, over the processes of ``uid`` (default: ours) whose fds we can read."""
-    uid = os.getuid() if uid is None else uid
     owners: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fd_dir = f"/proc/{entry}/fd"
-        try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
-                continue
-            fds = os.listdir(fd_dir)
-        except OSError:  # gone, or not ours to read
-            continue
+    for pid, fds in open_fds(os.getuid() if uid is None else uid):
         for fd in fds:
             try:
-                target = os.readlink(f"{fd_dir}/{fd}")
+                target = os.readlink(fd)
             except OSError:
                 continue
             if target.startswith("socket:["):
-                owners.setdefault(int(target[8:-1]), int(entry))
+                owners.setdefault(int(target[8:-1]), pid)
     return owners
 
 
@@ -159,7 +151,7 @@ def port_check(port: int):
     return jsonify(check_port(port))
 
 
-_PORT_ITEM = {"type": "object", "properties": {
+_PORT_ITEM: dict[str, Any] = {"type": "object", "properties": {
     "port": {"type": "integer"}, "address": {"type": "string"}, "pid": {"type": "integer"},
     "process": {"type": "string"}, "command": {"type": "string"}}}
 _JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}

@@ -10,16 +10,18 @@ is piped both ways until either side closes.
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
 import socket
+from typing import Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from dxflow import audit
 from dxflow.agent.logs import client_socket
 from dxflow.agent.ports import check_port
 from dxflow.errors import AccessDenied
+from dxflow.edge.answer import Answer, AnswerError
 from dxflow.edge.http import HOP_BY_HOP, Hijacked, buffered_after_head, forwarded_headers, service_response_headers
 from dxflow.edge.pipes import pipe
 
@@ -74,44 +76,51 @@ def proxy(port: int, path: str):
     target = check_port(port)  # AccessDenied / NotFound unless the user's own process listens there
     connect = target["connect"]
     uri = target_uri(request.environ, path)
+    audit.record("proxy", uri, state, request.environ, port=port, method=request.method)
     if "upgrade" in request.headers.get("Connection", "").lower() and request.headers.get("Upgrade"):
         return _upgrade(connect, port, uri)
     return _http(connect, port, uri)
 
 
 def _http(connect: str, port: int, uri: str):
-    conn = http.client.HTTPConnection(connect, port, timeout=CONNECT_TIMEOUT)
     length = request.content_length
     chunked = length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    head = [f"{request.method} {uri} HTTP/1.1", f"Host: {_host_header(connect, port)}"]
+    head += [f"{key}: {value}" for key, value in forwarded_headers(request.headers.items(), HOP_HEADERS)]
+    if length is not None:
+        head.append(f"Content-Length: {length}")
+    elif chunked:
+        head.append("Transfer-Encoding: chunked")
+    if any("\r" in line or "\n" in line for line in head):  # gunicorn lets none through: never split a line
+        return _error(400, "bad_request", "a header or the path holds a line break")
     try:
-        conn.putrequest(request.method, uri, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", _host_header(connect, port))
-        for key, value in forwarded_headers(request.headers.items(), HOP_HEADERS):
-            conn.putheader(key, value)
-        if length is not None:
-            conn.putheader("Content-Length", str(length))
-        elif chunked:
-            conn.putheader("Transfer-Encoding", "chunked")
-        conn.endheaders()
+        # the request's own bytes (gunicorn hands them over latin-1 decoded): one write, no re-encoding
+        sock = socket.create_connection((connect, port), timeout=CONNECT_TIMEOUT)
+    except ConnectionRefusedError:
+        return _error(502, "bad_gateway", f"nothing answers on {_host_header(connect, port)} on this node")
+    except socket.timeout:
+        return _error(504, "gateway_timeout", f"the service on port {port} did not accept a connection in time")
+    except OSError as e:
+        return _error(502, "bad_gateway", f"the service on port {port} failed: {type(e).__name__}: {e}")
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         if length or chunked:
             stream = request.stream
             while True:
                 data = stream.read(CHUNK)
                 if not data:
                     break
-                conn.send(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             if chunked:
-                conn.send(b"0\r\n\r\n")
-        conn.sock.settimeout(READ_TIMEOUT)
-        resp = conn.getresponse()
-    except ConnectionRefusedError:
-        conn.close()
-        return _error(502, "bad_gateway", f"nothing answers on {_host_header(connect, port)} on this node")
+                sock.sendall(b"0\r\n\r\n")
+        sock.settimeout(READ_TIMEOUT)
+        resp = Answer(sock, request.method)
     except socket.timeout:
-        conn.close()
+        sock.close()
         return _error(504, "gateway_timeout", f"the service on port {port} did not answer in time")
-    except (OSError, http.client.HTTPException) as e:
-        conn.close()
+    except (OSError, AnswerError) as e:
+        sock.close()
         return _error(502, "bad_gateway", f"the service on port {port} failed: {type(e).__name__}: {e}")
 
     def body():
@@ -119,38 +128,35 @@ def _http(connect: str, port: int, uri: str):
             while True:
                 try:
                     chunk = resp.read1(CHUNK)
-                except (OSError, http.client.HTTPException) as e:  # the service broke off: so do we
+                except (OSError, AnswerError) as e:  # the service broke off: so do we
                     log.info("proxy port %d: %s", port, e)
                     return
                 if not chunk:
                     return
                 yield chunk
         finally:
-            conn.close()
+            sock.close()
 
-    headers = service_response_headers((k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS)
-    if resp.getheader("Content-Length") is not None and request.method != "HEAD":
-        headers.append(("Content-Length", resp.getheader("Content-Length")))
-    if request.method == "HEAD":
-        content = b""
-    elif resp.length is not None and resp.length <= SMALL_BODY:
+    headers = service_response_headers((k, v) for k, v in resp.headers if k.lower() not in HOP_HEADERS)
+    declared = resp.getheader("Content-Length")
+    if declared is not None and request.method != "HEAD":
+        headers.append(("Content-Length", declared))
+    if resp.length is not None and resp.length <= SMALL_BODY:
         # A small answer leaves in one piece right behind its headers: streamed, its pieces would
         # cross the tunnel as separate SSH packets, and sshd holds the second for the first's ACK.
         try:
-            content = resp.read()
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
+            content: bytes | Iterator[bytes] = resp.read()
+        except (OSError, AnswerError) as e:
             return _error(502, "bad_gateway", f"the service on port {port} failed: {type(e).__name__}: {e}")
-        conn.close()
+        finally:
+            sock.close()
     else:
         content = body()
     out = Response(content, status=resp.status, headers=headers, direct_passthrough=True)
     if resp.getheader("Content-Type") is None:
         del out.headers["Content-Type"]
-    if request.method == "HEAD":
-        conn.close()
-        if resp.getheader("Content-Length") is not None:
-            out.headers["Content-Length"] = resp.getheader("Content-Length")
+    if request.method == "HEAD" and declared is not None:
+        out.headers["Content-Length"] = declared  # what a GET would carry (the empty body made it 0)
     return out
 
 

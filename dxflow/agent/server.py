@@ -2,8 +2,13 @@
 
 Process layout: the gunicorn arbiter is the process the prolog started (its own
 session; the epilog stops its whole tree). It is a child subreaper, so processes
-the user starts from a shell and daemonizes stay in that tree. The app is loaded
-in the arbiter (keys made once), the worker serves with threads.
+the user starts from a shell and daemonizes stay in that tree.
+
+The arbiter stays small: it imports gunicorn and what it needs to bind, supervise and
+unregister, nothing of Flask, cryptography or PyJWT (``python -X importtime -m dxflow.agent``
+shows it). The worker makes the agent's key and loads the app (no ``preload_app``), then
+serves with threads. A worker that gunicorn starts again makes a new key and registers it
+anew, as a new agent would: the master checks it before it sends anything.
 """
 
 from __future__ import annotations
@@ -17,15 +22,16 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
 from dxflow import API_VERSION, __version__, registration
-from dxflow.agent import jobwatch
 from dxflow.agent.state import AgentState
-from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_key
-from dxflow.config import SiteConfig, agent_name, ensure_user_dir
+from dxflow.config import SiteConfig, agent_name
+from dxflow.layout import UserLayout
+from dxflow.schedulers import adapter_class
 from dxflow.schedulers.base import QUERY_BUDGET
 
 log = logging.getLogger("dxflow.agent")
@@ -39,22 +45,53 @@ def become_subreaper() -> None:
         log.warning("could not become a child subreaper: daemonized children may escape cleanup")
 
 
+@dataclass(frozen=True)
+class AgentJob:
+    """What the arbiter knows of the agent's job; the worker makes the agent's state from it."""
+
+    user: str
+    home: Path
+    scheduler: str
+    cluster: str
+    job: str
+    node: str
+    work_dir: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    started: float = 0.0
+
+    def make_state(self) -> AgentState:
+        """The agent's state with a key of its own (and the user's key pair made if it is missing)."""
+        from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_key
+
+        base = UserLayout.of(self.home).base
+        user_key(base)  # the user's key pair exists before any token is checked
+        key = new_key()
+        pub = public_pem(key)
+        return AgentState(user=self.user, home=self.home, scheduler=self.scheduler, cluster=self.cluster,
+                          job=self.job, node=self.node, key=key, public_key=pub, audience=fingerprint(pub),
+                          user_public_key=user_public_key(base), work_dir=self.work_dir, stdout=self.stdout,
+                          stderr=self.stderr, started=self.started)
+
+
 class AgentServer(BaseApplication):
-    def __init__(self, state: AgentState, site: SiteConfig, log_path: Path, bind: str = "127.0.0.1:0") -> None:
-        self.state = state
+    state: AgentState  # made in the worker (load)
+
+    def __init__(self, job: AgentJob, site: SiteConfig, log_path: Path, bind: str = "127.0.0.1:0") -> None:
+        self.job = job
         self.site = site
         self.log_path = log_path
         self.bind = bind
-        self.fleet_dir = state.home / ".dxflow" / "fleet"
+        self.fleet_dir = UserLayout.of(job.home).fleet_dir
         super().__init__()
 
     def load_config(self) -> None:
         settings = {
             "bind": [self.bind], "workers": 1, "worker_class": "dxflow.edge.worker.GuardedThreadWorker",
             "threads": self.site.agent_threads,
-            "preload_app": True, "control_socket_disable": True, "timeout": 120, "graceful_timeout": 1, "keepalive": 30,
+            "preload_app": False, "control_socket_disable": True, "timeout": 120, "graceful_timeout": 1, "keepalive": 30,
             "errorlog": str(self.log_path), "accesslog": None, "loglevel": "info",
-            "proc_name": f"dxflow-agent {self.state.job}.{self.state.node}",
+            "proc_name": f"dxflow-agent {self.job.job}.{self.job.node}",
             "post_worker_init": self._post_worker_init, "on_exit": self._on_exit,
         }
         for key, value in settings.items():
@@ -62,7 +99,10 @@ class AgentServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
+        """In the worker: the agent's key and app (the arbiter never imports them)."""
         from dxflow.agent import create_app
+
+        self.state = self.job.make_state()
         return create_app(self.state)
 
     # gunicorn hooks --------------------------------------------------------
@@ -81,14 +121,16 @@ class AgentServer(BaseApplication):
         )
         registration.write(self.fleet_dir, reg)
         log.info("registered %s on 127.0.0.1:%d", reg.name, self.state.port)
-        if self.state.scheduler == "local":
+        if adapter_class(self.state.scheduler).started_by_hand:
             log.info("web console of this node: run `dxflow console --agent %s:%s` for a login link",
                      self.state.job, self.state.node)
         # stops the agent when its job is gone, in case no epilog does; looked at on this node (issue #11)
+        from dxflow.agent import jobwatch
+
         jobwatch.start(self.state, self.site, stop=lambda: os.kill(os.getppid(), signal.SIGTERM))
 
     def _on_exit(self, arbiter) -> None:
-        registration.remove(self.fleet_dir, agent_name(self.state.cluster, self.state.job, self.state.node),
+        registration.remove(self.fleet_dir, agent_name(self.job.cluster, self.job.job, self.job.node),
                             pid=os.getpid())
 
 
@@ -106,20 +148,15 @@ def serve(scheduler: str, cluster: str, job: str, node: str, *, work_dir: str = 
     os.environ["DXFLOW_AGENT"] = "1"  # marks the agent's processes (and children) as not the job's own
     site = SiteConfig.load()
     QUERY_BUDGET.resize(site.controller_queries_per_minute)  # every controller query of this agent counts
-    base = ensure_user_dir()
-    log_path = base / "logs" / f"{agent_name(cluster, job, node)}.log"
+    layout = UserLayout.of().ensure_shared()  # nothing per host: this is a compute node
+    log_path = layout.agent_log(agent_name(cluster, job, node))
     if not foreground:
         redirect_output(log_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [agent] %(levelname)s %(message)s",
                         stream=sys.stderr)
     become_subreaper()
-    user_key(base)  # the user's key pair exists before any token is checked
-    key = new_key()
-    pub = public_pem(key)
-    state = AgentState(
-        user=pwd.getpwuid(os.getuid()).pw_name, home=base.parent, scheduler=scheduler, cluster=cluster, job=job, node=node, key=key, public_key=pub,
-        audience=fingerprint(pub), user_public_key=user_public_key(base),
-        work_dir=work_dir, stdout=stdout, stderr=stderr, started=started,
-    )
-    AgentServer(state, site, log_path, bind=bind).run()
+    spec = AgentJob(user=pwd.getpwuid(os.getuid()).pw_name, home=layout.base.parent, scheduler=scheduler,
+                    cluster=cluster, job=job, node=node, work_dir=work_dir, stdout=stdout, stderr=stderr,
+                    started=started)
+    AgentServer(spec, site, log_path, bind=bind).run()
     return 0

@@ -8,7 +8,10 @@ binary); ``{"exit": code}`` from the agent, last, when the shell has exited.
 The shell runs as the agent's user (the job's), in the job's environment and work
 dir, as the leader of its own session with the PTY as controlling terminal; it stays
 a child of the agent and in the agent's cgroups (the job's own where the scheduler makes
-them: it counts against the job's limits), so the epilog's stop of the agent takes it along. When
+them: it counts against the job's limits), so the epilog's stop of the agent takes it along. Under
+PBS it starts through ``pbs_attach``, which runs it in place as a task of the job
+(dxflow/agent/injob.py); LSF's ``blaunch`` gives its task no terminal, so there the shell stays
+the agent's child. When
 the client goes away the session gets SIGHUP (as on a hang-up of a real terminal)
 and the shell is reaped; processes that ignore SIGHUP (``nohup``) live on until the
 job ends, as they would after an ``ssh`` logout.
@@ -34,6 +37,8 @@ from flask import Blueprint, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
+from dxflow import audit
+from dxflow.agent.injob import in_job
 from dxflow.agent.jobenv import job_environment, job_workdir
 from dxflow.errors import DxflowError, UsageError
 from dxflow.procs import all_procs
@@ -46,6 +51,8 @@ sock = Sock()
 READ = 64 * 1024
 HANGUP_GRACE = 3.0     # seconds a shell may take to exit after SIGHUP before SIGKILL
 MAX_SIZE = 10000
+#: the longest command line `?command=` takes (it travels in the URL)
+MAX_COMMAND = 4096
 SIGNALS = {name: getattr(signal, f"SIG{name}") for name in ("INT", "TERM", "HUP", "KILL", "QUIT", "TSTP", "CONT",
                                                               "USR1", "USR2")}
 
@@ -77,13 +84,27 @@ OPENAPI = {
              "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}},
             {"name": "rows", "in": "query", "required": False, "description": "terminal height (default 24)",
              "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}},
+            {"name": "command", "in": "query", "required": False,
+             "description": "run this command line with the terminal instead of the login shell, as "
+                            "`ssh -t node COMMAND` does: `$SHELL -c COMMAND`",
+             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_COMMAND}},
         ],
         "responses": {
             "101": {"description": "switching to the WebSocket protocol"},
-            "400": {"description": "not a WebSocket upgrade, or a bad cols/rows", **_ERR},
+            "400": {"description": "not a WebSocket upgrade, or a bad cols/rows/command", **_ERR},
         },
     }},
 }
+
+
+def _command_arg() -> str | None:
+    """``?command=``: a command line for the user's shell (``-c``), or None for the login shell."""
+    raw = request.args.get("command")
+    if raw is None:
+        return None
+    if not raw.strip() or len(raw) > MAX_COMMAND or "\0" in raw:
+        raise UsageError(f"command must be a command line of 1 to {MAX_COMMAND} characters without NUL")
+    return raw
 
 
 def _size_arg(name: str, default: int) -> int:
@@ -105,21 +126,27 @@ def check_size():
     if request.endpoint == "shell.shell":
         _size_arg("cols", 80)
         _size_arg("rows", 24)
+        _command_arg()
 
 
 @sock.route("/api/shell", bp=bp)
 def shell(ws) -> None:
     state = current_app.config["AGENT"]
     cols, rows = _size_arg("cols", 80), _size_arg("rows", 24)
+    command = _command_arg()
     try:
         env = job_environment(state)
         env["TERM"] = "xterm-256color"
-        session = PtySession.spawn(login_shell(env), env, job_workdir(state), cols, rows)
+        cwd = job_workdir(state)
+        argv = login_shell(env) if command is None else [*login_shell(env)[:1], "-c", command]
+        argv, env = in_job(state, argv, cwd, env, terminal=True)  # PBS: pbs_attach, in place
+        session = PtySession.spawn(argv, env, cwd, cols, rows)
     except (OSError, DxflowError) as e:  # the upgrade is done: say it in the protocol, not as an HTTP 500
         log.warning("cannot start a shell: %s", e)
         ws.send(json.dumps({"error": "shell_failed", "message": f"cannot start a shell: {e}"}))
         return
     log.info("shell %d started (%dx%d)", session.pid, cols, rows)
+    audit.record("shell", argv, state, request.environ, cwd=cwd, pid=session.pid)
     try:
         session.serve(ws)
     finally:

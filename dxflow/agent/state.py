@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric import rsa
+if TYPE_CHECKING:  # the agent's arbiter imports this module but never cryptography (dxflow.agent.server)
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 
 @dataclass

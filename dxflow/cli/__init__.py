@@ -13,7 +13,8 @@ import logging
 import sys
 
 from dxflow import __version__
-from dxflow.errors import DxflowError
+from dxflow.cli import sshlogin
+from dxflow.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, DxflowError
 
 COMMAND_MODULES = (
     "dxflow.cli.fleet",   # ls, info
@@ -23,6 +24,8 @@ COMMAND_MODULES = (
     "dxflow.cli.shell",   # shell
     "dxflow.cli.forward", # forward, ports
     "dxflow.cli.console", # console
+    "dxflow.cli.metrics", # metrics
+    "dxflow.cli.report",  # report
     "dxflow.cli.master",  # master start|stop|status
     "dxflow.cli.doctor",  # doctor
     "dxflow.cli.hook",    # hook prolog|epilog (run by schedulers, as root)
@@ -44,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a command group not shipped in this build
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -65,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        return sshlogin.run(args.func, args)  # a node that asks for MFA: the login here, once
     except DxflowError as e:
         print(f"dxflow: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 141
+        return EXIT_BROKEN_PIPE

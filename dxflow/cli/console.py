@@ -8,9 +8,11 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("console", help="open the web console: print a one-time login link",
                        description="Start your master (unless it runs) with its web console on "
-                       "~/.dxflow/console.sock and 127.0.0.1, and print a login link that works once, within 5 "
+                       "~/.dxflow/hosts/HOST/console.sock and 127.0.0.1, and print a login link that works once, within 5 "
                        "minutes, plus the `ssh -L` lines that reach it from your laptop (the socket, which only "
-                       "you can use, or the TCP port, where other users' connections are refused). The console shows your jobs' "
+                       "you can use, or the TCP port, where other users' connections are refused). They name "
+                       "this login node (HOST), where your master runs: on a cluster with several login nodes "
+                       "behind one name, each has a master and a console of its own. The console shows your jobs' "
                        "nodes, their metrics, files, logs, a terminal and the web services they run.")
     p.add_argument("--port", type=int, metavar="P",
                    help="TCP port for the console when the master starts (default: the one used last "
@@ -62,21 +64,26 @@ def master_link(port: int | None) -> dict:
     if port is not None and data["port"] != port:
         raise UsageError(f"your master's console listens on port {data['port']}, not {port}: stop the "
                          f"master (`dxflow master stop`), then run `dxflow console --port {port}`")
-    host = login_host()
+    host = login_host(data.get("host") or client.layout.host)
     p = data["port"]
     where = f"{getpass.getuser()}@{host}"
-    sock = data.get("socket") or str(client.base / "console.sock")
+    sock = data.get("socket") or str(client.layout.console_sock)
     return {"url": data["url"], "port": p, "token": data["token"], "expires": data["expires"],
             "valid_seconds": max(0, int(data["expires"] - time.time())), "login_host": host, "socket": sock,
             "ssh": f"ssh -N -L {p}:{sock} {where}", "ssh_tcp": f"ssh -N -L {p}:127.0.0.1:{p} {where}"}
 
 
-def login_host() -> str:
-    """This login node's name as a laptop would reach it (the FQDN, unless that only says localhost)."""
+def login_host(host: str | None = None) -> str:
+    """The name a laptop reaches the login node ``host`` (default: this one, where the master runs)
+    by: its FQDN when the resolver knows one that starts with it, else ``host`` itself — never the
+    cluster's shared alias, which may land on another login node."""
     import socket
 
-    fqdn = socket.getfqdn()
-    return fqdn if fqdn and not fqdn.startswith("localhost") else socket.gethostname()
+    from dxflow.layout import this_host
+
+    host = host or this_host()
+    fqdn = socket.getfqdn(host)
+    return fqdn if fqdn.split(".")[0] == host.split(".")[0] and not fqdn.startswith("localhost") else host
 
 
 def agent_link(target: str) -> dict:
@@ -85,17 +92,17 @@ def agent_link(target: str) -> dict:
     from dxflow import registration
     from dxflow.auth import LOGIN_TOKEN_LIFETIME, fingerprint, mint_login_token, user_key
     from dxflow.cli.util import parse_target
-    from dxflow.config import ensure_user_dir
     from dxflow.errors import NotFound
+    from dxflow.layout import UserLayout
 
     job, node = parse_target(target)
-    base = ensure_user_dir()
-    regs = [r for r in registration.read_all(base / "fleet") if r.job == job and (node is None or r.node == node)]
+    layout = UserLayout.of().ensure_shared()
+    regs = [r for r in registration.read_all(layout.fleet_dir) if r.job == job and (node is None or r.node == node)]
     if not regs:
-        raise NotFound(f"no agent of {target} is registered in {base / 'fleet'}: is `dxflow agent` running?")
+        raise NotFound(f"no agent of {target} is registered in {layout.fleet_dir}: is `dxflow agent` running?")
     reg = sorted(regs, key=lambda r: r.node)[0]
     lifetime = LOGIN_TOKEN_LIFETIME
     # a login token: the link may linger in a terminal or a browser's history, and opens no API
-    token = mint_login_token(user_key(base), reg.user, fingerprint(reg.public_key), lifetime=lifetime)
+    token = mint_login_token(user_key(layout.base), reg.user, fingerprint(reg.public_key), lifetime=lifetime)
     return {"job": reg.job, "node": reg.node, "port": reg.port, "expires": time.time() + lifetime,
             "valid_seconds": lifetime, "url": f"http://127.0.0.1:{reg.port}/console/login?token={token}"}

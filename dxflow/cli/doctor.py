@@ -1,7 +1,8 @@
 """``dxflow doctor``: what this host's dxflow would use, and why — for site admins and bug reports.
 
-Per scheduler: its adapter, the backend it talks through (pyslurm or Slurm's JSON, qstat's JSON
-or XML, bjobs' JSON) and why, and where its client commands are. Then the site configuration,
+Per scheduler (dxflow's own, then a site's from the ``dxflow.schedulers`` entry points): its
+adapter, the backend it talks through (pyslurm or Slurm's JSON, qstat's JSON or XML, bjobs' JSON)
+and why, and where its client commands are. Then the site configuration,
 the hooks' runtime folder and their log.
 """
 
@@ -34,8 +35,7 @@ def scheduler_report(name: str, target: str) -> dict[str, Any]:
     try:
         sched = get_scheduler(name)
         out["backend"] = sched.backend()
-        why = getattr(sched, "backend_why", None)
-        out["why"] = why() if why else ""
+        out["why"] = sched.backend_why()
         out["commands"] = {c: (p if os.path.isabs(p := sched.command(c)) else None) for c in sched.commands}
     except Exception as e:  # noqa: BLE001 - report every adapter, even a broken one
         out.update(backend=None, why=f"{type(e).__name__}: {e}", commands={})
@@ -56,6 +56,10 @@ def site_report() -> tuple[dict[str, Any], list[str]]:
         config.update(valid=False, error=str(e))
         problems.append(str(e))
         site = SiteConfig()
+    if site.scheduler_bin and not os.path.isdir(site.scheduler_bin):
+        problems.append(f"scheduler_bin {site.scheduler_bin} (site config) is not a folder")
+    config["audit_socket"] = {"path": site.audit_socket, "exists": os.path.exists(site.audit_socket),
+                              "facility": site.audit_facility}  # no syslog daemon: no audit trail, acts go on
     runtime: dict[str, Any] = {"path": site.runtime_dir, "exists": False}
     try:
         st = os.lstat(site.runtime_dir)
@@ -80,9 +84,9 @@ def site_report() -> tuple[dict[str, Any], list[str]]:
 
 def report() -> dict[str, Any]:
     from dxflow import __version__
-    from dxflow.schedulers import ADAPTERS
+    from dxflow.schedulers import adapters
 
-    schedulers = [scheduler_report(name, target) for name, target in ADAPTERS.items()]
+    schedulers = [scheduler_report(name, target) for name, target in adapters().items()]
     site, problems = site_report()
     problems += [f"scheduler {s['scheduler']}: {s['why']}" for s in schedulers if s.get("error")]
     return {"version": __version__, "python": sys.executable, "schedulers": schedulers, **site,

@@ -102,6 +102,9 @@ def parse_location(text: str) -> Location:
     node = None
     if colon >= 0 and (slash < 0 or colon < slash):
         node, rest = rest[:colon] or None, rest[colon + 1:]
+    from dxflow.cli.targets import parse_parts
+
+    parse_parts(text, job, node)  # a malformed job id or node set exits 2 before anything is contacted
     return Location(rest, job, node)
 
 
@@ -243,7 +246,9 @@ class Copier:
                 time.sleep(pause)
 
     # downloads ------------------------------------------------------------------------
-    def download(self, src: Location, dst_text: str, many: bool) -> None:
+    def download(self, src: Location, dst_text: str, many: bool, suffix: str = "") -> None:
+        """``suffix``: added to the copy's name in DST (``.NODE`` when several nodes' files come, as
+        ``clush --rcopy`` and ``rpdcp`` name them)."""
         from pathlib import Path
 
         from dxflow.errors import NotFound, UsageError
@@ -254,7 +259,7 @@ class Copier:
             raise NotFound(f"{src}: no such file or folder on the node")
         dst = Path(dst_text or ".")
         if dst.is_dir():
-            dst = dst / safe_name(st.get("name"), f"its answer about {src}")
+            dst = dst / (safe_name(st.get("name"), f"its answer about {src}") + suffix)
         elif many or dst_text.endswith("/"):
             raise NotFound(f"{dst_text}: no such folder here")
         elif not dst.parent.is_dir():
@@ -528,9 +533,18 @@ def resume_key(src: Path, st: os.stat_result, agent: Agent, target: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
+def _on_nodes(client, loc: Location) -> list[Location]:
+    """The remote side ``loc`` once its job and nodes are looked up: one Location per node."""
+    from dxflow.cli.targets import parse_parts, resolve
+
+    where = resolve(client, parse_parts(str(loc), loc.job, loc.node))
+    return [Location(loc.path, where.job, node) for node in where.nodes]
+
+
 def cmd_cp(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dxflow.cli.targets import parse_parts
     from dxflow.errors import DxflowError, UsageError
     from dxflow.master.client import MasterClient
 
@@ -544,13 +558,22 @@ def cmd_cp(args: argparse.Namespace) -> int:
                          "(or use plain cp)")
     if any(not s.remote for s in sources) and any(s.remote for s in sources):
         raise UsageError("all SRC must be on the same side")
-    copier = Copier(MasterClient().ensure(), args.quiet, args.recursive)
+    if dst.remote and parse_parts(args.dst, dst.job, dst.node).several:
+        raise UsageError(f"{args.dst}: copying to several nodes at once is not supported yet: name one node "
+                         f"({dst.job}:NODE:{dst.path})")
+    client = MasterClient().ensure()
+    copier = Copier(client, args.quiet, args.recursive)
+    if dst.remote:
+        dst = _on_nodes(client, dst)[0]  # an ended job, a node not the job's: named before anything moves
     for src in sources:
         try:
             if dst.remote:
                 copier.upload(Path(src.path), dst, many)
-            else:
-                copier.download(src, dst.path, many)
+                continue
+            each = _on_nodes(client, src)
+            several = parse_parts(str(src), src.job, src.node).several
+            for one in each:  # several nodes: NAME.NODE in DST, which must be a folder
+                copier.download(one, dst.path, many or several, f".{one.node}" if several else "")
         except OSError as e:  # a local file (or the master's socket) failed
             raise DxflowError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from e
     log.info("%d file(s), %d bytes copied", copier.files, copier.bytes)

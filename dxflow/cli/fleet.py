@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", help="list your jobs' agents", description=(
         "List the agents of your running jobs: job, node, state, uptime, load. States: "
         "starting (registered, not yet checked), ready (reached through its tunnel and proved "
-        "its identity), lost (job running but agent unreachable), gone (job or agent ended). LOAD, CPU and "
+        "its identity), lost (job running but agent unreachable), incompatible (an agent of a dxflow release "
+        "whose agent API this one does not speak; it ends with its job), gone (job or agent ended). LOAD, CPU and "
         "MEMORY are the node's current figures when at most 5 s old; older ones (the agent could not be "
         "asked, or is lost) are shown with their age, e.g. `0.52 (40s ago)`, never as current. With --json, "
         "metrics_age and metrics_fresh say the same."))
@@ -21,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="show one node of a job (through its agent)",
                        description="Ask the agent of JOB on NODE (default: the job's first node) "
-                       "for its node: hostname, CPUs, memory, load, uptime, GPUs.")
-    p.add_argument("target", metavar="JOB[:NODE]")
+                       "for its node: hostname, CPUs, memory, load, uptime, GPUs. With a node set "
+                       "(JOB:n[1-4], JOB:all) every node is asked at once and shown as one row.")
+    p.add_argument("target", metavar="JOB[:NODES]")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -57,18 +59,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 age = f" ({human_duration(a['metrics_age'])} ago)"
                 load, cpu, mem = (v if v == "-" else v + age for v in (load, cpu, mem))
         rows.append([a["job"], a["node"], a["state"], human_duration(up), load, cpu, mem,
-                     a["detail"] if a["state"] != "ready" else ""])
+                     a["detail"]])  # a ready agent's note: e.g. it goes through another job's SSH connection
     print_table(["JOB", "NODE", "STATE", "UPTIME", "LOAD", "CPU", "MEMORY", "NOTE"], rows)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dxflow.cli.util import human_bytes, human_duration, parse_target, print_json
+    from dxflow.cli import targets
+    from dxflow.cli.util import human_bytes, human_duration, print_json
     from dxflow.master.client import MasterClient
 
-    job, node = parse_target(args.target)
+    target = targets.parse(args.target)
     client = MasterClient().ensure()
-    info = client.json("GET", client.agent_path(job, node, "/api/node"))
+    where = targets.resolve(client, target)
+    if target.several:
+        return _info_nodes(client, where, args.json)
+    info = client.json("GET", client.agent_path(where.job, where.nodes[0], "/api/node"))
     if args.json:
         print_json(info)
         return 0
@@ -87,4 +93,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _info_nodes(client, where, as_json: bool) -> int:
+    """``dxflow info JOB:NODES``: every node asked at once; one row each (a JSON list with --json)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxflow.cli.util import human_bytes, print_json, print_table
+    from dxflow.errors import DxflowError
+    from dxflow.schedulers.hostlist import fold
+
+    def ask(node: str) -> dict:
+        try:
+            return client.json("GET", client.agent_path(where.job, node, "/api/node"), timeout=30)
+        except (DxflowError, OSError) as e:
+            return {"node": node, "error": str(e)}
+
+    with ThreadPoolExecutor(max_workers=min(32, len(where.nodes))) as pool:
+        infos = list(pool.map(ask, where.nodes))
+    failed = [i["node"] for i in infos if "error" in i]
+    if as_json:
+        print_json(infos)
+    else:
+        print_table(["NODE", "HOSTNAME", "CPUS", "BUSY", "MEMORY AVAILABLE", "LOAD", "GPUS"], [
+            [i["node"], "-", "-", "-", "-", "-", i["error"]] if "error" in i else
+            [i["node"], i["hostname"], f"{i['cpus_allowed']}/{i['cpus']}", f"{i['cpu_percent']:.0f}%",
+             f"{human_bytes(i['memory_available'])} of {human_bytes(i['memory_total'])}",
+             " ".join(f"{x:.2f}" for x in i["load"]), len(i.get("gpus", []))] for i in infos])
+    if failed:
+        print(f"dxflow: job {where.job}: no answer from {fold(failed)}", file=sys.stderr)
+        return 1
     return 0

@@ -19,21 +19,17 @@ for every connection). Only a refusal (another user's port, the agent's own) end
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dxflow.errors import ConfigError, UsageError
+from dxflow.errors import UsageError
 
 if TYPE_CHECKING:
     import socket
 
 CHUNK = 64 * 1024
 WAIT_POLL = 1.0  # seconds between two asks whether the service listens yet
-UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL (man 7 unix)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "connection, then connects it. From a laptop, add "
                            "`ssh -L LPORT:127.0.0.1:LPORT login-node`. With --unix, listen on a Unix socket "
                            "that only you can open instead, and print the `ssh -L` line that reaches it."))
-    p.add_argument("target", metavar="JOB[:NODE]")
-    p.add_argument("port", type=int, metavar="PORT", help="the port on the node")
+    p.add_argument("target", metavar="JOB[:NODE]", help="the job (and node), or a node where one job of yours runs")
+    p.add_argument("port", metavar="[LPORT:]PORT", help="the port on the node; LPORT:PORT also sets the local "
+                   "port, as in ssh -L (same as --local LPORT)")
     p.add_argument("--local", type=int, metavar="LPORT", default=None,
                    help="local port (default: PORT when it is free, else any free port; 0 = any); with "
                         "--unix, the laptop's port in the printed ssh line (default: PORT)")
@@ -64,17 +61,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ports", help="list the ports your job listens on, on a node",
                        description="List the TCP ports your processes listen on, on NODE of JOB (default: "
                        "the job's first node), with the owning process. Reach one with `dxflow forward`.")
-    p.add_argument("target", metavar="JOB[:NODE]")
+    p.add_argument("target", metavar="JOB[:NODES]", help="a job, JOB:NODE, or a node set (JOB:n[1-4], JOB:all): "
+                   "one row per port of each node")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ports)
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
-    from dxflow.cli.util import parse_target, print_json, print_table
+    from dxflow.cli import targets
+    from dxflow.cli.util import print_json, print_table
     from dxflow.master.client import MasterClient
 
-    job, node = parse_target(args.target)
+    target = targets.parse(args.target)
     client = MasterClient().ensure()
+    where = targets.resolve(client, target)
+    if target.several:
+        return _ports_nodes(client, where, args.json)
+    job, node = where.job, where.nodes[0]
     ports = client.json("GET", client.agent_path(job, node, "/api/ports"))
     if args.json:
         print_json(ports)
@@ -88,122 +91,39 @@ def cmd_ports(args: argparse.Namespace) -> int:
 
 
 
-# -- forward -------------------------------------------------------------------------------------------
 
-def _listen(port: int | None, wanted: int) -> socket.socket:
-    import socket
+def _ports_nodes(client, where, as_json: bool) -> int:
+    """``dxflow ports JOB:NODES``: every node asked at once; one row per port, with its node."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
 
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    candidates = [port] if port is not None else [wanted, 0]
-    for i, p in enumerate(candidates):
+    from dxflow.cli.util import print_json, print_table
+    from dxflow.errors import DxflowError
+    from dxflow.schedulers.hostlist import fold
+
+    def ask(node: str) -> tuple[str, list | str]:
         try:
-            s.bind(("127.0.0.1", p))
-            break
-        except OSError as e:
-            if i == len(candidates) - 1:
-                s.close()
-                raise UsageError(f"cannot listen on 127.0.0.1:{p}: {e.strerror}; choose another with --local") from e
-    s.listen(64)
-    return s
+            return node, client.json("GET", client.agent_path(where.job, node, "/api/ports"), timeout=30)
+        except (DxflowError, OSError) as e:
+            return node, str(e)
 
-
-def _unix_path(text: str, job: str, node: str, port: int) -> Path:
-    """``--unix PATH`` as given, or ``~/.dxflow/forward/JOB-NODE-PORT.sock`` in a folder only the user enters."""
-    if text:
-        return Path(text).expanduser().absolute()
-    from dxflow.config import ensure_user_dir
-
-    folder = ensure_user_dir() / "forward"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.lstat()
-    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{folder} is not a folder owned by you; remove it and retry")
-    if st.st_mode & 0o077:
-        os.chmod(folder, 0o700)
-    name = "-".join(re.sub(r"[^A-Za-z0-9._-]+", "_", part) for part in (job, node, str(port)))
-    return folder / f"{name}.sock"
-
-
-def _listen_unix(path: Path) -> tuple[socket.socket, int]:
-    """A Unix socket listening at ``path`` (mode 0600) and its inode; a dead forward's socket is replaced."""
-    import socket
-
-    if len(os.fsencode(path)) > UNIX_PATH_MAX:
-        raise UsageError(f"{path}: too long for a Unix socket (at most {UNIX_PATH_MAX} bytes); "
-                         "choose a shorter one with --unix PATH")
-    _remove_stale(path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # born 0600: at no moment can another user connect (the peer check stays anyway)
-    try:
-        s.bind(str(path))
-    except OSError as e:
-        s.close()
-        raise UsageError(f"cannot listen on {path}: {e.strerror}; choose another path with --unix PATH") from e
-    finally:
-        os.umask(old)
-    s.listen(64)
-    return s, path.lstat().st_ino
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove the socket a dead forward left at ``path``; refuse a live one, and anything not a socket."""
-    import socket
-
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UsageError(f"{path} exists and is not a socket: remove it, or choose another path with --unix PATH")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(5)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        try:
-            path.unlink(missing_ok=True)  # nobody listens: what a killed forward (SIGKILL, a reboot) leaves
-        except OSError as e:
-            raise UsageError(f"cannot remove the stale socket {path}: {e.strerror}") from e
-        return
-    except OSError as e:
-        raise UsageError(f"cannot tell whether {path} is in use ({e.strerror or e}): remove it, or choose "
-                         "another path with --unix PATH") from e
-    finally:
-        probe.close()
-    raise UsageError(f"another `dxflow forward` listens on {path}: stop it first, or choose another path "
-                     "with --unix PATH")
-
-
-def _remove_own(path: Path, inode: int) -> None:
-    """Remove the socket file this forward made (not one that has replaced it since)."""
-    try:
-        if path.lstat().st_ino == inode:
-            path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _admitted(conn: socket.socket) -> bool:
-    """Whether the process at the other end of ``conn`` is the user's; a stranger's attempt is logged."""
-    import pwd
-
-    from dxflow.edge.peer import peer_uid
-
-    uid = peer_uid(conn)
-    if uid == os.getuid():
-        return True
-    if uid is None:
-        who = "a process whose owner the kernel cannot tell"
+    with ThreadPoolExecutor(max_workers=min(32, len(where.nodes))) as pool:
+        answers = list(pool.map(ask, where.nodes))
+    rows = [{"node": node, **p} for node, ports in answers if isinstance(ports, list) for p in ports]
+    failed = {node: why for node, why in answers if isinstance(why, str)}
+    if as_json:
+        print_json(rows)
+    elif rows:
+        print_table(["NODE", "PORT", "ADDRESS", "PID", "PROCESS", "COMMAND"],
+                    [[p["node"], p["port"], p["address"], p["pid"], p["process"], p.get("command", "")[:50]]
+                     for p in rows])
     else:
-        try:
-            who = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-        except KeyError:
-            who = f"uid {uid}"
-    print(f"dxflow: forward: refused a connection from {who}: only your own processes may use this forward",
-          file=sys.stderr, flush=True)
-    return False
+        print(f"no ports: none of your processes listens on TCP on {fold(where.nodes)} of job {where.job}")
+    for node, why in failed.items():
+        print(f"dxflow: {node}: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
+# -- forward -------------------------------------------------------------------------------------------
 
 def _stop_on_signals() -> None:
     """SIGTERM, and SIGHUP (the terminal or ssh session closed), end the forward as Ctrl-C does: cleanly."""
@@ -261,12 +181,21 @@ def cmd_forward(args: argparse.Namespace) -> int:
     import threading
     from urllib.parse import quote
 
-    from dxflow.cli.util import parse_target
+    from dxflow.cli import targets
+    from dxflow.cli.forward_local import admitted, listen_tcp, listen_unix, remove_own, unix_socket_path
     from dxflow.master.client import MasterClient, check
 
     log = logging.getLogger("dxflow.forward")
-    job, node = parse_target(args.target)
+    target = targets.parse(args.target, several=False, command="forward")
+    local, args.port = targets.port_pair(str(args.port))  # before anything is contacted: exit 2
+    if local is not None:
+        if args.local is not None and args.local != local:
+            raise UsageError(f"two local ports named: {local} (in {local}:{args.port}) and --local {args.local}")
+        args.local = local
+    if args.local is not None and not 0 <= args.local < 65536:
+        raise UsageError(f"--local {args.local}: expected a number from 0 to 65535")
     client = MasterClient().ensure()
+    job, node = targets.one(client, args.target, "forward") if target.bare else (target.job, target.nodes)
     mode = "http" if args.http else "tcp"
     path = f"/api/forward/{quote(job, safe='')}/{quote(node or '-', safe='')}/{args.port}"
     waiting: str | None = None
@@ -297,11 +226,11 @@ def cmd_forward(args: argparse.Namespace) -> int:
     unix_path: Path | None = None
     inode = 0
     if args.unix is not None:
-        unix_path = _unix_path(args.unix, job, node or (info.get("node") if mode == "tcp" else None) or "first",
+        unix_path = unix_socket_path(args.unix, job, node or (info.get("node") if mode == "tcp" else None) or "first",
                                args.port)
-        server, inode = _listen_unix(unix_path)
+        server, inode = listen_unix(unix_path)
     else:
-        server = _listen(args.local, args.port)
+        server = listen_tcp(args.local, args.port)
     try:
         _stop_on_signals()
         if unix_path is None:
@@ -314,7 +243,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
         if mode == "tcp":
             while True:
                 conn, _ = server.accept()
-                if not _admitted(conn):
+                if not admitted(conn):
                     conn.close()  # unread: nothing reaches the master, nothing goes back
                     continue
                 threading.Thread(target=_tcp_connection, args=(client, path, conn), daemon=True).start()
@@ -325,7 +254,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
     finally:
         server.close()
         if unix_path is not None:
-            _remove_own(unix_path, inode)
+            remove_own(unix_path, inode)
     return 0
 
 
@@ -426,6 +355,7 @@ def _serve_http(server: socket.socket, client, job: str, node: str | None, port:
     import socketserver
     from http.server import BaseHTTPRequestHandler
 
+    from dxflow.cli.forward_local import admitted
     from dxflow.edge.http import HOP_BY_HOP
 
     hop = HOP_BY_HOP | {"host", "content-length"}
@@ -482,6 +412,6 @@ def _serve_http(server: socket.socket, client, job: str, node: str | None, port:
             self.socket = sock
 
         def verify_request(self, request, client_address) -> bool:
-            return _admitted(request)  # a refused one is closed by socketserver, unread
+            return admitted(request)  # a refused one is closed by socketserver, unread
 
     Server(server).serve_forever()

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "prolog starts this job's agent as the job's user, epilog stops it and everything "
                        "it started. Always exits 0, logging problems to the site hook log.")
     p.add_argument("phase", choices=("prolog", "epilog"))
-    p.add_argument("--scheduler", default="slurm", help="slurm, pbs, torque, lsf or local (default slurm)")
+    p.add_argument("--scheduler", default="slurm", help="slurm, pbs, torque, lsf, local, or a site's adapter (entry point group dxflow.schedulers; default slurm)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments the scheduler passed to its script")
     p.set_defaults(func=cmd_hook)
 

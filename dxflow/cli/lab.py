@@ -22,34 +22,110 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing packages; fail and name them instead")
     q.add_argument("--json", action="store_true", help="print the lab's status as JSON when up")
+    _slurm_option(q)
     q.set_defaults(func=cmd_lab)
 
     q = lsub.add_parser("down", help="stop the lab and remove everything it made")
+    _slurm_option(q)
     q.set_defaults(func=cmd_lab)
 
     q = lsub.add_parser("status", help="daemons, nodes and users of the lab (exit 3 when there is none)")
     q.add_argument("--json", action="store_true", help="print JSON")
+    _slurm_option(q)
     q.set_defaults(func=cmd_lab)
+
+    q = lsub.add_parser("exec", help="run a command on the lab's login node as a user would (login shell)",
+                        description="Runs CMD ARGS... as USER in a login shell on the login node of the lab "
+                        "(the host itself for the host's Slurm; inside a generation lab's namespaces otherwise), "
+                        "with the lab's dxflow on PATH. Exits with CMD's exit code.")
+    _slurm_option(q)
+    q.add_argument("--user", "-u", default="root", metavar="USER", help="who runs it (default root)")
+    q.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    q.set_defaults(func=cmd_exec)
+
+    q = lsub.add_parser("profile", help="add an SSH set-up of real sites to the running lab (docs/ssh.md)",
+                        description="Extra sshd on the nodes, for the user carol: host certificates (certs), "
+                        "hostbased authentication (hostbased), a TOTP code after the key (mfa), two ProxyJump hops "
+                        "(jump), a key named in an Include'd file (include), pam_slurm_adopt (adopt). `up` also rewrites carol's ~/.ssh "
+                        "for that profile.")
+    q.add_argument("profile_action", choices=("up", "down", "status"), metavar="up|down|status")
+    q.add_argument("name", nargs="?", choices=("certs", "hostbased", "mfa", "jump", "include", "adopt"), metavar="NAME",
+                   help="certs, hostbased, mfa, jump, include or adopt")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_profile)
+
+
+def _slurm_option(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--slurm", metavar="G", default=None,
+                   help="Slurm generation: 22.05, 24.11 or 26.05 (default: the host's own Slurm; another one "
+                   "runs in a root file system of the Debian release that ships it, beside the host's lab)")
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    import os
+
+    from dxflow.lab import generation
+    from dxflow.lab.cluster import require_root
+
+    require_root()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = generation.exec_argv(args.slurm, args.user, command)
+    os.execvp(argv[0], argv)
+    return 1  # not reached
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from dxflow.cli.util import print_json
+    from dxflow.errors import UsageError
+    from dxflow.lab import ssh_profiles
+
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    if args.profile_action != "status" and not args.name:
+        raise UsageError(f"`dxflow lab profile {args.profile_action}` needs a profile name")
+    if args.profile_action == "up":
+        ssh_profiles.up(args.name)
+    elif args.profile_action == "down":
+        ssh_profiles.down(args.name)
+    info = ssh_profiles.status()
+    if args.json:
+        print_json(info if not args.name else info[args.name])
+    else:
+        for name, p in info.items():
+            print(f"{name:10} {'-' if p['up'] is None else 'up' if p['up'] else 'down':5} {' '.join(p['sshd']) or '-':22} {p['what']}")
+    return 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
     from dxflow.cli.util import print_json
-    from dxflow.lab import cluster
+    from dxflow.lab import cluster, generation
 
     # progress lines for a person watching `lab up` / `lab down`
     root = logging.getLogger()
     if root.level > logging.INFO:
         root.setLevel(logging.INFO)
 
-    if args.action == "up":
+    if not generation.is_host(args.slurm):
+        cluster.require_root()
+        if args.action == "up":
+            info = generation.up(args.slurm, args.nodes)
+        elif args.action == "down":
+            generation.down(args.slurm)
+            return 0
+        else:
+            info = generation.status(args.slurm)
+    elif args.action == "up":
         info = cluster.up(args.nodes, install_packages=not args.no_install)
     elif args.action == "down":
         cluster.down()
         return 0
     else:
         info = cluster.status()
+        # the generation labs that run beside this one (`dxflow lab status --slurm G` for each)
+        info["generation_labs"] = generation.running()
     if getattr(args, "json", False):
         print_json(info)
     else:
         print(cluster.status_table(info))
+        if info.get("generation_labs"):
+            print("  beside it: Slurm " + ", ".join(info["generation_labs"]) + " (dxflow lab status --slurm G)")
     return {"up": 0, "down": EXIT_DOWN}.get(info["state"], EXIT_DEGRADED)

@@ -11,9 +11,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Show the job's own stdout (or stderr, or the agent's log) as its agent on the node reads "
         "it: the path comes from the scheduler, with %j-style patterns expanded. With -f, new lines "
         "appear as the job writes them, until the job ends or you press Ctrl-C."))
-    p.add_argument("target", metavar="JOB[:NODE]", help="the job (and node; default: the job's first node, "
-                   "where the batch script's output is written)")
+    p.add_argument("target", metavar="JOB[:NODES]", help="the job (and node; default: the job's first node, "
+                   "where the batch script's output is written); a node set (JOB:n[1-4], JOB:all) shows every "
+                   "node's, each line after `NODE: `, and with -f merges their streams as lines come")
     p.add_argument("--node", help="the node whose agent reads the log (same as JOB:NODE)")
+    p.add_argument("--path", metavar="PATTERN",
+                   help="read this file on each node instead (per-node output such as `srun -o out-%%N.log`): "
+                        "%%N is the node's name, %%j the job id, %%%% a %%; relative to the job's work dir")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--stderr", action="store_true", help="the job's stderr instead of its stdout")
     which.add_argument("--agent", action="store_true", help="the agent's own log on that node")
@@ -23,19 +27,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from dxflow.cli.util import parse_target
+    from dxflow.cli import targets
     from dxflow.errors import UsageError
     from dxflow.master.client import MasterClient, check
 
-    job, node = parse_target(args.target)
+    target = targets.parse(args.target)
     if args.node:
-        if node and node != args.node:
-            raise UsageError(f"two nodes named: {node} (in {args.target}) and --node {args.node}")
-        node = args.node
+        node_set = targets.parse_parts(args.target, target.job, args.node)
+        if target.nodes and target.nodes != node_set.nodes:
+            raise UsageError(f"two nodes named: {target.nodes} (in {args.target}) and --node {args.node}")
+        target = node_set
     if args.lines is not None and args.lines < 0:
         raise UsageError("--lines must be 0 or more")
+    if args.path is not None and (args.agent or args.stderr or not args.path.strip()):
+        raise UsageError("--path names the file itself: leave out --stderr and --agent" if args.path.strip()
+                         else "--path needs a file name pattern")
     name = "agent" if args.agent else "stderr" if args.stderr else "stdout"
     client = MasterClient().ensure()
+    where = targets.resolve(client, target)
+    if target.several or args.path is not None:
+        from dxflow.cli.logfan import logs_all
+
+        return logs_all(client, where, name, args.path, args.lines, args.follow, prefix=target.several)
+    job, node = where.job, where.nodes[0]
     query = f"?lines={args.lines}" if args.lines is not None else ""
     path = client.agent_path(job, node, f"/api/logs/{name}" + ("/follow" if args.follow else "") + query)
     resp = client.request("GET", path, timeout=None)

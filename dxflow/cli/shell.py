@@ -1,11 +1,10 @@
-"""``dxflow shell JOB[:NODE]``: an interactive shell on a node of a job, in your own terminal."""
+"""``dxflow shell JOB[:NODE] [-- CMD ARGS…]``: an interactive shell (or CMD with a terminal) on a node of a job."""
 
 from __future__ import annotations
 
 import argparse
 
-#: exit code when the connection ends before the shell told its own (as ssh does)
-LOST = 255
+from dxflow.errors import EXIT_CONNECTION_LOST as LOST
 #: seconds between checks of the window size, besides SIGWINCH
 RESIZE_POLL = 0.5
 
@@ -16,8 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "environment and work dir, through the agent of that node. Your terminal is put in raw mode "
         "and its size follows your window; Ctrl-C and friends go to the remote program. With standard "
         "input not a terminal, the input is typed into the remote terminal and Ctrl-D is sent at its end. "
-        "Exits with the shell's exit code (255 if the connection is lost)."))
-    p.add_argument("target", metavar="JOB[:NODE]")
+        "With `-- CMD ARGS…`, runs that command with the terminal instead, as `ssh -t node CMD` does (the "
+        "words joined by spaces and given to your shell's -c). "
+        "Exits with the shell's (or CMD's) exit code (255 if the connection is lost)."))
+    p.add_argument("target", metavar="JOB[:NODE]", help="the job (and node), or a node where one job of yours runs")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                   help="a command to run with the terminal instead of your login shell (like ssh -t node CMD)")
     p.set_defaults(func=cmd_shell)
 
 
@@ -29,14 +32,20 @@ def cmd_shell(args: argparse.Namespace) -> int:
     import sys
     import termios
     import tty
+    import urllib.parse
 
-    from dxflow.cli.util import parse_target
+    from dxflow.cli import targets
     from dxflow.edge.wsclient import HandshakeRejected, WebSocketClient
-    from dxflow.errors import DxflowError
+    from dxflow.errors import DxflowError, UsageError
     from dxflow.master.client import MasterClient, raise_for_status
 
-    job, node = parse_target(args.target)
+    targets.parse(args.target, several=False, command="shell")  # exit 2 before anything is contacted
+    words = args.command[1:] if args.command[:1] == ["--"] else args.command
+    line = " ".join(words)  # as ssh joins its command words: the remote shell parses them
+    if words and not line.strip():
+        raise UsageError("the command after -- is empty")
     client = MasterClient().ensure()
+    job, node = targets.one(client, args.target, "shell")
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     interactive = os.isatty(stdin)
     size_fd = stdin if interactive else stdout
@@ -46,7 +55,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
     sock = client.socket(timeout=60)
     ws = WebSocketClient(sock)
     try:
-        ws.handshake(client.agent_path(job, node, f"/api/shell?cols={cols}&rows={rows}"))
+        query = urllib.parse.urlencode({"cols": cols, "rows": rows, **({"command": line} if words else {})})
+        ws.handshake(client.agent_path(job, node, f"/api/shell?{query}"))
     except HandshakeRejected as e:
         sock.close()
         raise_for_status(e.status, e.body)  # the agent's or master's own error

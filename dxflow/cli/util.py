@@ -1,4 +1,5 @@
-"""Small helpers shared by the CLI modules: JOB[:NODE] parsing, tables, JSON output."""
+"""Small helpers shared by the CLI modules: JOB[:NODE] parsing (kept for its callers; :mod:`dxflow.cli.targets`
+is the one parser), tables, JSON output."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import json
 import sys
 from typing import Any, Iterable, Sequence
 
-from dxflow.errors import UsageError
-
 
 def parse_target(text: str) -> tuple[str, str | None]:
-    """``JOB`` or ``JOB:NODE`` -> (job, node or None)."""
-    job, _, node = text.partition(":")
-    if not job or (":" in text and not node):
-        raise UsageError(f"expected JOB or JOB:NODE, got {text!r}")
-    return job, node or None
+    """``JOB`` or ``JOB:NODES`` -> (job, the nodes as a comma-separated list, or None for the job's
+    first node or ``all``), checked by :func:`dxflow.cli.targets.parse` (exit 2 for a malformed one);
+    for commands that hand the node list on to the master as it is (``dxflow metrics``). The others
+    resolve targets with :mod:`dxflow.cli.targets`."""
+    from dxflow.cli.targets import parse
+    from dxflow.schedulers.hostlist import node_set
+
+    target = parse(text)
+    if target.nodes is None or target.nodes == "all":
+        return target.job, None
+    return target.job, ",".join(node_set(target.nodes))
 
 
 def print_json(data: Any) -> None:
@@ -32,13 +37,10 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
 
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    """``n`` bytes in binary units with one decimal, as the CLI's tables show them ("1.5 GiB")."""
+    from dxflow.metrics.report import human_bytes as in_units
+
+    return in_units(n, decimals=1)
 
 
 def human_duration(seconds: float | None) -> str:

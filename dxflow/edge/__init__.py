@@ -6,9 +6,11 @@ Agent, master and CLI build on it; it imports nothing of ``dxflow.agent``,
 * :mod:`dxflow.edge.tcptable` — the kernel's table of TCP sockets (sock_diag, ``/proc/net/tcp``).
 * :mod:`dxflow.edge.peer` — who is at the other end of a connection (the kernel's word: uid).
 * :mod:`dxflow.edge.worker` — the gunicorn worker every dxflow server runs: foreign uids refused at
-  accept, a deadline on request heads, connections bounded per peer, a thread pool per listener.
+  accept, a deadline on request heads, connections bounded per peer, a thread pool per listener;
+  ``ClosingBody``, the one wrapper for "an answer is done".
 * :mod:`dxflow.edge.http` — hop-by-hop headers, response heads read and parsed, the hijacked response.
 * :mod:`dxflow.edge.pipes` — the one byte pipe between two sockets, half-close included.
+* :mod:`dxflow.edge.channelhttp` — HTTP over an SSH channel (the master's requests to agents), readable piecewise.
 * :mod:`dxflow.edge.session` — the web console's one security policy (sessions, CSRF, Host and Origin
   checks, security headers, services on origins of their own), for the master's console and an agent's alike.
 * :mod:`dxflow.edge.httperrors` — JSON error answers for the agent's and the master's Flask apps.

@@ -97,8 +97,9 @@ def read_head(sock, limit: int = MAX_HEAD) -> tuple[bytes, bytes]:
 
 
 def parse_head(head: bytes) -> tuple[int, list[tuple[str, str]]]:
-    """The status code and headers of a response head; :class:`ValueError` if it is not one."""
-    lines = head.decode("latin-1").split("\r\n")
+    """The status code and headers of a response head; :class:`ValueError` if it is not one.
+    Lines may end in a bare LF, as http.client and browsers accept."""
+    lines = [line.rstrip("\r") for line in head.decode("latin-1").split("\n")]
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
         raise ValueError(f"not an HTTP answer: {lines[0][:100]!r}")

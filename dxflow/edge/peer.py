@@ -20,6 +20,8 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
+import weakref
 from typing import Iterator, Union
 
 from dxflow.edge import tcptable
@@ -28,12 +30,33 @@ Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Endpoint = tuple[Address, int]
 
 
+_known: weakref.WeakKeyDictionary[socket.socket, int] = weakref.WeakKeyDictionary()
+_known_lock = threading.Lock()
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end of ``sock``, or None when the kernel cannot say.
 
     Unix sockets: the credentials taken at ``connect()``. TCP: only loopback connections,
-    whose client socket is in this network namespace's table.
+    whose client socket is in this network namespace's table. A connection's peer does not
+    change: the answer is remembered for the socket object (asked at accept, again by the audit
+    of every request on a kept-alive connection).
     """
+    with _known_lock:
+        known = _known.get(sock)
+    if known is not None:
+        return known
+    uid = _ask_kernel(sock)
+    if uid is not None:
+        try:
+            with _known_lock:
+                _known[sock] = uid
+        except TypeError:  # an object without weak references (a test's stand-in): not remembered
+            pass
+    return uid
+
+
+def _ask_kernel(sock: socket.socket) -> int | None:
     if sock.family == socket.AF_UNIX:
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import selectors
 import socket
 import time
+from typing import Any
 
 
 def pipe(a, b, bufsize: int = 64 * 1024, close_grace: float | None = None) -> None:
@@ -27,7 +28,7 @@ def pipe(a, b, bufsize: int = 64 * 1024, close_grace: float | None = None) -> No
             if not ready and deadline is not None:
                 return
             for key, _ in ready:
-                src = key.fileobj
+                src: Any = key.fileobj  # one of a and b: a socket or a paramiko channel
                 dst = peer[src]
                 try:
                     data = src.recv(bufsize)

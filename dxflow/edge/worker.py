@@ -48,6 +48,11 @@ MAX_CONNECTIONS_PER_PEER = 128
 #: a head not complete within this many bytes goes to a thread anyway (gunicorn's own limits
 #: apply there, and the deadline still holds); far above what a browser or the CLI sends
 HEAD_PEEK = 64 * 1024
+#: seconds between two heartbeats to the arbiter (gunicorn's ``timeout`` is far longer: 120 s and more)
+NOTIFY_EVERY = 1.0
+#: answers whose body is at most this long (Content-Length) leave in one TCP segment with their head
+WHOLE_ANSWER = 64 * 1024
+TCP = (socket.AF_INET, socket.AF_INET6)
 #: at most one log line per kind of refusal and peer in this many seconds (bob must not fill alice's log)
 LOG_INTERVAL = 60.0
 ROOT = 0
@@ -137,6 +142,79 @@ class QuietLog:
         self.log.warning(message, *args)
 
 
+class WholeSmallAnswers:
+    """WSGI middleware: a small answer of known length leaves a TCP connection as one segment.
+
+    gunicorn writes an answer's head and body with two ``sendall`` calls; with ``TCP_NODELAY`` they
+    leave as two segments, which an SSH tunnel carries as two packets, each encrypted, sent, decrypted
+    and handed to the relay on its own (about a tenth of a small relayed request's cost). The socket
+    is corked (``TCP_CORK``, ``man 7 tcp``) from the answer's start to its end, so both leave
+    together. Only answers whose body is at most :data:`WHOLE_ANSWER` bytes by their Content-Length:
+    those are in memory already, so nothing live (a stream, an upload's progress) is held back.
+    """
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        sock = environ.get("gunicorn.socket")
+        corked: list[socket.socket] = []
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
+            # a Unix socket has nothing to cork: its reader gets both writes at once anyway
+            if isinstance(sock, socket.socket) and sock.family in TCP and not corked and _small(headers):
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    corked.append(sock)
+                except OSError:  # closed meanwhile: the write fails as it would have
+                    pass
+            return start_response(status, headers, exc_info)
+
+        try:
+            body = self.app(environ, start)
+        except BaseException:
+            _uncork(corked)
+            raise
+        return ClosingBody(body, lambda: _uncork(corked)) if corked else body
+
+
+def _small(headers: list[tuple[str, str]]) -> bool:
+    length = next((v for k, v in headers if k.lower() == "content-length"), "")
+    return length.isdigit() and int(length) <= WHOLE_ANSWER
+
+
+def _uncork(corked: list[socket.socket]) -> None:
+    """Send what the cork holds, now."""
+    while corked:
+        try:
+            corked.pop().setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        except OSError:  # closed meanwhile: nothing left to send
+            pass
+
+
+class ClosingBody:
+    """A WSGI answer's body that calls ``ended`` once, when the server closes it (after its last write):
+    the one wrapper for "the answer is done" (uncorking here, the master's count of clients at work)."""
+
+    def __init__(self, body: Iterable[bytes], ended: Callable[[], None]) -> None:
+        self.body = body
+        self._ended: Callable[[], None] | None = ended
+
+    def __iter__(self):
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            ended = self._ended
+            if ended is not None:
+                self._ended = None  # once only
+                ended()
+
+
 class GuardedThreadWorker(gthread.ThreadWorker):
     """gunicorn's threaded worker, guarded at accept and while reading heads (see the module docstring)."""
 
@@ -151,8 +229,23 @@ class GuardedThreadWorker(gthread.ThreadWorker):
         self._reading: set[GuardedConn] = set()   # heads being read by a thread
         self._lock = threading.Lock()             # guards _reading, _per_peer and deadlines across threads
         self._quiet = QuietLog(self.log)
+        self._notified = -NOTIFY_EVERY  # the first turn of the main loop tells the arbiter at once
 
     # gunicorn's worker, overridden -------------------------------------------------------------
+    def notify(self) -> None:
+        """gunicorn calls this on every turn of its main loop, several times per request, and each call
+        writes the heartbeat file's time (a syscall on /tmp). The arbiter only needs to hear once
+        within ``timeout`` (two minutes and more): once every :data:`NOTIFY_EVERY` seconds will do."""
+        now = time.monotonic()
+        if now - self._notified >= NOTIFY_EVERY:
+            self._notified = now
+            super().notify()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        app: Callable = getattr(self, "wsgi")  # noqa: B009 - set by gunicorn's untyped base class
+        self.wsgi = WholeSmallAnswers(app)
+
     def get_thread_pool(self):
         if not self.guarded:
             return super().get_thread_pool()
@@ -212,6 +305,19 @@ class GuardedThreadWorker(gthread.ThreadWorker):
             if isinstance(conn, GuardedConn):
                 conn.head_ready = False
             return super().enqueue_req(conn)
+        arrived = _peek(conn.sock)
+        if arrived == b"":
+            # the client closed a kept-alive connection (the CLI does after each answer): closed here,
+            # without waking a thread to find out
+            return self._close_ended(conn)
+        if arrived is not None and head_complete(arrived):
+            # the usual case (a kept-alive relay channel, a client that wrote its request at once): the
+            # whole head is in the kernel already, so a thread reads it without waiting; going through
+            # the gate would only cost another turn of the main loop per request
+            with self._lock:
+                conn.head_deadline = time.monotonic() + HEAD_DEADLINE
+            conn.data_ready = True  # gunicorn's thread need not wait for it with a selector of its own
+            return super().enqueue_req(conn)
         assert self._gate is not None
         fd = conn.sock.fileno()
         conn.head_deadline = time.monotonic() + HEAD_DEADLINE
@@ -251,17 +357,27 @@ class GuardedThreadWorker(gthread.ThreadWorker):
             if conn is None:
                 continue
             ended = bool(events & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR))  # no more bytes come
+            failed = False
             try:
                 head = conn.sock.recv(HEAD_PEEK, socket.MSG_PEEK | NO_WAIT)
             except BlockingIOError:
                 continue
             except OSError:
-                head, ended = b"", True  # a thread meets the same error and closes the connection as gunicorn does
+                head, ended, failed = b"", True, True  # a thread meets the same error and closes as gunicorn does
             if head and not ended and not head_complete(head) and len(head) < HEAD_PEEK:  # b"": the end
                 continue
             self._ungate(conn)
+            if not head and not failed:  # closed before a byte of a request: no thread for it
+                self._close_ended(conn)
+                continue
             conn.head_ready = True  # complete, or the end of the connection: either way no thread waits
+            conn.data_ready = True
             self.enqueue_req(conn)
+
+    def _close_ended(self, conn: GuardedConn) -> None:
+        """Close, in the main thread, a connection whose client closed it without sending a request."""
+        self.nr_conns -= 1
+        conn.close()
 
     def _ungate(self, conn: GuardedConn) -> None:
         assert self._gate is not None
@@ -327,6 +443,15 @@ def _read_ahead(conn: Any) -> bool:
         return bool(parser.unreader.buf.getvalue())
     except AttributeError:
         return True
+
+
+def _peek(sock: socket.socket) -> bytes | None:
+    """What waits in the kernel for ``sock``, left there; b"" when the client closed, None when nothing
+    has arrived yet or the socket failed (the gate and a thread handle that as they do)."""
+    try:
+        return sock.recv(HEAD_PEEK, socket.MSG_PEEK | NO_WAIT)
+    except OSError:
+        return None
 
 
 def _has_bytes(sock: socket.socket) -> bool:

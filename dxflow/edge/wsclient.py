@@ -47,7 +47,8 @@ class WebSocketClient:
 
     def handshake(self, target: str, host: str = "localhost", headers: Iterable[tuple[str, str]] = ()) -> None:
         """Send the upgrade request for ``target`` (path and query); raise :class:`HandshakeRejected` on refusal."""
-        self.sock.sendall(self.ws.send(Request(host=host, target=target, extra_headers=list(headers))))
+        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]  # wsproto's header type
+        self.sock.sendall(self.ws.send(Request(host=host, target=target, extra_headers=extra)))
         status = 0
         body = b""
         while True:

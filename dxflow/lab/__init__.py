@@ -23,6 +23,12 @@ Modules, one concern each:
 - ``daemons``  starting and stopping munged, slurmctld, slurmd and sshd
 - ``cluster``  ``up``, ``down`` and ``status`` built from the pieces above
 - ``trace``    counting a process's scheduler calls and file-system look-ups with strace (the benches')
+- ``private_master`` a lab user's master in a folder of its own, for what counts one master's work
+- ``ssh_profiles`` SSH as real sites run it, added to a running lab (``dxflow lab profile``): host
+  certificates, hostbased, MFA, two ProxyJump hops, an ``Include``, pam_slurm_adopt; docs/ssh.md
+- ``rootfs``   a cached Debian root per Slurm generation (22.05, 24.11, 26.05), built once with mmdebstrap
+- ``capture``  real output of each generation (``capture_inside`` runs in its root) kept as test fixtures
+- ``generation`` a whole lab of another Slurm generation beside the host's (``lab up --slurm``, ``lab exec``)
 """
 
 from __future__ import annotations

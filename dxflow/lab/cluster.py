@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dxflow.errors import ConfigError, SchedulerError, UsageError
 from dxflow import jobcgroup
-from dxflow.lab import cgroups, daemons, install, network, packages, procs, slurm, users
+from dxflow.lab import cgroups, daemons, install, network, packages, procs, rootfs, slurm, users
 from dxflow.lab.layout import MAX_NODES, Layout, Node
 from dxflow.lab.runner import run
 from dxflow.lab.state import LabState, load, save
@@ -29,7 +29,13 @@ def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | N
     require_root()
     if not 1 <= node_count <= MAX_NODES:
         raise UsageError(f"--nodes must be between 1 and {MAX_NODES}, not {node_count}")
-    packages.ensure_packages(install=install_packages)
+    if rootfs.inside_root():
+        # a generation's root (dxflow.lab.generation): built with its packages, and no package index here
+        missing = packages.missing_packages(rootfs.PACKAGES)
+        if missing:
+            raise UsageError(f"the Slurm root file system lacks {' '.join(missing)}; rebuild it")
+    else:
+        packages.ensure_packages(install=install_packages)
     network.check_subnet_free(layout)
     for conf in (layout.slurm_conf, layout.cgroup_conf):
         slurm.check_backup_free(conf)
@@ -80,8 +86,9 @@ def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | N
     if use_cgroups:
         for node in nodes:
             changed |= _write_node_conf(layout, node)
-    if slurm.cgroup_conf_needed():
-        changed |= slurm.write_config(layout.cgroup_conf, slurm.render_cgroup_conf(slurm.CGROUP_V2_CONF),
+    cgroup_settings = slurm.cgroup_conf_for(version, use_cgroups)
+    if cgroup_settings:
+        changed |= slurm.write_config(layout.cgroup_conf, slurm.render_cgroup_conf(cgroup_settings),
                                       state.backups)
         state.remember("files_written", str(layout.cgroup_conf))
     step()
@@ -157,7 +164,8 @@ def down(layout: Layout | None = None) -> None:
         daemons.stop_node_processes(netns)
     lab_users = state.users if state else list(layout.users)
     for name in lab_users:
-        leftovers = users.processes_of(name, containing="dxflow")
+        # a generation lab's processes show here too, from its own PID namespace: not this lab's
+        leftovers = [pid for pid in users.processes_of(name, containing="dxflow") if _same_pid_namespace(pid)]
         if leftovers:
             log.info("stopping %d dxflow process(es) of %s", len(leftovers), name)
             procs.terminate(leftovers, what=f"dxflow process of {name}")
@@ -197,6 +205,13 @@ def down(layout: Layout | None = None) -> None:
     shutil.rmtree(layout.root, ignore_errors=True)
     shutil.rmtree(layout.runtime, ignore_errors=True)
     log.info("lab is down")
+
+
+def _same_pid_namespace(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
 
 
 def _remove_agent_records(layout: Layout) -> None:
@@ -268,6 +283,8 @@ def status(layout: Layout | None = None) -> dict:
         "users": [{"name": name, "exists": users.exists(name), "created_by_lab": name in state.users_created}
                   for name in state.users] if state else [],
         "slurm_version": state.slurm_version if state else "",
+        # "22.05", "24.11": which Slurm generation this lab runs (dxflow lab up --slurm)
+        "generation": ".".join(state.slurm_version.split(".")[:2]) if state else "",
         # "per-node": Slurm runs proctrack/cgroup and task/cgroup, each node in cgroups of its own
         "cgroups": (state.cgroups or "off") if state else "off",
         "cgroups_why_not": state.cgroups_why_not if state else "",

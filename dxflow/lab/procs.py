@@ -71,11 +71,6 @@ def find_pids(match: Callable[[int], bool]) -> list[int]:
     return found
 
 
-def pids_of(program: str) -> list[int]:
-    """Live pids whose argv[0] is ``program`` (for status only, never to kill)."""
-    return find_pids(lambda pid: running_program(pid, program))
-
-
 def terminate(pids: Iterable[int], *, timeout: float = 10, what: str = "process") -> list[int]:
     """SIGTERM each pid, wait up to ``timeout``, then SIGKILL what is left.
 

@@ -19,29 +19,29 @@ class LabError(CommandError):
     exit_code = 1
 
 
-def run(argv: Sequence[str], *, check: bool = True, error: type[DxflowError] = LabError,
+def run(argv: Sequence[str | os.PathLike[str]], *, check: bool = True, error: type[DxflowError] = LabError,
         what: str | None = None, timeout: float = 120, input: str | None = None,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` and capture its output as text.
+    """Run ``argv`` (strings or paths) and capture its output as text.
 
     With ``check`` a non-zero exit raises ``error`` (``LabError`` or ``SchedulerError``;
     both carry argv, exit code, stdout and stderr). ``what`` says, in the user's words,
     what the command was for.
     """
-    argv = [str(a) for a in argv]
-    log.debug("run: %s", " ".join(argv))
+    args = [str(a) for a in argv]
+    log.debug("run: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
                               input=input, env=full_env, stdin=None if input is not None else subprocess.DEVNULL)
     except FileNotFoundError as e:
-        raise error(f"{what or 'command'} failed: {argv[0]} is not installed",
-                    argv=argv, returncode=127, stderr=str(e)) from e  # type: ignore[call-arg]
+        raise error(f"{what or 'command'} failed: {args[0]} is not installed",
+                    argv=args, returncode=127, stderr=str(e)) from e  # type: ignore[call-arg]
     except subprocess.TimeoutExpired as e:
         raise error(f"{what or 'command'} did not finish within {timeout:g} s",
-                    argv=argv, returncode=None, stdout=_text(e.stdout), stderr=_text(e.stderr)) from e  # type: ignore[call-arg]
+                    argv=args, returncode=None, stdout=_text(e.stdout), stderr=_text(e.stderr)) from e  # type: ignore[call-arg]
     if check and proc.returncode != 0:
-        raise error(f"{what or 'command'} failed", argv=argv, returncode=proc.returncode,  # type: ignore[call-arg]
+        raise error(f"{what or 'command'} failed", argv=args, returncode=proc.returncode,  # type: ignore[call-arg]
                     stdout=proc.stdout, stderr=proc.stderr)
     return proc
 

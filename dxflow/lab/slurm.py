@@ -64,6 +64,28 @@ CGROUP_V2_CONF: dict[str, str] = {
     "IgnoreSystemd": "yes",
 }
 
+# Where the nodes have no cgroups of their own: Slurm 23.02 and later load a cgroup plugin even with
+# proctrack/linuxproc and task/none, and slurmd stops on "No filesystem mounted on /sys/fs/cgroup"
+# (seen on 24.11 and 26.05 in their roots, docs/lab.md); "disabled" is 23.02's. 22.05 has no such value.
+NO_CGROUPS_CONF: list[tuple[tuple[int, int], dict[str, str]]] = [
+    ((23, 2), {"CgroupPlugin": "disabled"}),
+]
+
+
+def cgroup_conf_for(version: tuple[int, ...], use_cgroups: bool, cgroup_root: Path = Path("/sys/fs/cgroup"),
+                    systemd_dir: Path = Path("/run/systemd/system")) -> dict[str, str]:
+    """The lab's /etc/slurm/cgroup.conf settings ({} for none): per-node cgroups write their own."""
+    if use_cgroups:
+        return {}
+    if cgroup_conf_needed(cgroup_root, systemd_dir):
+        return dict(CGROUP_V2_CONF)
+    settings: dict[str, str] = {}
+    for since, extra in NO_CGROUPS_CONF:
+        if tuple(version[:2]) >= since:
+            settings.update(extra)
+    return settings
+
+
 # "planned": up, and held by the backfill scheduler for a pending job (22.05+: sinfo says so when a
 # job waits for a node that others still use).
 READY_STATES = frozenset({"idle", "mixed", "allocated", "completing", "planned"})

@@ -11,30 +11,27 @@ import importlib
 import os
 import signal
 
-from flask import Flask, Response, jsonify, request, stream_with_context
+from flask import Flask, Response, jsonify, request
 
-from dxflow import __version__
+from dxflow import __version__, audit
 from dxflow.edge import httperrors
 from dxflow.edge.http import RELAY_DROP, request_target, without_own_cookies
 from dxflow.errors import AgentUnreachable, UsageError
 from dxflow.master.fleet import Fleet
 
 CHUNK = 256 * 1024
+#: an answer at most this long (its Content-Length) is read whole before it is passed on
+SMALL_BODY = 64 * 1024
 #: modules that add to the master's app: each has ``init_app(app, fleet)``.
-EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.console", "dxflow.master.openapi")
+EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.console", "dxflow.master.openapi",
+              "dxflow.master.metrics")
 
 
 def create_app(fleet: Fleet) -> Flask:
     app = Flask("dxflow.master")
     app.config["FLEET"] = fleet
     for name in EXTENSIONS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # not shipped in this build
-            if e.name != name:
-                raise
-            continue
-        module.init_app(app, fleet)
+        importlib.import_module(name).init_app(app, fleet)
 
     @app.get("/api/master")
     def master_status():
@@ -57,6 +54,8 @@ def create_app(fleet: Fleet) -> Flask:
     @app.route("/api/fleet/<job>/<node>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     def relay(job: str, node: str, path: str):
         agent = fleet.relay_target(job, None if node == "-" else node)
+        if request.method not in ("GET", "HEAD", "OPTIONS") or path.startswith("proxy/"):  # acts, not looks
+            audit.record("relay", f"{request.method} /{path}", agent.reg, request.environ)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in RELAY_DROP}
         cookie = without_own_cookies(request.headers.get("Cookie", ""))
         if cookie and request.environ.get("dxflow.service"):  # a job's service on its own origin: its own cookies
@@ -98,12 +97,27 @@ def create_app(fleet: Fleet) -> Flask:
                 conn.close()
                 raise AgentUnreachable(f"agent {agent.name}: {e}") from e
 
+        out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in RELAY_DROP]
+        if resp.getheader("Content-Length"):
+            out_headers.append(("Content-Length", resp.getheader("Content-Length")))
+        out_headers.append(("X-Dxflow-Agent", agent.name))
+        if resp.length is not None and resp.length <= SMALL_BODY:
+            # most answers: read whole, the channel is free for the next request before this one is
+            # written back, and the answer leaves in one piece (no generator, no second write)
+            try:
+                content = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise AgentUnreachable(f"agent {agent.name}: its answer broke off: {e}") from e
+            fleet.release(agent, conn, resp.isclosed() and not resp.will_close)
+            return Response(content, status=resp.status, headers=out_headers, direct_passthrough=True)
+
         # A body of known length (a download) is passed on in full CHUNKs: fewer, larger writes
         # cost the master less CPU per byte. Anything else (SSE, NDJSON, chunked) is passed on as
         # it arrives, so live streams stay live.
         read = resp.read if resp.length is not None else resp.read1
 
-        def stream():
+        def stream():  # uses nothing of the request: no request context is kept for it
             try:
                 while True:
                     chunk = read(CHUNK)
@@ -113,12 +127,7 @@ def create_app(fleet: Fleet) -> Flask:
             finally:  # read to the end: keep the channel for the next request; else close it
                 fleet.release(agent, conn, resp.isclosed() and not resp.will_close)
 
-        out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in RELAY_DROP]
-        if resp.getheader("Content-Length"):
-            out_headers.append(("Content-Length", resp.getheader("Content-Length")))
-        out_headers.append(("X-Dxflow-Agent", agent.name))
-        return Response(stream_with_context(stream()), status=resp.status, headers=out_headers,
-                        direct_passthrough=True)
+        return Response(stream(), status=resp.status, headers=out_headers, direct_passthrough=True)
 
     httperrors.install(app, default_status=502)
     return app

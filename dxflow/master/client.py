@@ -1,4 +1,5 @@
-"""How the CLI talks to the user's master: HTTP over ``~/.dxflow/master.sock``, starting it on demand.
+"""How the CLI talks to the user's master on this login node: HTTP over its socket
+(``~/.dxflow/hosts/HOST/master.sock``, :mod:`dxflow.layout`), starting it on demand.
 
 The CLI's one way to its master: JSON calls (:meth:`MasterClient.json`), streamed requests
 (:meth:`MasterClient.request`, :meth:`MasterClient.connection`), raw sockets for the protocols that
@@ -11,7 +12,9 @@ from __future__ import annotations
 import fcntl
 import http.client
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,16 +24,32 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from dxflow.config import ensure_user_dir
 from dxflow.errors import (AccessDenied, AgentUnreachable, AuthError, DxflowError, MasterUnavailable, NotFound,
                            UsageError)
+from dxflow import __version__
+from dxflow.layout import UserLayout, this_host
+from dxflow.locks import locked
+from dxflow.procs import open_fds
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT = 15.0
-LOCK_FILE = "master.lock"  # held by the running master for its lifetime (dxflow.master.server)
-PID_FILE = "master.pid"
+#: taken (in this host's folder) by a command that restarts an older master
+UPGRADE_LOCK = "master.upgrade.lock"
 NOT_RUNNING = "the master is not running: start it with `dxflow master start`"
 #: the console's TCP port for a master started with it in its environment (``dxflow console --port``).
 PORT_ENV = "DXFLOW_CONSOLE_PORT"
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version (``0.10.2`` -> (0, 10, 2)); pre-release tags are not compared."""
+    m = re.match(r"\d+(\.\d+)*", version.strip())
+    return tuple(int(n) for n in m.group(0).split(".")) if m else ()
+
+
+def older(theirs: str, ours: str) -> bool:
+    """Whether a master of version ``theirs`` is older than this command (``ours``); an unknown one is."""
+    return release(theirs) < release(ours)
 
 
 def port_is_free(port: int) -> bool:
@@ -46,35 +65,71 @@ def port_is_free(port: int) -> bool:
         s.close()
 
 
+def _uts(pid: int | str) -> int | None:
+    """The host-name namespace of a process (an inode number), None when it cannot be read."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/uts").st_ino
+    except OSError:
+        return None
+
+
 def lock_holders(lock: Path) -> list[int]:
-    """This user's processes that have ``lock`` open: the master and its worker (and a master
-    starting, waiting for it). Read from ``/proc/PID/fd``, where only one's own processes are
-    readable: no other user's process can be among them."""
+    """This user's processes on this host that have ``lock`` open: the master and its worker (and a
+    master starting, waiting for it). Read from ``/proc/PID/fd``, where only one's own processes are
+    readable: no other user's process can be among them. A process under another host name (another
+    UTS namespace: a second login node sharing this kernel, as in the lab) is not counted either."""
     try:
         st = os.stat(lock)
     except FileNotFoundError:
         return []
-    uid, me = os.getuid(), os.getpid()
+    me, host = os.getpid(), _uts("self")
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+    for pid, fds in open_fds(os.getuid()):
+        if pid == me or _uts(pid) != host:
             continue
-        fds = f"/proc/{entry}/fd"
-        try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
-                continue
-            names = os.listdir(fds)
-        except OSError:  # gone, or not ours
-            continue
-        for name in names:
+        for fd in fds:
             try:
-                target = os.stat(f"{fds}/{name}")
+                target = os.stat(fd)
             except OSError:
                 continue
             if (target.st_dev, target.st_ino) == (st.st_dev, st.st_ino):
-                found.append(int(entry))
+                found.append(pid)
                 break
     return found
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether a master holds ``lock`` (taken and let go at once to find out)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing lets go of a lock this process took
+    return False
+
+
+def stop_lock_holders(lock: Path, timeout: float) -> bool:
+    """SIGTERM this user's processes on this host that hold ``lock`` (:func:`lock_holders`), SIGKILL
+    them after ``timeout``; True once the lock is free, False if nobody held it."""
+    if not lock_held(lock):
+        return False
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for pid in lock_holders(lock):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not lock_held(lock):
+                return True
+            time.sleep(0.05)
+    return not lock_held(lock)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -90,9 +145,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class MasterClient:
-    def __init__(self, base: Path | None = None) -> None:
-        self.base = base or ensure_user_dir()
-        self.sock = self.base / "master.sock"
+    """The user's master on this host (``host``, default this one) for the ``~/.dxflow`` folder
+    ``base`` (default the user's own)."""
+
+    def __init__(self, base: Path | None = None, host: str | None = None) -> None:
+        self.layout = (UserLayout(base, host or this_host()) if base is not None else UserLayout.of(host=host)).ensure()
+        self.base = self.layout.base
+        self.sock = self.layout.master_sock
 
     # -- lifecycle ------------------------------------------------------------
     def running(self) -> bool:
@@ -116,60 +175,89 @@ class MasterClient:
             if not port_is_free(console_port):
                 raise UsageError(f"port {console_port} on 127.0.0.1 is taken: choose another or leave it out")
             env[PORT_ENV] = str(console_port)
-        log = open(self.base / "logs" / "master.log", "ab")
-        subprocess.Popen([sys.executable, "-m", "dxflow.master"], stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=log, start_new_session=True, close_fds=True, cwd=str(self.base), env=env)
-        log.close()
+        self.stop_legacy()
+        out = os.open(self.layout.master_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            subprocess.Popen([sys.executable, "-m", "dxflow.master"], stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=out, start_new_session=True, close_fds=True, cwd=str(self.base), env=env)
+        finally:
+            os.close(out)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             time.sleep(0.1)
             if self.running():
                 return int(self.json("GET", "/api/master")["pid"])
         raise MasterUnavailable(f"the master did not start within {START_TIMEOUT:.0f} s; "
-                                f"see {self.base / 'logs' / 'master.log'}")
+                                f"see {self.layout.master_log}")
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Stop the master; False if none was running.
+        """Stop this host's master (and one of the old layout, :meth:`stop_legacy`); False if none ran.
 
         Decided by the master's lock, not its pid file: a pid file left by a killed master may name
-        a process that has since taken the pid, or a zombie. Only processes of this user that hold
-        ``master.lock`` open (the master, its worker) are signalled; the master is gone when the
-        lock is free."""
-        pidfile = self.base / PID_FILE
-        if not self.lock_held():
-            pidfile.unlink(missing_ok=True)  # stale: nobody holds the lock
+        a process that has since taken the pid, or a zombie. Only processes of this user on this
+        host that hold the lock open (the master, its worker) are signalled; the master is gone
+        when the lock is free. The lock is this host's own (``hosts/HOST/master.lock``): a master
+        on another login node sharing the home is never looked at."""
+        stopped = stop_lock_holders(self.layout.master_lock, timeout)
+        if not stopped:
+            self.layout.master_pid.unlink(missing_ok=True)  # stale: nobody holds the lock
+        return self.stop_legacy(timeout) or stopped
+
+    def stop_legacy(self, timeout: float = 10.0) -> bool:
+        """Stop a master of an older dxflow, which kept its files directly in ``~/.dxflow``, when it
+        runs on this host; then move its console port to this host's folder and remove the rest. True if one was stopped. One that runs on another login node (its lock
+        held, by no process here) is left alone, and the user is told where to stop it."""
+        legacy = self.layout.legacy
+        if not any(path.exists() for path in legacy.leftovers):
             return False
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            for pid in lock_holders(self.base / LOCK_FILE):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if not self.lock_held():
-                    return True
-                time.sleep(0.05)
-        return not self.lock_held()
+        stopped = False
+        if lock_held(legacy.master_lock):
+            if not lock_holders(legacy.master_lock):
+                log.warning("a master of an older dxflow runs on another login node (it holds %s): run "
+                            "`dxflow master stop` there", legacy.master_lock)
+                return False
+            stopped = stop_lock_holders(legacy.master_lock, timeout)
+            if not stopped:
+                return False
+        if legacy.console_state.exists() and not self.layout.console_state.exists():
+            os.replace(legacy.console_state, self.layout.console_state)  # the laptop's `ssh -L` keeps working
+        for path in legacy.leftovers:
+            path.unlink(missing_ok=True)
+        return stopped
 
     def lock_held(self) -> bool:
-        """Whether a master holds ``master.lock`` (taken and let go at once to find out)."""
-        try:
-            fd = os.open(self.base / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing lets go of a lock this process took
-        return False
+        """Whether this host's master holds its lock."""
+        return lock_held(self.layout.master_lock)
 
     def ensure(self) -> "MasterClient":
-        if not self.running():
+        """This host's master, started if none answers, restarted if it is older than this command."""
+        info = self.info()
+        if info is None:
             self.start()
+        elif older(str(info.get("version", "")), __version__):
+            self.replace_older()
         return self
+
+    # -- versions (issue #10: upgrades) -------------------------------------------
+    def info(self) -> dict | None:
+        """The running master's ``/api/master`` answer (pid, version, ...), None when none answers."""
+        try:
+            return self.json("GET", "/api/master", timeout=5)
+        except (OSError, ValueError, DxflowError):
+            return None
+
+    def replace_older(self) -> None:
+        """Restart a master older than this command (dxflow was upgraded while it ran): under a lock, so
+        that two commands at once restart it once; asked again once the lock is held; stopped through
+        its own lock (:meth:`stop`: only this user's processes on this host that hold it), then started
+        from this release. The agents need nothing: they keep running and are found again."""
+        with locked(self.layout.host_dir / UPGRADE_LOCK, START_TIMEOUT) as held:
+            info = self.info()
+            if held and info is not None and older(str(info.get("version", "")), __version__):
+                log.warning("the master runs dxflow %s, this command is %s: restarting it", info.get("version"),
+                            __version__)
+                self.stop()
+        self.start()  # a no-op when a master answers (another command restarted it)
 
     # -- requests -------------------------------------------------------------
     def socket(self, timeout: float | None = 60.0) -> socket.socket:

@@ -2,8 +2,9 @@
 of their own — under the console policy of :mod:`dxflow.edge.session`.
 
 The master's app answers on three listeners. The CLI's Unix socket (``master.sock``, 0600 in the
-user's 0700 ``~/.dxflow``) is trusted as it is. The console's TCP port on 127.0.0.1 and its Unix socket
-(``console.sock``, for ``ssh -L PORT:~/.dxflow/console.sock`` from a laptop) are for browsers: the
+user's 0700 ``~/.dxflow/hosts/HOST``, :mod:`dxflow.layout`) is trusted as it is. The console's TCP port
+on 127.0.0.1 and its Unix socket (``console.sock``, for ``ssh -L PORT:~/.dxflow/hosts/HOST/console.sock``
+from a laptop) are for browsers: the
 server refuses connections of any other user at accept (:mod:`dxflow.edge.worker`), and every request
 there goes through :class:`~dxflow.edge.session.ConsoleGuard` (a live session, CSRF, Host and Origin
 checks, security headers). Sessions live in the master's memory: logout, an idle hour, 12 hours, or a
@@ -26,12 +27,14 @@ import threading
 import time
 from pathlib import Path
 
+import werkzeug.wrappers
 from flask import Flask, Response, abort, jsonify, redirect, request, send_from_directory
 
 from dxflow import __version__
 from dxflow.edge.session import (CSRF_HEADER, ConsoleGuard, ConsolePolicy, Sessions, alert, hostname, html_page,
                                  service_label, service_url, set_session_cookie)
 from dxflow.errors import DxflowError
+from dxflow.layout import UserLayout
 from dxflow.master.client import PORT_ENV, port_is_free
 from dxflow.edge.webfiles import web_root
 
@@ -43,9 +46,6 @@ LOGIN_TOKEN_LIFETIME = 300
 PUBLIC_PATHS = frozenset({"/login", "/console/style.css", "/console/favicon.svg"})
 #: the relay to a job's services: never on the console's origin for a browser (their own origins instead).
 PROXY_PATHS = re.compile(r"^/api/fleet/[^/]+/[^/]+/proxy(/|$)")
-STATE_FILE = "console.json"
-CLI_SOCKET = "master.sock"
-CONSOLE_SOCKET = "console.sock"
 PORT_WAIT = 2.0  # seconds to wait for the remembered port to be free again
 
 
@@ -59,14 +59,14 @@ def free_port() -> int:
         s.close()
 
 
-def saved_port(base: Path) -> int | None:
+def saved_port(layout: UserLayout) -> int | None:
     try:
-        return int(json.loads((base / STATE_FILE).read_text())["port"])
+        return int(json.loads(layout.console_state.read_text())["port"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def console_port(base: Path) -> int:
+def console_port(layout: UserLayout) -> int:
     """The port the master's console is to listen on: ``$DXFLOW_CONSOLE_PORT``, else the one used
     last time (so a laptop's ``ssh -L`` keeps working), else a free one. The server remembers it
     with :func:`remember_port` once it listens there."""
@@ -77,7 +77,7 @@ def console_port(base: Path) -> int:
             port = int(wanted)
         except ValueError:
             log.warning("%s=%r is not a port number: choosing a free port", PORT_ENV, wanted)
-    port = port or saved_port(base)
+    port = port or saved_port(layout)
     if port and 0 < port < 65536:
         deadline = time.monotonic() + PORT_WAIT  # a master that is stopping may hold it a moment longer
         while not port_is_free(port) and time.monotonic() < deadline:
@@ -89,21 +89,22 @@ def console_port(base: Path) -> int:
     return port
 
 
-def remember_port(base: Path, port: int) -> None:
+def remember_port(layout: UserLayout, port: int) -> None:
     """Write console.json: the port the running master's console listens on."""
-    tmp = base / f".{STATE_FILE}.{os.getpid()}"
+    state = layout.console_state
+    tmp = state.with_name(f".{state.name}.{os.getpid()}")
     tmp.write_text(json.dumps({"port": port}) + "\n")
-    os.replace(tmp, base / STATE_FILE)
+    os.replace(tmp, state)
 
 
 # -- the policy's parameters ----------------------------------------------------------------------
-def cli_socket_request(base: Path):
+def cli_socket_request(cli_socket: Path):
     """A predicate: the request came in on the CLI's own Unix socket (trusted: only the user reaches it)."""
-    path = str(base / CLI_SOCKET)
+    path = str(cli_socket)
 
     def trusted(environ: dict) -> bool:
         sock = environ.get("gunicorn.socket")
-        if getattr(sock, "family", None) != socket.AF_UNIX:
+        if sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
             return False
         try:
             return sock.getsockname() == path  # the listener's path: master.sock or console.sock
@@ -131,7 +132,7 @@ class ServiceTable:
 
 
 # -- the pages ----------------------------------------------------------------------
-def login_page(error: str = "", status: int = 200) -> Response:
+def login_page(error: str = "", status: int = 200) -> werkzeug.wrappers.Response:
     body = (f"<p>Run <code>dxflow console</code> on the login node and open the link it prints, or paste its "
             f"token here. A token works once, within {LOGIN_TOKEN_LIFETIME // 60} minutes.</p>\n{alert(error)}\n"
             '<form method="post" action="/login" autocomplete="off"><label for="token">Token</label>'
@@ -151,13 +152,13 @@ def init_app(app: Flask, fleet) -> None:
     services = ServiceTable()
     app.config["CONSOLE_SESSIONS"] = sessions
     policy = ConsolePolicy(cookie=COOKIE, public_paths=PUBLIC_PATHS, proxy_prefix=PROXY_PATHS,
-                           service_prefix=services.prefix, trusted=cli_socket_request(fleet.base))
+                           service_prefix=services.prefix, trusted=cli_socket_request(fleet.layout.master_sock))
     app.wsgi_app = ConsoleGuard(app.wsgi_app, sessions, policy)  # type: ignore[method-assign]
 
     def trusted() -> bool:
         return bool(request.environ.get("dxflow.console.trusted"))
 
-    def log_in(token: str) -> Response:
+    def log_in(token: str) -> werkzeug.wrappers.Response:
         if not sessions.redeem(token):
             return login_page("This token is not valid: it expired, was already used, or belongs to a "
                               "master that has restarted. Run `dxflow console` for a new link.", 403)
@@ -233,11 +234,12 @@ def init_app(app: Flask, fleet) -> None:
         if not port:
             abort(503, "this master does not listen on TCP: restart it (`dxflow master stop`)")
         token, expires = sessions.new_login_token(LOGIN_TOKEN_LIFETIME)
-        return jsonify(token=token, expires=expires, port=port, socket=str(fleet.base / CONSOLE_SOCKET),
+        return jsonify(token=token, expires=expires, port=port, socket=str(fleet.layout.console_sock),
+                       host=fleet.layout.host,
                        url=f"http://127.0.0.1:{port}/login?token={token}")
 
     @app.get("/api/console")
     def console_status():
         port = app.config.get("CONSOLE_PORT")
-        return jsonify(port=port, socket=str(fleet.base / CONSOLE_SOCKET),
+        return jsonify(port=port, socket=str(fleet.layout.console_sock), host=fleet.layout.host,
                        url=f"http://127.0.0.1:{port}/console/" if port else None)

@@ -35,22 +35,26 @@ from typing import Callable
 from dxflow import registration
 from dxflow.auth import check_challenge, fingerprint, mint_token, user_key
 from dxflow.config import SiteConfig
+from dxflow.edge.channelhttp import TunnelHTTPConnection
 from dxflow.errors import AgentLost, AgentStarting, AgentUnreachable, ConfigError, DxflowError, NotFound, SchedulerError
+from dxflow.layout import UserLayout, this_host
 from dxflow.master import heartbeat, listeners
+from dxflow.master.agentconn import AgentConnection, KeptConnections
 from dxflow.master.heartbeat import Heartbeats, Key
 from dxflow.master.pace import AskPolicy, Backoff, Clients, FolderWatch
 from dxflow.master.registry import METRICS_FRESH, Agent, Registry
-from dxflow.master.tunnels import TunnelHTTPConnection, TunnelPool
-from dxflow.schedulers import JobInfo, JobState, get_scheduler
+from dxflow.master.tunnels import TunnelPool
+from dxflow.schedulers import JobInfo, JobState, get_scheduler, has_controller
 from dxflow.schedulers.base import QUERY_BUDGET
 
 log = logging.getLogger(__name__)
 
-HEALTH_INTERVAL = 30.0     # ready agents are pinged this often
+#: a ready agent is checked again (identity challenge, /api/node) this rarely: its heartbeat stream already
+#: says at once when it dies, and asks for a check when it goes silent; each check costs the agent an RSA
+#: signature and the master two requests, per agent (issue #11: idle CPU that grows with the fleet)
+HEALTH_INTERVAL = 300.0
 LOST_RETRY = 2.0           # unreachable agents are retried this often
 GONE_KEEP = 600.0          # rows of gone agents are kept this long for `dxflow ls --all`
-IDLE_KEEP = 20.0           # idle kept-alive connections to agents are dropped after this (agents keep 30 s)
-IDLE_PER_AGENT = 8         # at most this many idle kept-alive connections per agent
 VERIFY_WAIT = 5.0          # a request waits this long at most for a check of its agent already under way
 METRICS_WAIT = 2.0         # `dxflow ls` waits this long at most for stale node metrics to be read again
 
@@ -60,45 +64,6 @@ Ident = tuple[str, int, int, str]
 
 def ident(agent: Agent) -> Ident:
     return agent.reg.address, agent.reg.port, agent.reg.pid, agent.reg.public_key
-
-
-class AgentConnection(TunnelHTTPConnection):
-    """A relay's connection to an agent, on the transport its check passed on; a port that refuses
-    or a connection closed before its first answer marks the agent lost."""
-
-    def __init__(self, fleet: Fleet, agent: Agent, generation: int, timeout: float) -> None:
-        super().__init__(fleet.pool, agent.reg.address, agent.reg.port, timeout=timeout, generation=generation)
-        self._fleet = fleet
-        self._agent = agent
-        self.answered = False
-
-    def connect(self) -> None:
-        try:
-            super().connect()
-        except AgentUnreachable as e:
-            if self._fleet.pool.generation(self._agent.reg.address) == self.generation:  # the tunnel is fine
-                self._fleet.lose(self._agent, f"agent stopped: its port refused the connection ({e})")
-            else:
-                self._fleet.forget(self._agent)
-            raise
-
-    def send(self, data) -> None:  # type: ignore[override]
-        try:
-            super().send(data)
-        except EOFError as e:  # paramiko's word for a transport that closed under a request body
-            raise ConnectionResetError(f"the tunnel to {self._agent.reg.node} closed") from e
-
-    def getresponse(self):  # type: ignore[override]
-        try:
-            resp = super().getresponse()
-        except TimeoutError:  # slow is not lost: the heartbeat says whether it lives
-            raise
-        except (OSError, http.client.HTTPException) as e:
-            if not self.answered:
-                self._fleet.lose(self._agent, f"agent stopped: it closed a connection without answering ({e})")
-            raise
-        self.answered = True
-        return resp
 
 
 def site_config() -> SiteConfig:
@@ -112,11 +77,12 @@ def site_config() -> SiteConfig:
 
 class Fleet:
     def __init__(self, base: Path, user: str, pool: TunnelPool | None = None, site: SiteConfig | None = None,
-                 ) -> None:
+                 host: str | None = None) -> None:
         self.base = base
-        self.fleet_dir = base / "fleet"
+        self.layout = UserLayout(base, host or this_host()).ensure()  # the registry is this login node's
+        self.fleet_dir = self.layout.fleet_dir
         self.user = user
-        self.registry = Registry(base / "fleet.db")
+        self.registry = Registry(self.layout.fleet_db)
         self.pool = pool or TunnelPool()
         self.key = user_key(base)
         self._tokens: dict[str, tuple[float, str]] = {}
@@ -135,7 +101,7 @@ class Fleet:
         self._checks = ThreadPoolExecutor(max_workers=16, thread_name_prefix="agent-check")
         self._checking: set[str] = set()
         self._lock = threading.Lock()
-        self._idle: dict[str, list[tuple[TunnelHTTPConnection, float]]] = {}
+        self._kept = KeptConnections()
         self._read_cache: dict = {}
         self.uid = os.getuid()
         self._verified: dict[str, tuple[Ident, int]] = {}   # agent name -> what its check proved, generation
@@ -171,29 +137,14 @@ class Fleet:
         """
         if self.verified(agent) is None:
             raise AgentLost(f"agent lost: {agent.name} is not checked on the tunnel in use")
-        now = time.monotonic()
-        with self._lock:
-            idle = self._idle.get(agent.name, [])
-            while idle:
-                conn, since = idle.pop()
-                if now - since < IDLE_KEEP and conn.sock is not None:
-                    conn.timeout = timeout
-                    conn.sock.settimeout(timeout)
-                    return conn, True
-                conn.close()
+        conn = self._kept.take(agent.name, timeout)
+        if conn is not None:
+            return conn, True
         return self.connection(agent, timeout), False
 
     def release(self, agent: Agent, conn: TunnelHTTPConnection, reusable: bool) -> None:
         """Keep the connection for the next request when its response was read to the end."""
-        if not reusable or conn.sock is None:
-            conn.close()
-            return
-        with self._lock:
-            idle = self._idle.setdefault(agent.name, [])
-            if len(idle) < IDLE_PER_AGENT:
-                idle.append((conn, time.monotonic()))
-                return
-        conn.close()
+        self._kept.keep(agent.name, conn, reusable)
 
     def ask(self, agent: Agent, path: str, timeout: float = 15.0, generation: int | None = None) -> tuple[int, dict]:
         """GET ``path`` from the agent: (HTTP status, its JSON answer); AgentUnreachable if it cannot be asked."""
@@ -260,6 +211,8 @@ class Fleet:
                 current = self.registry.get(agent.name) or current
             if current.state == "ready" and self.verified(current) is not None:
                 return current
+            if current.state == "incompatible":
+                raise AgentUnreachable(f"agent {current.name} is incompatible: {current.detail}")
             raise AgentLost(f"agent lost: {current.name}: {current.detail or current.state}")
         finally:
             lock.release()
@@ -272,7 +225,9 @@ class Fleet:
         if entry is None or entry[0] != ident(agent):
             return None
         gen = entry[1]
-        if self.pool.generation(agent.reg.address) != gen or self.heartbeats.generation(entry[0][:2]) != gen:
+        # the connection the agent's job uses on its node (one per job under pam_slurm_adopt: docs/ssh.md)
+        if (self.pool.generation(agent.reg.address, job=agent.reg.job) != gen
+                or self.heartbeats.generation(entry[0][:2]) != gen):
             return None
         return gen
 
@@ -288,11 +243,9 @@ class Fleet:
         """Drop what was proven about the agent: it must be checked again before anything is sent to it."""
         with self._lock:
             self._verified.pop(agent.name, None)
-            idle = self._idle.pop(agent.name, [])
             key = (agent.reg.address, agent.reg.port)
             shared = any(v[0][:2] == key for v in self._verified.values())
-        for conn, _ in idle:
-            conn.close()
+        self._kept.drop(agent.name)
         if not shared:
             self.heartbeats.drop(key)
 
@@ -364,8 +317,8 @@ class Fleet:
             # an answer older than the registration tells nothing about it: it waits for the next one
             known = (agent.reg.scheduler in jobs and
                      self._ask(agent.reg.scheduler).asked_at_wall >= self._seen_at.get(agent.name, 0.0))
-            if known and agent.reg.scheduler != "local" and (info is None or info.state in (JobState.ENDED,
-                                                                                          JobState.ENDING)):
+            if known and has_controller(agent.reg.scheduler) and (info is None or info.state in (JobState.ENDED,
+                                                                                                 JobState.ENDING)):
                 self._gone(agent, "job ended" if info is None else f"job {info.state.value}")
                 continue
             if known and info is not None and info.nodes and agent.reg.node not in info.nodes:
@@ -420,7 +373,7 @@ class Fleet:
                 wait = min(wait, self._scan.low)
             elif agent.name not in checking:
                 wait = min(wait, max(self._scan.low, agent.checked + self._check_wait(agent) - now))
-        for name in {a.reg.scheduler for a in agents} - {"local"}:
+        for name in {a.reg.scheduler for a in agents if has_controller(a.reg.scheduler)}:
             wait = min(wait, max(self._scan.low, self._ask(name).wait()))
         if self.site.master_idle_exit > 0 and not self._live(agents):
             wait = min(wait, max(self._scan.low, self.site.master_idle_exit - self.clients.idle_for()))
@@ -455,7 +408,7 @@ class Fleet:
     def _scheduler_jobs(self, names: set[str]) -> dict[str, dict[str, JobInfo]]:
         """Each scheduler's jobs of this user: asked (one filtered query) when its policy says so, and
         within the process's cap; otherwise the last answer."""
-        for name in names - {"local"}:
+        for name in filter(has_controller, names):
             policy = self._ask(name)
             if not policy.due() or not QUERY_BUDGET.available():
                 continue
@@ -488,11 +441,16 @@ class Fleet:
     def _check_locked(self, agent: Agent) -> None:
         """Check the agent (its lock held): on a transport where it is not proven yet, the port's owner
         first, then its signature of a fresh challenge, then its heartbeat stream; lost if any fails."""
+        why = agent.reg.incompatibility()
+        if why:  # another agent API (dxflow upgraded while the job ran): shown as such, never contacted
+            self.forget(agent)
+            self.registry.set_state(agent.name, "incompatible", why)
+            return
         try:
             proven = gen = self.verified(agent)
             if gen is None:
                 self.forget(agent)
-                gen = self.pool.connect(agent.reg.address)
+                gen = self.pool.connect(agent.reg.address, job=agent.reg.job)
                 why = listeners.refusal_on(self.pool, agent.reg.address, agent.reg.port, self.uid,
                                            agent.reg.node, gen)
                 if why:
@@ -513,7 +471,9 @@ class Fleet:
                 self.heartbeats.add(key, stream, gen)
             with self._lock:
                 self._verified[agent.name] = (ident(agent), gen)
-            self.registry.set_state(agent.name, "ready", "", node_info=info)
+            # "" but where the agent borrows another job's connection, which ends with that job
+            self.registry.set_state(agent.name, "ready", self.pool.note(agent.reg.address, agent.reg.job, gen),
+                                    node_info=info)
         except DxflowError as e:
             self.lose(agent, str(e))
         except Exception as e:  # noqa: BLE001
@@ -536,9 +496,11 @@ class Fleet:
         """Read ``/api/node`` again of every ready, proven agent whose metrics are older than METRICS_FRESH,
         all at once; what is not answered within ``wait`` keeps its old reading (and its age says so)."""
         now = time.time()
-        stale = [a for a in self.registry.all()
-                 if a.state == "ready" and (a.metrics_age(now) is None or a.metrics_age(now) > METRICS_FRESH)
-                 and self.verified(a) is not None]
+
+        def old(agent: Agent) -> bool:
+            age = agent.metrics_age(now)
+            return age is None or age > METRICS_FRESH
+        stale = [a for a in self.registry.all() if a.state == "ready" and old(a) and self.verified(a) is not None]
         if not stale:
             return
         done = [self._checks.submit(self._read_metrics, a, wait) for a in stale]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+from dxflow import audit
 from dxflow.edge.http import FORWARD_UPGRADE, Hijacked
 from dxflow.edge.pipes import pipe
 
@@ -52,6 +53,7 @@ def init_app(app, fleet) -> None:
         if sock is None:
             return jsonify(error="bad_request", message="this server cannot hand over connections"), 400
         chan = open_channel(fleet, agent, info["connect"], port)
+        audit.record("forward", f"port {port}", agent.reg, request.environ, port=port, connect=info["connect"])
         try:
             sock.sendall(f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE}\r\n"
                          f"X-Dxflow-Agent: {agent.name}\r\n\r\n".encode())

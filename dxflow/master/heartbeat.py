@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]   # (node address, agent port)
 Stream = Union[paramiko.Channel, socket.socket]
 
-#: the agent writes every 5 s (``dxflow.agent.health.BEAT_EVERY``); this long without a byte is "silent".
-SILENT = 30.0
+#: the agent writes every 15 s (``dxflow.agent.health.BEAT_EVERY``); this long without a byte is "silent".
+SILENT = 50.0
 SCAN_EVERY = 5.0
 CHUNK = 4096
 OPEN_TIMEOUT = 15.0

@@ -44,6 +44,28 @@ PATHS = {
                       "403": {"description": "not the user's port", **_ERR},
                       "404": {"description": "no such agent, or nothing listens", **_ERR},
                       "502": {"description": "the agent cannot be reached, or is lost", **_ERR}}}},
+    "/api/metrics/{job}": {"get": {
+        "summary": "a job's usage over its life, every node merged (docs/metrics.md)", "operationId": "jobMetrics",
+        "tags": ["metrics"],
+        "parameters": [_JOB,
+                       {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "a duration back (10m, 90s, 2h) or an epoch time"},
+                       {"name": "node", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "nodes to keep, comma-separated"}],
+        "responses": {"200": {"description": "one series per node, and the nodes that did not answer", **_JSON_OBJECT},
+                      "400": {"description": "bad since", **_ERR},
+                      "404": {"description": "no agent of that job", **_ERR}}}},
+    "/api/report/{job}": {"get": {
+        "summary": "a job's efficiency report (written to ~/.dxflow/reports/JOB.json as well)",
+        "operationId": "jobReport", "tags": ["metrics"], "parameters": [_JOB],
+        "responses": {"200": {"description": "the report", **_JSON_OBJECT},
+                      "400": {"description": "not a job id", **_ERR},
+                      "404": {"description": "no report and no agent of that job", **_ERR}}}},
+    "/metrics": {"get": {
+        "summary": "the live per-job series of the user's agents, Prometheus text format",
+        "operationId": "prometheus", "tags": ["metrics"],
+        "responses": {"200": {"description": "text/plain; version=0.0.4",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     "/api/openapi.json": {"get": {"summary": "this document", "operationId": "openapi", "tags": ["master"],
                                   "responses": {"200": {"description": "OpenAPI 3 document", **_JSON_OBJECT}}}},
 }

@@ -1,4 +1,5 @@
-"""The fleet kept in SQLite (``~/.dxflow/fleet.db``), so a restarted master loses nothing.
+"""The fleet kept in SQLite (``~/.dxflow/hosts/HOST/fleet.db``: each login node's master its own),
+so a restarted master loses nothing.
 
 An agent's node metrics (load, CPU, memory) carry the time they were read (``metrics_at``):
 its answer says how old they are, and calls them fresh only while its agent is ready and they
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from dxflow.registration import Registration
 
-STATES = ("starting", "ready", "lost", "gone")
+STATES = ("starting", "ready", "lost", "incompatible", "gone")
 METRICS_FRESH = 5.0  # seconds node metrics count as current (issue #9: `dxflow ls` shows nothing older as such)
 
 SCHEMA = """

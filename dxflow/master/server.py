@@ -1,8 +1,10 @@
-"""Run the user's master under gunicorn: ``~/.dxflow/master.sock`` for the CLI, and for the web
-console ``~/.dxflow/console.sock`` and a TCP port on 127.0.0.1.
+"""Run the user's master on this login node under gunicorn: ``master.sock`` for the CLI, and for
+the web console ``console.sock`` and a TCP port on 127.0.0.1.
 
-One worker with threads holds the fleet (tunnels, registry, watcher); the sockets
-live in ``~/.dxflow`` (0700) and are themselves 0600, so only the user reaches them.
+One master per user and login node. One worker with threads holds the fleet (tunnels, registry,
+watcher); its files are this host's (``~/.dxflow/hosts/HOST/``, :mod:`dxflow.layout`): the sockets
+live in that 0700 folder and are themselves 0600, so only the user reaches them, and a master on
+another login node sharing the home never touches them.
 The TCP port can be reached by every user of the login node: the worker
 (:mod:`dxflow.edge.worker`) closes connections of other users at accept, and the
 console's guard (:mod:`dxflow.master.console`) wants a session on every request.
@@ -18,28 +20,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from gunicorn.app.base import BaseApplication
 
-from dxflow.config import ensure_user_dir
+from dxflow.edge.worker import ClosingBody
+from dxflow.layout import UserLayout, this_host
+
+if TYPE_CHECKING:  # for the annotation only: load() imports it when the worker loads the app
+    from dxflow.master.fleet import Fleet
 
 log = logging.getLogger("dxflow.master")
 
 #: Seconds a master being started waits for the lock of one that is stopping (its idle exit).
 STOPPING_WAIT = 5.0
-
-
-def socket_path(base: Path) -> Path:
-    from dxflow.master.console import CLI_SOCKET
-
-    return base / CLI_SOCKET
-
-
-def console_socket_path(base: Path) -> Path:
-    from dxflow.master.console import CONSOLE_SOCKET
-
-    return base / CONSOLE_SOCKET
 
 
 class ClientActivity:
@@ -58,48 +52,30 @@ class ClientActivity:
         except BaseException:
             self.clients.ended()
             raise
-        return _Answer(body, self.clients.ended)
-
-
-class _Answer:
-    """A response body that reports its end once, when the server closes it."""
-
-    def __init__(self, body: Iterable[bytes], ended: Callable[[], None]) -> None:
-        self.body = body
-        self._ended: Callable[[], None] | None = ended
-
-    def __iter__(self):
-        return iter(self.body)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if self._ended is not None:
-                self._ended, ended = None, self._ended
-                ended()
+        return ClosingBody(body, self.clients.ended)
 
 
 class MasterServer(BaseApplication):
-    def __init__(self, base: Path, threads: int = 64) -> None:
+    """The master of the ``~/.dxflow`` folder ``base`` on ``host`` (default: this one)."""
+
+    def __init__(self, base: Path, threads: int = 64, host: str | None = None) -> None:
         self.base = base
+        self.layout = UserLayout(base, host or this_host()).ensure()
         self.threads = threads
-        self.fleet = None
+        self.fleet: Fleet | None = None
         self.console_port = 0
         super().__init__()
 
     def load_config(self) -> None:
         from dxflow.master.console import console_port
 
-        self.console_port = console_port(self.base)
+        self.console_port = console_port(self.layout)
         settings = {
-            "bind": [f"unix:{socket_path(self.base)}", f"unix:{console_socket_path(self.base)}",
+            "bind": [f"unix:{self.layout.master_sock}", f"unix:{self.layout.console_sock}",
                      f"127.0.0.1:{self.console_port}"],
             "workers": 1, "control_socket_disable": True, "worker_class": "dxflow.edge.worker.GuardedThreadWorker",
             "threads": self.threads, "timeout": 300, "graceful_timeout": 3, "umask": 0o077,
-            "pidfile": str(self.base / "master.pid"), "errorlog": str(self.base / "logs" / "master.log"),
+            "pidfile": str(self.layout.master_pid), "errorlog": str(self.layout.master_log),
             "loglevel": "info", "proc_name": "dxflow-master", "post_worker_init": self._post_worker_init,
             "worker_exit": self._worker_exit, "when_ready": self._when_ready,
         }
@@ -113,20 +89,21 @@ class MasterServer(BaseApplication):
 
         from dxflow.schedulers.base import QUERY_BUDGET
 
-        self.fleet = Fleet(self.base, getpass.getuser())
+        self.fleet = Fleet(self.base, getpass.getuser(), host=self.layout.host)
         QUERY_BUDGET.resize(self.fleet.site.controller_queries_per_minute)  # this master's every query counts
         app = create_app(self.fleet)
-        app.wsgi_app = ClientActivity(app.wsgi_app, self.fleet.clients)  # type: ignore[method-assign]
+        app.wsgi_app = ClientActivity(app.wsgi_app, self.fleet.clients)
         app.config["CONSOLE_PORT"] = self.console_port
         return app
 
     def _when_ready(self, server) -> None:
         from dxflow.master.console import remember_port
 
-        remember_port(self.base, self.console_port)  # listening now: the next start reuses it
+        remember_port(self.layout, self.console_port)  # listening now: the next start reuses it
 
     def _post_worker_init(self, worker) -> None:
         # idle (no live agent, no client for master_idle_exit s): the arbiter stops, as on `master stop`
+        assert self.fleet is not None  # load() made it, before any worker started
         self.fleet.on_idle = lambda: os.kill(os.getppid(), signal.SIGTERM)
         self.fleet.start()
 
@@ -136,16 +113,16 @@ class MasterServer(BaseApplication):
 
 
 def serve() -> int:
-    base = ensure_user_dir()
-    log_path = base / "logs" / "master.log"
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.umask(0o077)  # every file of the master (registry, console state, pid file) is the user's alone
+    layout = UserLayout.of().ensure()
+    fd = os.open(layout.master_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [master] %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    # One master per user: the lock is held for the master's lifetime (the arbiter keeps the fd).
-    lock = os.open(base / "master.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    # One master per user and host: the lock is held for the master's lifetime (the arbiter keeps the fd).
+    lock = os.open(layout.master_lock, os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + STOPPING_WAIT
     while True:  # a master that is exiting (idle) holds it a moment longer: this one takes over then
         try:
@@ -153,13 +130,13 @@ def serve() -> int:
             break
         except BlockingIOError:
             if time.monotonic() > deadline:
-                log.info("another master of this user is running: nothing to do")
+                log.info("another master of this user is running on this host: nothing to do")
                 return 0
             time.sleep(0.2)
-    for stale in (socket_path(base), console_socket_path(base)):  # left by a master that died: no one holds the lock
+    for stale in (layout.master_sock, layout.console_sock):  # left by a master that died: no one holds the lock
         stale.unlink(missing_ok=True)
     # The lock, not the pid file, says whether a master runs: a SIGKILLed one leaves its pid file,
     # whose pid may now be a zombie or another process, and gunicorn would refuse to start over it.
-    (base / "master.pid").unlink(missing_ok=True)
-    MasterServer(base).run()
+    layout.master_pid.unlink(missing_ok=True)
+    MasterServer(layout.base, host=layout.host).run()
     return 0

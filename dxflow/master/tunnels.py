@@ -1,106 +1,52 @@
-"""One paramiko transport per node, reused by every request to that node's agents.
+"""One paramiko transport per node (per job where ``pam_slurm_adopt`` adopts logins: :mod:`dxflow.ssh.adoption`),
+reused by every request to that node's agents.
 
-Connections follow the user's ``~/.ssh/config`` (HostName, User, Port,
-IdentityFile, ProxyJump), use the user's keys and ssh-agent, check host keys
-against the system and user ``known_hosts`` (unknown hosts are refused), send
-keepalives, and reconnect with backoff after a failure.
+Connections follow the user's SSH settings as OpenSSH resolves them (``ssh -G``,
+:mod:`dxflow.ssh.options`: ``/etc/ssh/ssh_config``, ``Include``, ``Match``, every ``ProxyJump``
+hop), use the user's keys and ssh-agent, check host keys against the system and user
+``known_hosts`` (unknown hosts are refused; ``@revoked`` keys too), send keepalives (the login:
+:mod:`dxflow.ssh.paramiko_login`), and reconnect with backoff after a failure. A node paramiko cannot reach as the user's OpenSSH would (host
+certificates, hostbased, GSSAPI, MFA, a setting it cannot honour) goes through the user's OpenSSH
+client instead (:mod:`dxflow.ssh.openssh`; ``ssh_transport``, :mod:`dxflow.ssh.transport`).
 
 Every new transport to a node gets the next *generation* number: what was proven about an
 agent on one transport (its identity, that its port is still the user's) holds for that
 transport only, so a channel can be asked for "on generation G, or not at all". Files of the
 node (``/proc/net/tcp``, read before talking to an unproven port) come through one SFTP session
-kept per transport.
+kept per transport. HTTP over the channels: :mod:`dxflow.edge.channelhttp`.
 """
 
 from __future__ import annotations
 
-import getpass
-import http.client
-import io
+import itertools
 import logging
-import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import paramiko
 
-from dxflow.errors import AgentUnreachable
+from dxflow.errors import AgentUnreachable, ConfigError
+from dxflow.ssh import options as ssh_options
+from dxflow.ssh import paramiko_login
+from dxflow.ssh.paramiko_login import CONNECT_TIMEOUT
+from dxflow.ssh.adoption import Adoption, Slot
+from dxflow.ssh.openssh import OpenSSHPool
+from dxflow.ssh.transport import UseOpenSSH, adopted_job, transport_setting
 
 log = logging.getLogger(__name__)
 
-RECV_ALL = 1 << 24      # more than any SSH channel window: one recv takes all that has arrived
-READ_CHUNK = 256 * 1024
-KEEPALIVE = 15
-CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 30.0
+MAX_HOPS = 8
 
 
-class QuickAckSocket:
-    """The SSH connection's socket, acknowledging every segment at once.
-
-    sshd does not set TCP_NODELAY on a non-interactive session: an answer the agent writes
-    as headers then body leaves sshd as two segments, the second held until the first is
-    acknowledged (Nagle), while this side delays its ACK (~40 ms). Both ends of that are
-    fixed here: TCP_NODELAY for what we send, TCP_QUICKACK (which the kernel resets, so it is
-    set again before each read) for what we receive.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def recv(self, n: int) -> bytes:
-        try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
-        return self._sock.recv(n)
-
-    def __getattr__(self, name: str):
-        return getattr(self._sock, name)
-
-
-class GCMFirstTransport(paramiko.Transport):
-    """AES-GCM first: one C call per packet, where AES-CTR adds an HMAC that paramiko checks
-    in Python. Downloads through the tunnel measured ~50 % of `ssh cat` with CTR, ~100 % with GCM."""
-
-    _preferred_ciphers = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") + tuple(
-        c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c)
-
-
-@dataclass
-class SSHTarget:
-    hostname: str
-    port: int
-    user: str
-    key_files: list[str]
-    proxy_jump: str = ""
-    known_hosts: tuple[str, ...] = ()
-
-
-def ssh_config(path: Path | None = None) -> paramiko.SSHConfig:
-    path = path or Path.home() / ".ssh" / "config"
+def _setting() -> str:
+    """``ssh_transport`` (user's, else site's); "auto" when a file is broken (the master still serves, and says why)."""
     try:
-        return paramiko.SSHConfig.from_path(str(path))
-    except FileNotFoundError:
-        return paramiko.SSHConfig()
-
-
-def resolve(host: str, config: paramiko.SSHConfig) -> SSHTarget:
-    opts = config.lookup(host)
-    keys = [os.path.expanduser(k) for k in opts.get("identityfile", [])]
-    known = [os.path.expanduser(f) for name in ("globalknownhostsfile", "userknownhostsfile")
-             for f in (opts.get(name) or "").split()]
-    if not known:  # OpenSSH's defaults
-        known = ["/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2",
-                 os.path.expanduser("~/.ssh/known_hosts"), os.path.expanduser("~/.ssh/known_hosts2")]
-    return SSHTarget(hostname=opts.get("hostname", host), port=int(opts.get("port", 22)),
-                     user=opts.get("user", getpass.getuser()), key_files=keys,
-                     proxy_jump=opts.get("proxyjump", "") if opts.get("proxyjump", "none") != "none" else "",
-                     known_hosts=tuple(known))
+        return transport_setting()
+    except ConfigError as e:
+        log.error("%s: ssh_transport \"auto\" until it is fixed", e)
+        return "auto"
 
 
 class _Node:
@@ -117,33 +63,164 @@ class _Node:
 
 
 class TunnelPool:
-    """Transports keyed by node address; ``channel(node, port)`` opens a direct-tcpip channel."""
+    """Transports keyed by node address (and job, under pam_slurm_adopt); ``channel(node, port)`` opens a
+    direct-tcpip channel."""
 
-    def __init__(self, config: paramiko.SSHConfig | None = None) -> None:
-        self.config = config or ssh_config()
+    def __init__(self, config: str | None = None, transport: str | None = None) -> None:
+        #: an ssh_config file used instead of the user's and the system's (``ssh -F``); None: theirs
+        self.config = config
+        self.setting = transport or _setting()
+        self.numbers = itertools.count(1)  # generations, never reused by either transport
+        self.adoption = Adoption()  # where pam_slurm_adopt put each connection: then one per job, not per node
+        self.openssh = OpenSSHPool(numbers=self.numbers, config=config, adoption=self.adoption)
+        self._via_openssh: dict[str, str] = {}  # node -> why OpenSSH reaches it
         self.local_names = {"localhost", socket.gethostname(), socket.gethostname().split(".")[0]}
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[Slot, _Node] = {}     # (address, job) where adoption is seen, else (address, None)
+        self._gens: dict[int, Slot] = {}        # generation -> the slot its connection is in
+        self._connecting: dict[str, threading.Lock] = {}
+        self._ended: dict[Slot, float] = {}      # per-job slots whose connection ended: the job is ending, likely
+        self._refusals: dict[Slot, int] = {}     # logins closed at once since the slot's last success
         self._lock = threading.Lock()
 
-    def _node(self, address: str) -> _Node:
+    def _node(self, slot: Slot) -> _Node:
         with self._lock:
-            return self._nodes.setdefault(address, _Node())
+            return self._nodes.setdefault(slot, _Node())
 
     def transport(self, address: str) -> paramiko.Transport:
-        return self._transport(address)[0]
+        return self._transport((address, None))[0]
 
-    def connect(self, address: str) -> int:
-        """Connect to the node if needed; the generation of its transport (0 for this very host)."""
+    def connect(self, address: str, job: str | None = None) -> int:
+        """Connect to the node if needed; the generation of the connection JOB's agents use there (0 for this
+        very host). Where pam_slurm_adopt is seen, connections are per job (:mod:`dxflow.ssh.adoption`)."""
         if address in self.local_names:
             return 0
-        return self._transport(address)[1]
+        if not self.uses_openssh(address):
+            with self._connecting_lock(address):  # one login to a node at a time: where it lands decides its slot
+                try:
+                    return self._connect_for(address, job)
+                except UseOpenSSH:
+                    pass
+        return self.openssh.connect(address, job)  # per job too where adoption is seen (docs/ssh.md)
 
-    def generation(self, address: str) -> int | None:
-        """The generation of the node's live transport (0 for this host); None when none is up. Never connects."""
-        if address in self.local_names:
-            return 0
+    def _connecting_lock(self, address: str) -> threading.Lock:
         with self._lock:
-            node = self._nodes.get(address)
+            return self._connecting.setdefault(address, threading.Lock())
+
+    def _connect_for(self, address: str, job: str | None) -> int:
+        self._drop_ended(address)
+        slot = self.adoption.slot(address, job)
+        gen = self.generation(address, job)
+        borrowed = self.adoption.borrowed(address, job)
+        if gen is not None and (gen != borrowed or not self.adoption.retry_due(address, str(job))):
+            return gen
+        gen = self._transport(slot)[1]
+        landed = self._learn_adoption(address, gen)
+        if landed == job:
+            self._ended.pop((address, job), None)  # a login for the job, into it: the job lives
+        elif landed is not None and job is not None and self._ending(address, landed):
+            self._refuse(slot, gen, landed)
+        if landed != slot[1]:  # it is the connection of the job it landed in, whatever it was opened for
+            gen = self._move(slot, (address, landed))
+        if job is not None and landed is not None and landed != job:
+            self.adoption.lend(address, job, gen)
+            log.info("%s: job %s's agents use job %s's SSH connection until one of their own exists",
+                     address, job, landed)
+        else:
+            self.adoption.unlend(address, job)
+        with self._lock:
+            self._refusals.pop(slot, None)
+        return gen
+
+    def _ending(self, address: str, job: str) -> bool:
+        """Whether JOB's connection ended and none of it is up: the job is ending, most likely."""
+        with self._lock:
+            ended = (address, job) in self._ended
+        return ended and self._live((address, job)) is None
+
+    def _refuse(self, slot: Slot, generation: int, landed: str) -> None:
+        """Close a login that landed in an ending job (pam_slurm_adopt takes the newest job, ending or not):
+        kept, its processes would hold the job's cgroup until Slurm gives up and drains the node. Tried
+        again with a growing pause, it lands in a live job once the ending one's cgroup is gone."""
+        with self._lock:
+            node = self._nodes[slot]
+            refusals = self._refusals[slot] = self._refusals.get(slot, 0) + 1
+        assert node.transport is not None
+        node.transport.close()
+        node.transport = None  # failed, not ended: the slot keeps its pause (_drop_ended passes it by)
+        with self._lock:
+            self._gens.pop(generation, None)
+        self.adoption.forget(generation)
+        node.error = (f"the login landed in job {landed}, whose connection ended (the job is ending): "
+                      "closed at once, so that the job can end")
+        node.retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** refusals)
+        raise AgentUnreachable(f"{slot[0]}: {node.error}")
+
+    def _move(self, old: Slot, new: Slot) -> int:
+        """Put the connection of slot ``old`` in slot ``new``; one already live there wins (the newer closes)."""
+        with self._lock:
+            node = self._nodes.pop(old)
+            there = self._nodes.get(new)
+            if there is not None and there.transport is not None and there.transport.is_active():
+                keep, dropped = there, node
+            else:
+                self._nodes[new] = keep = node
+                self._gens[node.generation] = new
+                dropped = None
+        if dropped is not None and dropped.transport is not None:
+            log.info("%s: a second connection into job %s closed (one per job)", new[0], new[1])
+            dropped.transport.close()
+            self.adoption.forget(dropped.generation)
+        return keep.generation
+
+    def _drop_ended(self, address: str) -> None:
+        """Forget the node's per-job connections that ended (with their jobs, usually)."""
+        with self._lock:
+            ended = [(s, n) for s, n in self._nodes.items() if s[0] == address and s[1] is not None
+                     and n.transport is not None and not n.transport.is_active() and not n.lock.locked()]
+            for slot, node in ended:
+                del self._nodes[slot]
+                self._gens.pop(node.generation, None)
+                self._ended[slot] = time.monotonic()
+        for _, node in ended:
+            self.adoption.forget(node.generation)
+
+    def _learn_adoption(self, address: str, generation: int) -> str | None:
+        """Which job the node's sshd put this connection in (pam_slurm_adopt; docs/ssh.md), once per generation:
+        the connection ends with that job."""
+        if self.adoption.known(generation):
+            return self.adoption.job_of(generation)
+        try:
+            job = adopted_job(self.read_file(address, "/proc/self/cgroup", generation).decode(errors="replace"))
+        except (FileNotFoundError, AgentUnreachable) as e:
+            log.info("%s: cannot tell whether the connection was adopted into a job: %s", address, e)
+            job = None
+        self.adoption.learn(address, generation, job)
+        if job:
+            log.info("%s: the SSH connection was adopted into job %s (it ends with that job)", address, job)
+        return job
+
+    def note(self, address: str, job: str | None, generation: int) -> str:
+        """What JOB's agent on the node says in ``dxflow ls`` about connection ``generation``: "" unless it is
+        another job's (pam_slurm_adopt), which ends with that job."""
+        return self.adoption.note(address, job, generation)
+
+    def uses_openssh(self, address: str) -> bool:
+        """Whether the node is reached through the user's OpenSSH client (forced, or chosen for it)."""
+        return address not in self.local_names and (self.setting == "openssh" or address in self._via_openssh)
+
+    def generation(self, address: str, job: str | None = None) -> int | None:
+        """The generation of the live connection JOB's agents use on the node (0 for this host); None when none
+        is up. Never connects. Per job where adoption is seen: the job's own, else the one it borrows."""
+        if address in self.local_names:
+            return 0
+        if self.uses_openssh(address):
+            return self.openssh.generation(address, job)
+        return self.adoption.pick(address, job, self._live, self._any_live, self._by_generation)
+
+    def _live(self, slot: Slot) -> int | None:
+        """The generation of the slot's connection if it is up."""
+        with self._lock:
+            node = self._nodes.get(slot)
         if node is None:
             return None
         # without node.lock, which a connection attempt holds for seconds; a new transport's number is set
@@ -154,55 +231,87 @@ class TunnelPool:
             return gen
         return None
 
-    def _transport(self, address: str, generation: int | None = None) -> tuple[paramiko.Transport, int]:
-        node = self._node(address)
+    def _any_live(self, address: str) -> int | None:
+        with self._lock:
+            slots = [s for s in self._nodes if s[0] == address]
+        return max((g for g in map(self._live, slots) if g is not None), default=None)
+
+    def _by_generation(self, address: str, generation: int) -> _Node | None:
+        """The node's connection of that generation, if it is still up."""
+        with self._lock:
+            slot = self._gens.get(generation)
+            node = self._nodes.get(slot) if slot is not None and slot[0] == address else None
+        if node is None or node.generation != generation or node.transport is None or not node.transport.is_active():
+            return None
+        return node
+
+    def _on(self, address: str, generation: int) -> _Node:
+        """The connection of that generation; AgentUnreachable if it is gone (no other is used for it)."""
+        node = self._by_generation(address, generation)
+        if node is None:
+            raise AgentUnreachable(f"{address}: the tunnel closed since the agent was checked")
+        return node
+
+    def _transport(self, slot: Slot) -> tuple[paramiko.Transport, int]:
+        """The slot's live transport, or a new one."""
+        address = slot[0]
+        node = self._node(slot)
         with node.lock:
             t = node.transport
             if t is not None and t.is_active():
-                if generation is not None and node.generation != generation:
-                    raise AgentUnreachable(f"{address}: the tunnel was opened again since the agent was checked")
                 return t, node.generation
-            if generation is not None:  # the transport the caller relies on is gone: no new one for it
-                raise AgentUnreachable(f"{address}: the tunnel closed since the agent was checked")
             now = time.monotonic()
             if now < node.retry_at:
                 raise AgentUnreachable(f"{address}: {node.error} (next try in {node.retry_at - now:.0f} s)")
             try:
                 transport = self._connect(address)
+            except UseOpenSSH as e:
+                if self.setting == "auto":
+                    log.info("%s: through OpenSSH: %s", address, e)
+                    self._via_openssh[address] = str(e)
+                    raise
+                node.failures += 1
+                node.error = f"ssh_transport is paramiko, which cannot reach it: {e}"
+                node.retry_at = now + min(MAX_BACKOFF, 0.5 * 2 ** node.failures)
+                raise AgentUnreachable(f"{address}: {node.error}") from e
             except Exception as e:  # noqa: BLE001 - any failure means "unreachable, retry later"
                 node.failures += 1
                 node.error = f"cannot connect by SSH: {e}"
                 node.retry_at = now + min(MAX_BACKOFF, 0.5 * 2 ** node.failures)
                 raise AgentUnreachable(f"{address}: {node.error}") from e
-            node.generation += 1  # before the transport is set: see generation()
+            node.generation = next(self.numbers)  # before the transport is set: see _live()
             node.transport = transport
             node.failures = 0
             node.retry_at = 0.0
+            with self._lock:
+                self._gens[node.generation] = slot
             return transport, node.generation
 
-    def _connect(self, address: str, depth: int = 0) -> paramiko.Transport:
-        target = resolve(address, self.config)
-        if target.proxy_jump and depth < 3:
-            jump = self.transport(target.proxy_jump.split(",")[0])
-            sock = jump.open_channel("direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0),
-                                     timeout=CONNECT_TIMEOUT)
-        else:
-            sock = QuickAckSocket(socket.create_connection((target.hostname, target.port), timeout=CONNECT_TIMEOUT))
-        client = paramiko.SSHClient()
-        for known in target.known_hosts:
-            if os.path.exists(known):
-                client.load_host_keys(known)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        client.connect(target.hostname, port=target.port, username=target.user, sock=sock,
-                       key_filename=target.key_files or None, timeout=CONNECT_TIMEOUT,
-                       banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
-                       transport_factory=GCMFirstTransport)
-        t = client.get_transport()
-        assert t is not None
-        t.set_keepalive(KEEPALIVE)
-        t._dxflow_client = client  # keep the wrapper (and its socket) alive with the transport
-        log.info("SSH transport to %s (%s@%s:%d) open", address, target.user, target.hostname, target.port)
-        return t
+    def _connect(self, address: str) -> paramiko.Transport:
+        opts = ssh_options.resolve(address, config_file=self.config)
+        return self._login(address, opts, opts.jumps, ())
+
+    def _hop(self, jumps: tuple[ssh_options.Jump, ...], chain: tuple[str, ...]) -> paramiko.Transport:
+        """A transport to the last of ``jumps``, reached through the ones before it (``ssh -J a,b``)."""
+        key = "jump:" + ",".join(map(str, jumps))
+        if key in chain or len(chain) > MAX_HOPS:
+            raise paramiko.SSHException(f"ProxyJump goes round in a loop: {' -> '.join(chain + (key,))}")
+        node = self._node((key, None))
+        with node.lock:
+            if node.transport is not None and node.transport.is_active():
+                return node.transport
+            last = jumps[-1]
+            opts = ssh_options.resolve(last.host, port=last.port, user=last.user, config_file=self.config)
+            # the first hop is reached by its own settings (its own ProxyJump too), as OpenSSH does
+            t = self._login(str(last), opts, jumps[:-1] or opts.jumps, chain + (key,))
+            node.generation = next(self.numbers)
+            node.transport = t
+            return t
+
+    def _login(self, name: str, opts: ssh_options.HostOptions, jumps: tuple[ssh_options.Jump, ...],
+               chain: tuple[str, ...]) -> paramiko.Transport:
+        """Log in to the host ``opts`` describes, through ``jumps`` (each hop's transport kept in the pool)."""
+        return paramiko_login.login(name, opts, (lambda: self._hop(jumps, chain)) if jumps else None)
 
     def channel(self, address: str, port: int, timeout: float = CONNECT_TIMEOUT,
                 generation: int | None = None, host: str = "127.0.0.1") -> paramiko.Channel | socket.socket:
@@ -213,7 +322,12 @@ class TunnelPool:
                 return socket.create_connection((host, port), timeout=timeout)
             except OSError as e:
                 raise AgentUnreachable(f"cannot reach {host}:{port}: {e}") from e
-        t = self._transport(address, generation)[0]
+        if generation is None:  # a caller that proved nothing: the node's connection (any live one, per job)
+            generation = self.connect(address)
+        if self.uses_openssh(address):
+            return self.openssh.channel(address, port, timeout, generation, host)
+        t = self._on(address, generation).transport
+        assert t is not None
         try:
             return t.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
         except (paramiko.SSHException, OSError) as e:
@@ -227,8 +341,12 @@ class TunnelPool:
         if address in self.local_names:
             with open(path, "rb") as f:
                 return f.read()
-        t, gen = self._transport(address, generation)
-        node = self._node(address)
+        gen = self.connect(address) if generation is None else generation
+        if self.uses_openssh(address):
+            return self.openssh.read_file(address, path, gen)
+        node = self._on(address, gen)
+        t = node.transport
+        assert t is not None
         with node.sftp_lock:
             try:
                 if node.sftp is None or node.sftp_generation != gen:
@@ -236,7 +354,9 @@ class TunnelPool:
                     node.sftp_generation = gen
                     if node.sftp is None:
                         raise paramiko.SSHException("no SFTP session")
-                    node.sftp.get_channel().settimeout(CONNECT_TIMEOUT)  # a hung node must not hold the check
+                    channel = node.sftp.get_channel()
+                    if channel is not None:  # a hung node must not hold the check
+                        channel.settimeout(CONNECT_TIMEOUT)
                 with node.sftp.open(path, "rb") as f:
                     return f.read()  # to the end: /proc files say their size is 0
             except FileNotFoundError:
@@ -246,10 +366,25 @@ class TunnelPool:
                 raise AgentUnreachable(f"{address}: cannot read {path} by SFTP: {e}") from e
 
     def status(self) -> dict[str, dict]:
+        """Per node: connected, failures, error, transport; ``connections``: each live one's generation and
+        the job it was adopted into (one per job where pam_slurm_adopt is seen); ``job``: the newest one's."""
         with self._lock:
-            nodes = dict(self._nodes)
-        return {a: {"connected": bool(n.transport and n.transport.is_active()), "failures": n.failures,
-                    "error": n.error} for a, n in nodes.items()}
+            nodes = sorted(self._nodes.items(), key=lambda item: item[1].generation)
+        out: dict[str, dict] = {}
+        for (address, _), n in nodes:
+            if self.uses_openssh(address):
+                continue
+            entry = out.setdefault(address, {"connected": False, "failures": 0, "error": "",
+                                             "transport": "paramiko", "connections": []})
+            if n.transport is not None and n.transport.is_active():
+                entry["connected"] = True
+                entry["connections"].append({"generation": n.generation, "job": self.adoption.job_of(n.generation)})
+            entry["failures"] = max(entry["failures"], n.failures)
+            entry["error"] = n.error or entry["error"]
+        out.update(self.openssh.status())
+        for entry in out.values():
+            entry["job"] = entry["connections"][-1]["job"] if entry["connections"] else None
+        return out
 
     def close(self) -> None:
         with self._lock:
@@ -257,59 +392,4 @@ class TunnelPool:
         for n in nodes:
             if n.transport:
                 n.transport.close()
-
-
-class ChannelReader(io.RawIOBase):
-    """Raw reads from a paramiko channel: whatever has arrived, taken in one piece.
-
-    paramiko keeps a channel's received bytes in an array and trims its front on every
-    partial read, which costs a copy of all the rest (up to the SSH window) per read; so
-    each ``recv`` here takes everything there is, and hands it out from a memoryview.
-    """
-
-    def __init__(self, chan) -> None:
-        self._chan = chan
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        if not self._pending:
-            self._pending = memoryview(self._chan.recv(RECV_ALL))
-        n = min(len(buf), len(self._pending))
-        buf[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-
-class ChannelResponse(http.client.HTTPResponse):
-    """An HTTP response whose ``read1`` works on a tunnel channel too.
-
-    http.client reads through ``sock.makefile()``; paramiko's ChannelFile has no
-    ``read1`` and its ``read(n)`` waits for all n bytes, which would hold back a
-    live stream (SSE, logs) and break the relay's ``read1``.
-    """
-
-    def __init__(self, sock, *args, **kwargs) -> None:
-        super().__init__(sock, *args, **kwargs)
-        if not hasattr(self.fp, "read1"):
-            self.fp = io.BufferedReader(ChannelReader(sock), READ_CHUNK)
-
-
-class TunnelHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a direct-tcpip channel to an agent (its answers readable piecewise: ``read1``)."""
-
-    response_class = ChannelResponse
-
-    def __init__(self, pool: TunnelPool, address: str, port: int, timeout: float = 60.0,
-                 generation: int | None = None) -> None:
-        super().__init__("127.0.0.1", port, timeout=timeout)
-        self._pool = pool
-        self._address = address
-        self.generation = generation
-
-    def connect(self) -> None:
-        chan = self._pool.channel(self._address, self.port, generation=self.generation)
-        chan.settimeout(self.timeout)
-        self.sock = chan
+        self.openssh.close()

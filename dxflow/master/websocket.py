@@ -17,6 +17,7 @@ import socket
 
 from flask import Flask, Response, jsonify, request
 
+from dxflow import audit
 from dxflow.edge.http import (HOP_BY_HOP, RELAY_DROP, Hijacked, buffered_after_head, parse_head, read_body,
                               read_head, request_target, without_own_cookies)
 from dxflow.edge.pipes import pipe
@@ -36,6 +37,7 @@ CLOSE_GRACE = 5.0   # seconds one direction may go on after the other has ended
 def init_app(app: Flask, fleet: Fleet) -> None:
     def fleet_websocket(job: str, node: str, path: str):
         agent = fleet.relay_target(job, None if node == "-" else node)
+        audit.record("relay", f"WebSocket /{path}", agent.reg, request.environ)  # a shell, a proxied socket
         query = request.query_string.decode()
         return relay_websocket(fleet, agent, request_target(path, query))
 

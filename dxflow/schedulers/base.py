@@ -8,7 +8,7 @@ JSON fields hold what, and how its native states map to :class:`JobState`.
 from __future__ import annotations
 
 import enum
-import glob
+import functools
 import logging
 import os
 import re
@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from dxflow.errors import SchedulerError, UsageError
+from dxflow import config
+from dxflow.errors import DxflowError, SchedulerError, UsageError
 from dxflow.jobcgroup import CGROUP_ROOT, JobCgroups, job_cgroups
+from dxflow.schedulers import patterns, signs
+from dxflow.schedulers.launch import Launcher
+from dxflow.schedulers.signs import LocalSign, Presence
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +83,43 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def site_bin() -> list[str]:
+    """The site's folder of scheduler commands (``scheduler_bin`` in the site config), looked in before
+    anything else by every dxflow process: hooks, agents (whose PATH is short), masters, ``dxflow doctor``.
+    [] when unset, or when the site config cannot be read (whoever loads it reports that)."""
+    return _site_bin(str(config.SITE_CONFIG))
+
+
+@functools.lru_cache(maxsize=4)
+def _site_bin(path: str) -> list[str]:
+    try:
+        folder = config.SiteConfig.load(Path(path)).scheduler_bin
+    except DxflowError:
+        return []
+    return [folder] if folder else []
+
+
+def command_path(name: str, path: str | None = None, extra: Sequence[str] = ()) -> str:
+    """The one place a scheduler command's name becomes the path run: :func:`site_bin` first, then
+    ``path`` (a PATH string; default this process's), then ``extra`` (the adapter's usual places);
+    the bare name when it is nowhere (running it then says so). A name with a ``/`` stays as it is."""
+    if os.sep in name:
+        return name
+    dirs = site_bin() + [d for d in (os.environ.get("PATH", os.defpath) if path is None else path).split(os.pathsep)
+                         if d] + list(extra)
+    return shutil.which(name, path=os.pathsep.join(dirs)) or name
+
+
 def run(argv: Sequence[str], *, timeout: float = 30.0, env: Mapping[str, str] | None = None,
         errors: str = "strict") -> str:
     """Run a scheduler command and return its stdout; raise :class:`SchedulerError` on any failure.
+    A bare command name is looked up by :func:`command_path` (the site's ``scheduler_bin`` first).
 
     ``errors="replace"`` for a command that prints users' bytes as they are (Torque's XML). A command
     that asks the controller about jobs (:data:`QUERY_COMMANDS`) draws from :data:`QUERY_BUDGET` first:
     when it is spent, SchedulerError and nothing is run (the caller asks later)."""
     argv = list(argv)
+    argv[0] = command_path(argv[0], None if env is None else env.get("PATH", os.defpath))
     if os.path.basename(argv[0]) in QUERY_COMMANDS and not QUERY_BUDGET.take():
         raise SchedulerError(f"{argv[0]} not run: the cap of {QUERY_BUDGET.per_minute:g} controller queries a "
                              "minute of this process is reached (controller_queries_per_minute, "
@@ -95,7 +128,8 @@ def run(argv: Sequence[str], *, timeout: float = 30.0, env: Mapping[str, str] | 
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
                               stdin=subprocess.DEVNULL, errors=errors)
     except FileNotFoundError as e:
-        raise SchedulerError(f"{argv[0]} not found: is the scheduler's client installed and on PATH?") from e
+        raise SchedulerError(f"{argv[0]} not found: is the scheduler's client installed, and on PATH or in the "
+                             f"site's scheduler_bin ({config.SITE_CONFIG})?") from e
     except subprocess.TimeoutExpired as e:
         raise SchedulerError(f"{argv[0]} did not answer within {timeout:.0f} s", argv=argv) from e
     if proc.returncode != 0:
@@ -166,28 +200,6 @@ class QueryBudget:
 QUERY_BUDGET = QueryBudget()
 
 
-class Presence(str, enum.Enum):
-    """What a look at the job's node tells about the job there (:meth:`Scheduler.job_here`)."""
-
-    LASTING = "lasting"   # a sign kept for the job's whole life on this node is there: it runs here
-    PASSING = "passing"   # only the sign of a passing part of it (a step) is there: it runs here now
-    ABSENT = "absent"     # the signs' folders can be looked at and none is there
-    UNKNOWN = "unknown"   # no sign known, or none can be looked at: only the controller can tell
-
-
-@dataclass(frozen=True)
-class LocalSign:
-    """A path the scheduler's daemon on a node keeps while a job, or a part of it, runs there, and which
-    the job's user can see. ``pattern``: a glob (wildcards in its last part only) with ``{job}``,
-    ``{node}``, ``{uid}``, ``{user}`` and the adapter's own fields (:meth:`Scheduler.local_sign_fields`).
-    ``lasting``: there from the job's start on the node to its end there, so that its absence, once it
-    was seen, means the job ended here. ``source``: where this is written down."""
-
-    pattern: str
-    lasting: bool
-    source: str
-
-
 class Scheduler:
     """Base of every scheduler adapter. Subclasses fill in the tables and a few methods."""
 
@@ -200,6 +212,12 @@ class Scheduler:
     passthrough_env: tuple[str, ...] = ()
     #: the scheduler's client commands this adapter runs (``dxflow doctor`` reports where they are).
     commands: tuple[str, ...] = ()
+    #: Whether a controller knows this scheduler's jobs and can be asked about them. False ("local"):
+    #: the job is the agent's own life, so a master never asks and never drops an agent for its job.
+    has_controller: bool = True
+    #: Whether the user starts this scheduler's agents by hand rather than a hook (the agent then says
+    #: how to reach its console).
+    started_by_hand: bool = False
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.environ = dict(os.environ if environ is None else environ)
@@ -280,16 +298,51 @@ class Scheduler:
         """How this adapter talks to its scheduler, for ``dxflow doctor``."""
         return "command line"
 
+    def backend_why(self) -> str:
+        """Why :meth:`backend` is what it is, for ``dxflow doctor``; "" when there is nothing to say."""
+        return ""
+
+    # -- where the job's output goes (sbatch -o, qsub -o, bsub -o) -------------------------------------
+    #: Tokens the scheduler expands in the output paths users give: token -> the fields that give its
+    #: value, first known one wins (``=text``: a constant); see :mod:`dxflow.schedulers.patterns`.
+    #: Empty: paths are taken as written.
+    output_patterns: dict[str, tuple[str, ...]] = {}
+    #: Whether a number between "%" and the letter zero-pads (Slurm's ``%4j``).
+    output_pattern_width: bool = False
+    #: A character that, anywhere in a path, turns expansion off (Slurm's backslash).
+    output_pattern_literal: str = ""
+    #: Where a batch job's stdout (and stderr) go when its user named no file: a pattern relative to
+    #: the job's work dir; "" when the scheduler then writes no file the agent can read.
+    default_output: str = ""
+
+    def output_fields(self, job_id: str, user: str = "", name: str = "") -> dict[str, str]:
+        """The pattern fields that the job's id (and its user and name, when known) tell on any node.
+        A field left out is unknown, and its tokens stay as they are."""
+        fields = {"job": job_id}
+        if user:
+            fields["user"] = user
+        if name:
+            fields["name"] = name
+        return fields
+
+    def output_is_pattern(self, path: str) -> bool:
+        """Whether ``path`` holds a token the scheduler expands (it is then not yet the file's name)."""
+        return patterns.has_tokens(path, self.output_patterns, width=self.output_pattern_width,
+                                   literal=self.output_pattern_literal)
+
+    def expand_output(self, pattern: str, fields: Mapping[str, str]) -> str:
+        """An output path with the tokens of :attr:`output_patterns` whose fields are known expanded."""
+        return patterns.expand(pattern, self.output_patterns, fields, width=self.output_pattern_width,
+                               literal=self.output_pattern_literal)
+
     def client_dirs(self) -> list[str]:
         """Folders besides PATH where this scheduler installs its client commands."""
         return []
 
     def command(self, name: str) -> str:
-        """A client command's full path: PATH (of this adapter's environment) first, then
-        :meth:`client_dirs`; the bare name when it is nowhere (running it then says so)."""
-        dirs = [d for d in self.environ.get("PATH", os.defpath).split(os.pathsep) if d]
-        found = shutil.which(name, path=os.pathsep.join(dirs + self.client_dirs()))
-        return found or name
+        """A client command's full path: the site's ``scheduler_bin``, PATH (of this adapter's
+        environment), then :meth:`client_dirs` (:func:`command_path`)."""
+        return command_path(name, self.environ.get("PATH", os.defpath), self.client_dirs())
 
     # -- the job's own cgroups on a node (issue #9: everything dxflow runs counts against the job) --
     #: Where the scheduler keeps the job's processes on a node outside any task it launched: groups of
@@ -311,19 +364,26 @@ class Scheduler:
         return job_cgroups(mount, self.job_cgroup_v1, self.job_cgroup_v2, wait,
                            job=job.job, uid=str(job.uid), user=job.user, node=job.node)
 
+    # -- what dxflow runs for the user counts against the job (issue #9) ------------------------------
+    #: The client command that starts a command as a task of the job on its node (``pbs_attach``,
+    #: ``blaunch``: :mod:`dxflow.schedulers.launch`); None where the agent, inside the job's own
+    #: cgroups, needs none (Slurm, Torque) or dxflow knows none.
+    launcher: Launcher | None = None
+
     # -- is the job still running on this node, asked without the controller (issue #11) --------------
     #: What the scheduler keeps on a node while a job runs there (:class:`LocalSign`). Empty: nothing
     #: known, and the agent asks the controller instead, rarely (``controller_check_interval``).
     local_signs: tuple[LocalSign, ...] = ()
 
-    def local_sign_fields(self, node: str) -> dict[str, str] | None:
-        """The adapter's own fields of its sign patterns on ``node``; None when they cannot be known."""
+    def local_sign_fields(self, node: str, job_id: str = "") -> dict[str, str] | None:
+        """The adapter's own fields of its sign patterns on ``node`` for the job (a field left out: the
+        signs that need it are not looked for); None when none can be known."""
         return {}
 
     def job_here(self, job_id: str, node: str) -> Presence:
         """Whether the job runs on this node (``node`` as the scheduler names it), from a look at the
         node's own files: no controller call. Asked by the agent, as the job's user, on the job's node."""
-        fields = self.local_sign_fields(node) if self.local_signs else None
+        fields = self.local_sign_fields(node, job_id) if self.local_signs else None
         if fields is None:
             return Presence.UNKNOWN
         values = {"job": job_id, "node": node, "uid": str(os.getuid()), **fields}
@@ -331,19 +391,4 @@ class Scheduler:
             import pwd
 
             values["user"] = pwd.getpwuid(os.getuid()).pw_name
-        escaped = {k: glob.escape(v) for k, v in values.items()}  # a value's [ ] * ? are not wildcards
-        looked = passing = False
-        for sign in self.local_signs:
-            folder = os.path.dirname(sign.pattern.format(**values)) or "."
-            wildcard = any(c in os.path.basename(sign.pattern) for c in "*?[")
-            # a folder that cannot be listed (or entered) tells nothing: never read it as "absent"
-            if not os.access(folder, os.R_OK | os.X_OK if wildcard else os.X_OK):
-                continue
-            looked = True
-            if glob.glob(sign.pattern.format(**escaped)):
-                if sign.lasting:
-                    return Presence.LASTING
-                passing = True
-        if passing:
-            return Presence.PASSING
-        return Presence.ABSENT if looked else Presence.UNKNOWN
+        return signs.look(self.local_signs, values)

@@ -6,14 +6,13 @@ the agent runs.
 
 from __future__ import annotations
 
-import getpass
-import socket
-
 from dxflow.schedulers.base import JobInfo, JobState, Presence, Scheduler
 
 
 class Local(Scheduler):
     name = "local"
+    has_controller = False   # no controller: nothing to ask, and nothing ends the job but the agent
+    started_by_hand = True
     hook_env = {
         "job": ("DXFLOW_JOB",),
         "user": ("DXFLOW_USER", "USER"),
@@ -30,7 +29,3 @@ class Local(Scheduler):
 
     def job_here(self, job_id: str, node: str) -> Presence:
         return Presence.LASTING  # the same: it runs here for as long as the agent does
-
-    def local_job(self, job: str = "local") -> JobInfo:
-        return JobInfo(job=job, user=getpass.getuser(), state=JobState.RUNNING,
-                       nodes=[socket.gethostname().split(".")[0]])

@@ -40,8 +40,9 @@ import re
 from typing import Any, Sequence
 
 from dxflow.errors import SchedulerError, UsageError
-from dxflow.schedulers.base import SAFE_NAME, JobInfo, JobState, Scheduler, check_name, first_env, run
-from dxflow.schedulers.pbs import unique_hosts
+from dxflow.schedulers.base import SAFE_NAME, JobInfo, JobState, LocalSign, Scheduler, check_name, first_env, run
+from dxflow.schedulers.launch import Launcher
+from dxflow.schedulers.hostlist import unique_hosts
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,6 @@ def lsf_hosts(text: str) -> list[str]:
     return unique_hosts(t.partition("*")[2] if "*" in t else t for t in tokens)
 
 
-def expand_lsf_pattern(path: str, job: str, index: str) -> str:
-    """``%J`` and ``%I`` of bsub -o/-e."""
-    return path.replace("%J", job).replace("%I", index or "0") if "%" in path else path
-
-
 class LSF(Scheduler):
     name = "lsf"
     # user: see hook_args — never taken from the environment.
@@ -91,9 +87,22 @@ class LSF(Scheduler):
         "DONE": JobState.ENDED, "EXIT": JobState.ENDED, "ZOMBI": JobState.ENDED,
         "UNKWN": JobState.UNKNOWN,
     }
-    #: LSB_JOBFILENAME names the job file, next to which the job's output is spooled (spooled_output)
-    passthrough_env = LSF_SETTINGS + ("LSB_JOBFILENAME",)
+    #: LSB_JOBFILENAME names the job file, next to which the job's output is spooled (spooled_output);
+    #: the job's hosts are what blaunch checks a task's host against (launcher). Never LSB_JOBID: the
+    #: agent would look like the job's own process to dxflow.agent.jobenv.
+    passthrough_env = LSF_SETTINGS + ("LSB_JOBFILENAME", "LSB_MCPU_HOSTS", "LSB_HOSTS")
     commands = ("bjobs",)
+    #: How ``dxflow exec`` commands become the job's (dxflow.schedulers.launch): ``blaunch -no-shell HOST CMD
+    #: ARGS`` has sbatchd and RES on HOST start CMD as a task of the job, tracked, limited and killed with it
+    #: (LSF command reference, blaunch: "works only under LSF … to launch tasks on hosts that are part of
+    #: a job allocation"; rsh-style "blaunch host_name command"; -no-shell: no intermediate shell, so each
+    #: argument stays one; options first, as SALOME's ContainerManager runs it). blaunch knows the job by
+    #: LSB_JOBID / LSB_JOBINDEX and its hosts by LSB_MCPU_HOSTS / LSB_HOSTS (both handed on by
+    #: lsf/host_pre_exec). Its task gets no terminal: ``dxflow shell`` stays the agent's child.
+    launcher = Launcher("blaunch", ("-no-shell", "{node}"),
+                        source="IBM Spectrum LSF 10.1 command reference, blaunch",
+                        env={"LSB_JOBID": "{job_base}", "LSB_JOBINDEX": "{job_index}"},
+                        keep_env=LSF_SETTINGS + ("LSB_MCPU_HOSTS", "LSB_HOSTS"))
     fields = ("jobid", "jobindex", "user", "stat", "exec_host", "job_name", "exec_cwd", "output_file", "error_file")
 
     # -- hooks ---------------------------------------------------------------
@@ -125,6 +134,54 @@ class LSF(Scheduler):
     # otherwise a command counts against the job only when started with blaunch (docs/admin-lsf.md).
     job_cgroup_v1: tuple[tuple[str, ...], ...] = ()
     job_cgroup_v2: tuple[tuple[str, ...], ...] = ()
+
+    # -- output files: "%J" in bsub -o / -e is the job id, "%I" the array index, 0 outside an array
+    # (bsub -o, -e, -oo, -eo reference). Without -o LSF mails the output: no file to read.
+    output_patterns = {"%J": ("job",), "%I": ("array_task", "=0")}
+
+    def output_fields(self, job_id: str, user: str = "", name: str = "") -> dict[str, str]:
+        """As :meth:`Scheduler.output_fields`, with ``1234[5]`` split into job 1234 and index 5."""
+        base, _, index = job_id.partition("[")
+        return {**super().output_fields(base, user, name), "array_task": index.rstrip("]")}
+
+    # -- is the job still running on this host, without asking mbatchd (issue #11) -------------------------
+    # When sbatchd starts a job on its first execution host it makes, before any pre-execution command,
+    # a folder of the job's own, "<jobID>.tmpdir" ("<arrayID>_<arrayIndex>.tmpdir" for an array element)
+    # in LSB_JOB_TMPDIR, else LSF_TMPDIR, else /tmp, "permission 0700 and owned by the execution user",
+    # and removes it when the job is done (lsf.conf reference, LSB_JOB_TMPDIR, LSF_TMPDIR; "Temporary job
+    # directories"; openlava sbatchd/job.c createJobTmpDir before runUPre, removed in finishJob).
+    # Other hosts have it only while a blaunch task with TMPDIR runs there (LSF 8 reference, LSF_TMPDIR).
+    # The job file "<submit time>.<job id>" that the job's environment names in LSB_JOBFILENAME is made
+    # by the child sbatchd before the job starts and removed "when the job finishes" (IBM support note
+    # "LSF Job File"); it lives in JOB_SPOOL_DIR or the user's ~/.lsbatch, often on a shared file system,
+    # so it is looked at only where the tmpdir is not (the other hosts: one stat per look).
+    local_signs = (
+        LocalSign("{job_tmp}/{tmp_name}.tmpdir", lasting=True, user_owned=True,
+                  source="sbatchd's job-specific temporary folder on the first execution host "
+                         "(lsf.conf LSB_JOB_TMPDIR, LSF_TMPDIR)"),
+        LocalSign("{job_file}", lasting=True, user_owned=True,
+                  source="the job file LSB_JOBFILENAME names (IBM support note \"LSF Job File\")"),
+    )
+    #: where the job-specific temporary folder is when lsf.conf names no LSB_JOB_TMPDIR or LSF_TMPDIR
+    default_tmp = "/tmp"
+
+    def local_sign_fields(self, node: str, job_id: str = "") -> dict[str, str] | None:
+        """``{job_tmp}`` from ``$LSF_ENVDIR/lsf.conf`` (read once; not with a ``%H`` in it, which names the
+        first host), ``{tmp_name}`` from the job id, ``{job_file}`` when LSB_JOBFILENAME is this job's."""
+        conf = self.__dict__.get("_lsf_conf")
+        if conf is None:
+            envdir = self.environ.get("LSF_ENVDIR") or "/etc"
+            conf = self.__dict__["_lsf_conf"] = read_lsf_conf(os.path.join(envdir, "lsf.conf"))
+        base, _, index = job_id.partition("[")
+        index = index.rstrip("]")
+        fields = {"tmp_name": f"{base}_{index}" if index not in ("", "0") else base}
+        tmp = conf.get("LSB_JOB_TMPDIR") or conf.get("LSF_TMPDIR") or self.default_tmp
+        if "%" not in tmp and os.path.isabs(tmp):
+            fields["job_tmp"] = tmp.rstrip("/") or "/"
+        named = self.environ.get("LSB_JOBFILENAME", "")
+        if os.path.isabs(named) and self._is_job_file(os.path.basename(named), base, index):
+            fields["job_file"] = named
+        return fields
 
     # -- queries -------------------------------------------------------------
     def client_dirs(self) -> list[str]:
@@ -204,12 +261,28 @@ class LSF(Scheduler):
         jobid = str(record.get("JOBID", ""))
         index = str(record.get("JOBINDEX", "") or "")
         job = f"{jobid}[{index}]" if index.isdigit() and index != "0" else jobid
+        fields = self.output_fields(job)
         exec_host = str(record.get("EXEC_HOST", "") or "")
         user = str(record.get("USER", ""))
         return JobInfo(
             job=job, user=user if SAFE_NAME.match(user) else "", state=self.map_state(str(record.get("STAT", ""))),
             nodes=lsf_hosts(exec_host) if exec_host != "-" else [], name=str(record.get("JOB_NAME", "")),
             work_dir=str(record.get("EXEC_CWD", "") or ""),
-            stdout=expand_lsf_pattern(str(record.get("OUTPUT_FILE", "") or ""), jobid, index),
-            stderr=expand_lsf_pattern(str(record.get("ERROR_FILE", "") or ""), jobid, index),
+            stdout=self.expand_output(str(record.get("OUTPUT_FILE", "") or ""), fields),
+            stderr=self.expand_output(str(record.get("ERROR_FILE", "") or ""), fields),
         )
+
+
+def read_lsf_conf(path: str) -> dict[str, str]:
+    """``NAME=value`` lines of lsf.conf (quotes removed); {} when it cannot be read."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            out[key.strip()] = value.strip().strip("\"'")
+    return out

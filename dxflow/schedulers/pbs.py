@@ -45,34 +45,20 @@ import pwd
 import re
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from dxflow.errors import SchedulerError, UsageError
 from dxflow.jobcgroup import CGROUP_ROOT, JobCgroups, job_cgroups
 from dxflow.schedulers import torque_xml
-from dxflow.schedulers.base import SAFE_NAME, HookJob, JobInfo, JobState, Scheduler, check_name, first_env, run
+from dxflow.schedulers.base import (SAFE_NAME, HookJob, JobInfo, JobState, LocalSign, Scheduler, check_name,
+                                    first_env, run)
+from dxflow.schedulers.hostlist import unique_hosts
+from dxflow.schedulers.launch import Launcher
 
 log = logging.getLogger(__name__)
 
 #: A node file (PBS_NODEFILE, ``$PBS_HOME/aux/<job>``) holds one line per slot; read no more than this.
 MAX_HOSTFILE = 1 << 20
-_ADDRESS = re.compile(r"^[\d.]+$|:")
-
-
-def short_host(name: str) -> str:
-    """``n1.cluster.example`` -> ``n1`` (node names are compared with the short host name); addresses stay."""
-    name = name.strip()
-    return name if _ADDRESS.search(name) else name.split(".")[0]
-
-
-def unique_hosts(names: Iterable[str]) -> list[str]:
-    """Short, safe, distinct host names in first-seen order; anything that is not a host name is dropped."""
-    out: list[str] = []
-    for name in names:
-        host = short_host(name)
-        if host and SAFE_NAME.match(host) and host not in out:
-            out.append(host)
-    return out
 
 
 def read_hostfile(path: str) -> list[str]:
@@ -153,19 +139,29 @@ class PBS(Scheduler):
         "E": JobState.ENDING,
         "F": JobState.ENDED, "X": JobState.ENDED, "M": JobState.ENDED, "C": JobState.ENDED,
     }
-    passthrough_env = ("PBS_CONF_FILE", "PBS_HOME", "PBS_EXEC", "PBS_SERVER")
+    passthrough_env: tuple[str, ...] = ("PBS_CONF_FILE", "PBS_HOME", "PBS_EXEC", "PBS_SERVER")
     commands = ("qstat",)
+    #: How ``dxflow exec`` / ``shell`` commands become the job's (dxflow.schedulers.launch): ``pbs_attach -j
+    #: JOB -- CMD ARGS`` asks the local MoM (tm_attach) to take the caller's session as a task of the job, then
+    #: execs CMD in place (src/cmds/pbs_attach.c, pbs_attach_sup.c: getopt "+j:p:h:m:sP", execvp). MoM
+    #: accounts for the task, kills it with the job, and the pbs_cgroups hook adds it to the job's cgroups
+    #: (execjob_attach). It finds MoM's port in pbs.conf: the hook's PBS_* settings go along. Without -s
+    #: the session attached is the agent's own (exec) or the shell's (its own session): the agent too
+    #: then counts as the job's; a session attached already is fine (TM_ESESSION is not an error there).
+    launcher: Launcher | None = Launcher("pbs_attach", ("-j", "{job}", "--"),
+                                         source="OpenPBS src/cmds/pbs_attach.c, pbs_attach_sup.c",
+                                         keep_env=passthrough_env, keeps_terminal=True)
     #: every job the server knows, full attributes, as JSON
-    qstat = ("qstat", "-f", "-F", "json")
+    qstat: tuple[str, ...] = ("qstat", "-f", "-F", "json")
     #: added when asking for one job: -x also shows finished jobs (job history)
-    qstat_one = ("-x",)
+    qstat_one: tuple[str, ...] = ("-x",)
     #: what qstat says for a job it does not know (any more)
-    unknown_job = ("unknown job id", "job has finished")
+    unknown_job: tuple[str, ...] = ("unknown job id", "job has finished")
     conf_env = "PBS_CONF_FILE"
     conf_file = "/etc/pbs.conf"
-    home_env = ("PBS_HOME",)
+    home_env: tuple[str, ...] = ("PBS_HOME",)
     default_home = "/var/spool/pbs"
-    default_bin = ("/opt/pbs/bin",)
+    default_bin: tuple[str, ...] = ("/opt/pbs/bin",)
     #: seconds the prolog waits for qstat: well inside pbs_mom's $prologalarm (30 s by default)
     hook_query_timeout = 10.0
     #: Keep_Files letter for "write the final path directly" (OpenPBS/PBS Pro 19+); Torque has none
@@ -250,6 +246,45 @@ class PBS(Scheduler):
         path = self.environ.get("PBS_NODEFILE") or os.path.join(self.home(), "aux", job)
         return read_hostfile(path)
 
+    # -- is the job still running on this host, without asking the server (issue #11) --------------------
+    # pbs_mom keeps a job it runs in "$PBS_HOME/mom_priv/jobs/": "<job id>.JB" (the job, on every host
+    # of it: the primary writes it when the job is queued to it, a sister when it joins) and, on the
+    # primary, "<job id>.SC" (the script). The name is the job's id: the server sends it as the
+    # "hashname" attribute (req_runjob.c) and MoM takes it as the file prefix (req_quejob.c, mom_comm.c
+    # JOINJOB; job_save_fs in job_recov_fs.c falls back to the id itself). Both stay until the job is
+    # purged from MoM — after the epilogue and the copy of its output — when job_purge removes the .SC,
+    # the task folder and then the .JB (src/server/job_func.c). mom_priv and mom_priv/jobs are mode
+    # 0751 (pbs_postinstall): the job's user can stat a file there by its name, not list the folder.
+    # Torque's MoM keeps the same two files in "$TORQUE_HOME/mom_priv/jobs/" (0751, pbs_mkdirs), named
+    # after the job id cut to 61 characters (determine_job_file_name, req_quejob.c; PBS_JOBBASE) and
+    # removed when the job is purged (mom_job_func.c); a MoM built for several MoMs per host appends
+    # its port, which is not looked for (the controller is then asked, as before).
+    local_signs = (
+        LocalSign("{home}/mom_priv/jobs/{job}.JB", lasting=True,
+                  source="pbs_mom's job file, on every host of the job from its arrival to its purge "
+                         "(OpenPBS job_save_fs, job_purge; Torque mom_job_func.c)"),
+        LocalSign("{home}/mom_priv/jobs/{job}.SC", lasting=True,
+                  source="pbs_mom's copy of the job script, on the primary execution host"),
+    )
+
+    def local_sign_fields(self, node: str, job_id: str = "") -> dict[str, str] | None:
+        """``{home}``: PBS_HOME (TORQUE_HOME) from the hook's environment or pbs.conf, read once."""
+        home = self.__dict__.get("_sign_home")
+        if home is None:
+            home = self.__dict__["_sign_home"] = self.home()
+        return {"home": home}
+
+    # -- output files: "^array_index^" in qsub -o / -e becomes the subjob's index (subst_array_index,
+    # src/server/array_func.c; PBS_FILE_ARRAY_INDEX_TAG, job.h); nothing else is expanded, and qstat
+    # shows Output_Path with it already replaced. Without -o the server names the file
+    # "<job name>.o<sequence number>" in the submission folder (svr_jobfunc.c), as qstat shows it.
+    output_patterns = {"^array_index^": ("array_task",)}
+
+    def output_fields(self, job_id: str, user: str = "", name: str = "") -> dict[str, str]:
+        """As :meth:`Scheduler.output_fields`, with the index of a subjob ``123[4].server``."""
+        index = re.search(r"\[(\d+)\]", job_id)
+        return {**super().output_fields(job_id, user, name), "array_task": index.group(1) if index else ""}
+
     # -- the job's own cgroups on a node (issue #9) ---------------------------
     # The cgroup hook of OpenPBS / PBS Pro, pbs_cgroups (src/hooks/cgroups/pbs_cgroups.PY, openpbs
     # cd7ab5e), makes at execjob_begin, on every host of the job and before any prologue, one folder
@@ -260,7 +295,8 @@ class PBS(Scheduler):
     # the same event (configure_job); the job's processes are added at execjob_launch (the job's shell,
     # on the primary host, once the prologue has returned) and execjob_attach (pbs_attach, tm tasks on
     # any host) (add_pids), and whatever is left in them is killed with the job. The launcher joins
-    # them once the first one holds a process (JobCgroups: v1). Alternatives differ only in which
+    # them as soon as they exist (JobCgroups, populated=False): their limits are set by then, and on a
+    # sister host no process may ever come (no task there yet). Alternatives differ only in which
     # controller is looked at first, for sites that disable memory or cpuset.
     job_cgroup_v1 = tuple(
         tuple(f"{c}/{{prefix}}.service/jobid/{{job}}"
@@ -272,15 +308,15 @@ class PBS(Scheduler):
     # 0nebody/pbs_exporter, internal/utils) accept both "jobs/<job id>" and other names. Only the
     # exact job id is tried: another name is never guessed, so another job's cgroup is never joined;
     # where it is not found, the agent runs outside the job's limits as before (the hook log says so).
-    job_cgroup_v2 = (("{prefix}.service/jobs/{job}",),)
+    job_cgroup_v2: tuple[tuple[str, ...], ...] = (("{prefix}.service/jobs/{job}",),)
     #: The hook's name, as MoM keeps its copy in ``$PBS_HOME/mom_priv/hooks/<name>.HK`` / ``.CF``.
     cgroup_hook = "pbs_cgroups"
     cgroup_prefix_default = "pbs_jobs"
     #: Where the hook finds the controllers (it reads /proc/mounts; the CF's mount_path is not read here).
     cgroup_root: Path = CGROUP_ROOT
-    #: Seconds the launcher waits for a process in the job's cgroup. On the primary host the job's
-    #: shell joins it within moments of the prologue; on a sister host only a task does (pbs_attach,
-    #: pbsdsh, MPI through tm): with none, the agent starts after this wait, outside the job's limits.
+    #: Seconds the launcher waits for the job's cgroups to be made (made before any prologue on every
+    #: host: the wait covers only a dxflow hook ordered before the cgroup hook). Where none appear in
+    #: time the agent starts outside the job's limits, and the hook log says so.
     cgroup_wait = 20.0
 
     def cgroup_hook_file(self, suffix: str) -> Path:
@@ -312,8 +348,8 @@ class PBS(Scheduler):
         mount, wait = self.cgroup_setup()
         if wait <= 0:
             return None
-        return job_cgroups(mount, self.job_cgroup_v1, self.job_cgroup_v2, wait, job=job.job, uid=str(job.uid),
-                           user=job.user, node=job.node, prefix=self.cgroup_prefix())
+        return job_cgroups(mount, self.job_cgroup_v1, self.job_cgroup_v2, wait, populated=False, job=job.job,
+                           uid=str(job.uid), user=job.user, node=job.node, prefix=self.cgroup_prefix())
 
     # -- queries -------------------------------------------------------------
     def client_dirs(self) -> list[str]:
@@ -438,6 +474,10 @@ class Torque(PBS):
 
     name = "torque"
     passthrough_env = ("PBS_SERVER_HOME", "TORQUE_HOME", "PBS_DEFAULT")
+    # No launcher: Torque has no pbs_attach, and its pbs_track prints lines of its own on the command's
+    # stdout ("Got arg: …", src/cmds/pbs_track.c) and takes at most 64 arguments. Commands count against
+    # the job through the job's cgroups the agent joins (job_cgroup_v1 below), where pbs_mom makes them.
+    launcher = None
     qstat = ("qstat", "-f", "-x")
     qstat_one = ()  # Torque shows completed jobs (C) for keep_completed seconds anyway
     unknown_job = ("unknown job id",)
@@ -448,6 +488,8 @@ class Torque(PBS):
     default_bin = ("/usr/local/bin", "/opt/torque/bin")
     keep_direct = ""
     keep_array_index = False
+    #: Torque expands nothing in qsub -o / -e: an array's subjobs get "-<index>" appended by the server
+    output_patterns: dict[str, tuple[str, ...]] = {}
 
     # Torque 6 built with --enable-cgroups: pbs_mom makes "<controller mount>/torque/<job id>" in
     # cpu, cpuacct, cpuset, memory and devices (init_subsystems, trq_cg_create_all_cgroups in
@@ -456,8 +498,9 @@ class Torque(PBS):
     # runs the prologue (TMomFinalizeChild -> setup_batch_job -> handle_prologs, start_exec.c): on
     # the mother superior the prologue, and so the agent, already starts inside. Joining again makes
     # that explicit and recorded. Sister hosts: the folders are made when the host joins the job
-    # (mom_comm.c) and get a process only with a task (tm, pbsdsh). cpu is left out: it shares its
-    # tree with cpuacct on every systemd host. Torque has no cgroup v2 support.
+    # (mom_comm.c) and get a process only with a task (tm, pbsdsh), maybe never: the launcher joins
+    # them once they exist (PBS.job_cgroups: populated=False). cpu is left out: it shares its tree
+    # with cpuacct on every systemd host. Torque has no cgroup v2 support.
     job_cgroup_v1 = tuple(
         tuple(f"{c}/torque/{{job}}" for c in (first, *(c for c in ("memory", "cpuset", "cpuacct", "devices")
                                                          if c != first)))

@@ -1,6 +1,6 @@
 """pyslurm for the Slurm adapter: used when installed, matching the installed Slurm, and safe to import.
 
-Three rules from CONTRACTS.md §4:
+Three rules (docs/schedulers.md, "pyslurm"):
 
 - pyslurm MAJOR.MINOR follows Slurm's (22.5.x for 22.05, 23.2.x for 23.02 …); any other
   pairing is refused before anything is imported.
@@ -24,6 +24,8 @@ import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from dxflow.schedulers.base import command_path
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ def pyslurm_version() -> str:
 def slurm_version(environ: Mapping[str, str]) -> str:
     """``sinfo --version`` -> ``22.05.8`` (only where a slurm.conf exists: without one sinfo stops)."""
     try:
-        out = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, timeout=10,
+        out = subprocess.run([command_path("sinfo", environ.get("PATH", os.defpath)), "--version"],
+                             capture_output=True, text=True, timeout=10,
                              env=dict(environ), stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return ""

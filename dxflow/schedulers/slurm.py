@@ -8,7 +8,9 @@ A job object (22.05, trimmed)::
      "name": "wrap", "current_working_directory": "/home/alice",
      "standard_output": "/home/alice/slurm-%j.out", "standard_error": ""}
 
-24.11 prints ``"job_state": ["RUNNING"]`` (a list of flags) — both shapes are read.
+24.11 prints ``"job_state": ["RUNNING"]`` (a list of flags) — both shapes are read. What each
+generation (22.05, 24.11, 26.05) really prints is kept in tests/fixtures/slurm/ and read by
+tests/unit/test_slurm_generations.py; docs/admin-slurm.md §10 lists the differences.
 
 Load on slurmctld (issue #11). The agent learns whether its job still runs on its node from
 slurmstepd's sockets on that node (:attr:`Slurm.local_signs`), not from slurmctld. What is asked
@@ -60,7 +62,10 @@ class Slurm(Scheduler):
         "BOOT_FAIL": JobState.ENDED, "DEADLINE": JobState.ENDED, "OUT_OF_MEMORY": JobState.ENDED,
         "SPECIAL_EXIT": JobState.ENDED, "REVOKED": JobState.ENDED,
     }
-    passthrough_env = ("SLURM_CONF",)
+    # SLURM_CONF: where the node's commands read slurm.conf. The GPU variables: the job's GPUs on this
+    # node, set by slurmd in the prolog's environment when the job has GRES gpu (prolog_epilog.html,
+    # "environment variables"); the agent's sampler ties GPUs to the job with them (dxflow.metrics.gpus).
+    passthrough_env = ("SLURM_CONF", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL")
     squeue = ("squeue", "--json")
     commands = ("squeue", "sinfo")
 
@@ -87,6 +92,26 @@ class Slurm(Scheduler):
     def expand_nodes(self, text: str) -> list[str]:
         return expand_hostlist(text) if text else []
 
+    # -- output files: sbatch(1) "filename pattern", expanded by expand_stdio_fields (_is_wildcard,
+    # _expand_wildcard, src/common/print_fields.c) for a batch job: %A the array's id (the job's own
+    # when not an array), %a the array index, %J and %j the job id, %N the batch host, %n and %t "0"
+    # (the batch script is node 0, task 0), %u the user, %x the job name, %% a "%". %b (index modulo 10)
+    # and %s (the step) are left as they are. "%4j" zero-pads a number (to 10 digits at most); any "\"
+    # in the path turns expansion off.
+    output_patterns = {
+        "%A": ("array_job", "job"), "%a": ("array_task",), "%J": ("job",), "%j": ("job",),
+        "%N": ("node",), "%n": ("=0",), "%t": ("=0",), "%u": ("user",), "%x": ("name",), "%%": ("=%",),
+    }
+    output_pattern_width = True
+    output_pattern_literal = "\\"
+    #: "slurm-%j.out" for a batch job without --output, "slurm-%A_%a.out" for an array's (sbatch(1),
+    #: --output); squeue's standard_output is then empty (22.05), and the agent's prolog value too.
+    default_output = "slurm-%j.out"
+    default_array_output = "slurm-%A_%a.out"
+    #: what %a becomes in a job that is not an array: NO_VAL (0xfffffffe), "notarr-4-4294967294.out" as
+    #: written by 22.05, 24.11 and 26.05 alike (tests/fixtures/slurm/*/files.txt)
+    no_array_task = "4294967294"
+
     def cgroup_setup(self) -> tuple[Path, float]:
         """CgroupMountpoint from the cgroup.conf beside slurmd's slurm.conf (slurmd gives its path to
         the prolog as SLURM_CONF); a wait only when slurm.conf has PrologFlags=Contain and a cgroup
@@ -110,8 +135,7 @@ class Slurm(Scheduler):
             else:
                 return [i for i in map(self._info, items) if user is None or i.user == user]
         argv = list(self.squeue) + (["--user", user] if user else [])
-        data = json.loads(run(argv))
-        infos = [self._info(item) for item in data.get("jobs", [])]
+        infos = self._infos(job_items(run(argv)))
         return [i for i in infos if user is None or i.user == user]
 
     def job(self, job_id: str) -> JobInfo | None:
@@ -119,8 +143,8 @@ class Slurm(Scheduler):
         ``squeue --json --jobs JOB``, filtered by slurmctld where ``--json`` honours filters; 22.05
         lists every job, filtered here. Not for polling: :meth:`job_state` is."""
         check_name("job id", job_id)
-        data = json.loads(run([*self.squeue, "--jobs", job_id]))
-        return next((i for i in map(self._info, data.get("jobs", [])) if i.job == job_id), None)
+        items = job_items(run([*self.squeue, "--jobs", job_id]))
+        return next((i for i in self._infos(items) if i.job == job_id), None)
 
     def job_state(self, job_id: str) -> JobState:
         """The job's state from slurmctld, asked for that one job (the agent's fallback when no look
@@ -134,7 +158,21 @@ class Slurm(Scheduler):
 
     def backend_why(self) -> str:
         st = pyslurm_backend.status(self.environ)
-        return st.reason if st.usable else f"{st.reason}; Slurm's own JSON output instead"
+        why = st.reason if st.usable else f"{st.reason}; Slurm's own JSON output instead"
+        note = generation_note(st.slurm_version or pyslurm_backend.slurm_version(self.environ))
+        return f"{why}; {note}" if note else why
+
+    def _infos(self, items: list[dict[str, Any]]) -> list[JobInfo]:
+        """:meth:`_info` of each; a heterogeneous job's later components get the output paths of its
+        first (the one batch script's), which 24.11 prints already expanded with each component's own
+        id ("het-10.out" where slurmstepd writes "het-9.out")."""
+        infos = [self._info(item) for item in items]
+        by_id = {i.job: i for i in infos}
+        for item, info in zip(items, infos):
+            leader = by_id.get(str(_number(item.get("het_job_id")) or ""))
+            if leader is not None and leader is not info:
+                info.stdout, info.stderr = leader.stdout, leader.stderr
+        return infos
 
     def _info(self, item: dict[str, Any]) -> JobInfo:
         state = item.get("job_state", "")
@@ -144,13 +182,30 @@ class Slurm(Scheduler):
             native = str(state)
         job = str(item.get("job_id", ""))
         nodes = item.get("nodes") or ""
+        array = _number(item.get("array_job_id"))  # 0 (22.05) or {"set": false, …} (23.02+): not an array
+        task = _number(item.get("array_task_id")) if array else None
+        # A heterogeneous job's batch script runs in its first component only, named by the leader's id:
+        # "-o %x-%j.out" is het-9.out for components 9 and 10 alike (seen on 22.05, 24.11 and 26.05).
+        het = _number(item.get("het_job_id")) if _number(item.get("het_job_offset")) else None
+        first = expand_hostlist(nodes)[0] if isinstance(nodes, str) and nodes else ""
+        fields = {"job": str(het) if het else job, "user": str(item.get("user_name", "")),
+                  "name": str(item.get("name", "")), "node": str(item.get("batch_host") or first),
+                  "array_job": str(array) if array else "", "array_task": self.no_array_task if task is None
+                  else str(task)}
+        stdout = str(item.get("standard_output", "") or "")
+        stderr = str(item.get("standard_error", "") or "")
+        if not stdout and item.get("batch_flag", True):
+            stdout = self.default_array_output if array else self.default_output
+        work_dir = str(item.get("current_working_directory", ""))
+        # A relative path stays relative (the agent puts it under work_dir): 22.05 and 26.05 print
+        # "slurm-%j.out" as given, 24.11 prints it joined. Without --error, stderr goes to the --output
+        # file (sbatch(1)); 24.11 says so itself.
+        stdout = self.expand_output(stdout, fields)
+        stderr = self.expand_output(stderr, fields) or stdout
         return JobInfo(
             job=job, user=str(item.get("user_name", "")), state=self.map_state(native),
             nodes=self.expand_nodes(nodes) if isinstance(nodes, str) else list(nodes),
-            name=str(item.get("name", "")),
-            work_dir=str(item.get("current_working_directory", "")),
-            stdout=expand_pattern(str(item.get("standard_output", "") or ""), item),
-            stderr=expand_pattern(str(item.get("standard_error", "") or ""), item),
+            name=str(item.get("name", "")), work_dir=work_dir, stdout=stdout, stderr=stderr,
         )
 
     # -- filtered queries as plain text (issue #11) ----------------------------------------------------
@@ -205,7 +260,7 @@ class Slurm(Scheduler):
     #: SlurmdSpoolDir when slurm.conf does not set it (slurm.conf(5))
     default_spool = "/var/spool/slurmd"
 
-    def local_sign_fields(self, node: str) -> dict[str, str] | None:
+    def local_sign_fields(self, node: str, job_id: str = "") -> dict[str, str] | None:
         """``{spool}``: SlurmdSpoolDir of the slurm.conf slurmd gave the prolog (SLURM_CONF), with
         ``%n`` (node name) and ``%h`` (host name) expanded as slurmd does (slurm.conf(5)). Read once:
         slurm.conf may live on a shared file system, and the agent looks every few seconds."""
@@ -216,6 +271,57 @@ class Slurm(Scheduler):
             host = socket.gethostname().split(".")[0]
             spools[node] = spool.replace("%n", node).replace("%h", host)
         return {"spool": spools[node]}
+
+
+# -- the Slurm generations dxflow reads (issue #12) ----------------------------------------------------
+#: Generations whose squeue/scontrol/sinfo JSON and prolog/epilog environments were captured from a
+#: running Slurm and are read by the tests (tests/fixtures/slurm/<generation>/, made by dxflow.lab.capture).
+TESTED_GENERATIONS = ("22.05", "24.11", "26.05")
+
+
+def release(data: dict[str, Any]) -> str:
+    """The Slurm release that printed a JSON document: ``meta.Slurm.release`` (22.05) or
+    ``meta.slurm.release`` (23.02+, its version numbers turned to strings); '' when absent."""
+    meta = data.get("meta") if isinstance(data, dict) else None
+    slurm = (meta.get("slurm") or meta.get("Slurm")) if isinstance(meta, dict) else None
+    return str(slurm.get("release") or "") if isinstance(slurm, dict) else ""
+
+
+def generation_note(version: str) -> str:
+    """What ``dxflow doctor`` says of Slurm ``version`` ("24.11.5"): '' for a tested generation, a warning
+    for one outside them; '' when the version is unknown (nothing to say)."""
+    mm = pyslurm_backend.major_minor(version)
+    if mm is None:
+        return ""
+    tested = [pyslurm_backend.major_minor(g) for g in TESTED_GENERATIONS]
+    if mm in tested:
+        return f"Slurm {version}: a tested generation"
+    known = ", ".join(TESTED_GENERATIONS)
+    known_mm = [t for t in tested if t]
+    if mm < min(known_mm):
+        return (f"Slurm {version} is older than any generation dxflow is tested with ({known}): "
+                "squeue --json may lack what dxflow reads")
+    if mm > max(known_mm):
+        return (f"Slurm {version} is newer than any generation dxflow is tested with ({known}): its "
+                "squeue --json is read as the newest one's; report what `dxflow jobs` gets wrong")
+    return (f"Slurm {version} lies between the generations dxflow is tested with ({known}): its "
+            "squeue --json is read as theirs")
+
+
+def job_items(text: str) -> list[dict[str, Any]]:
+    """The jobs of ``squeue --json``'s output, or SchedulerError naming the Slurm that printed a document
+    of another shape (rather than jobs read wrong)."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise SchedulerError(f"squeue --json printed something that is not JSON: {e}") from e
+    items = data.get("jobs") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "job_id" in i for i in items):
+        which = release(data) or "of unknown version"
+        raise SchedulerError(f"squeue --json of Slurm {which} has no list of jobs with a job_id: a shape "
+                             f"dxflow does not know (tested: {', '.join(TESTED_GENERATIONS)}); "
+                             "`dxflow doctor` says which Slurm this host runs")
+    return items
 
 
 def read_conf(path: Path) -> dict[str, str]:
@@ -234,31 +340,11 @@ def read_conf(path: Path) -> dict[str, str]:
     return out
 
 
-def expand_pattern(pattern: str, item: dict[str, Any]) -> str:
-    """Expand sbatch's filename patterns (%j %u %x %A %a %N %%) as far as squeue tells them."""
-    if "%" not in pattern:
-        return pattern
-    nodes = item.get("nodes") or ""
-    first = expand_hostlist(nodes)[0] if isinstance(nodes, str) and nodes else ""
-    table = {
-        "j": str(item.get("job_id", "")), "u": str(item.get("user_name", "")),
-        "x": str(item.get("name", "")), "A": str(item.get("array_job_id", "") or item.get("job_id", "")),
-        "a": str(item.get("array_task_id", "") or ""), "N": first, "%": "%",
-    }
-    out, i = [], 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "%" and i + 1 < len(pattern):
-            j = i + 1
-            while j < len(pattern) and pattern[j].isdigit():  # %5j: zero-padded
-                j += 1
-            key = pattern[j] if j < len(pattern) else ""
-            if key in table:
-                width = int(pattern[i + 1:j] or 0)
-                value = table[key]
-                out.append(value.zfill(width) if width and value.isdigit() else value)
-                i = j + 1
-                continue
-        out.append(ch)
-        i += 1
-    return "".join(out)
+def _number(value: Any) -> int | None:
+    """A number of squeue's JSON: a plain one (22.05) or ``{"set": true, "number": N}`` (23.02+)."""
+    if isinstance(value, dict):
+        value = value.get("number") if value.get("set", True) else None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -2,11 +2,14 @@
 
 Everything here talks to the real thing: sbatch/squeue/scancel as the lab users,
 the installed ``dxflow`` (/usr/local/bin/dxflow), sshd and slurmd in the node
-namespaces. Tests in this folder are marked ``lab`` automatically.
+namespaces. Tests in this folder are marked ``lab`` automatically, and each needs
+the lab up (:func:`pytest_runtest_setup`): otherwise they are skipped with one reason,
+or fail with it under scripts/test.sh.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -21,12 +24,18 @@ from typing import Iterator, Sequence
 
 import pytest
 
+from dxflow.lab.layout import Layout
+
 DXFLOW = "/usr/local/bin/dxflow"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 NODES = ("n1", "n2")
 NETNS = "dxlab-{node}"
+#: the lab's state file to look for instead of the one ``dxflow lab up`` writes (to try the probe)
+LAB_STATE_ENV = "DXFLOW_LAB_STATE"
+#: "1" (scripts/test.sh): a lab that is not up fails the lab tests instead of skipping them
+REQUIRE_LAB_ENV = "DXFLOW_REQUIRE_LAB"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -102,15 +111,46 @@ class Jobs:
             run(["scancel", job], check=False)
 
 
+def lab_status() -> tuple[str, dict]:
+    """Why the lab tier cannot run here ("" when it can), and ``dxflow lab status``'s answer.
+
+    The first look is at the state file ``dxflow lab up`` writes (``DXFLOW_LAB_STATE`` names
+    another one, to try this probe without taking the lab down)."""
+    state_file = Path(os.environ.get(LAB_STATE_ENV) or Layout().state_file)
+    if not state_file.exists():
+        return f"the lab is not up (no {state_file}): run `dxflow lab up` as root", {}
+    if os.geteuid() != 0:
+        return "lab tests run as root (they act as the lab users through runuser)", {}
+    status = run([DXFLOW, "lab", "status", "--json"], check=False)
+    try:
+        info = json.loads(status.stdout)
+    except ValueError:
+        return f"`dxflow lab status` failed ({status.returncode}): {status.stderr.strip()[-300:]}", {}
+    if info.get("state") != "up":
+        return f"the lab is {info.get('state')}, not up: see `dxflow lab status`; run `dxflow lab up`", info
+    return "", info
+
+
+@functools.cache
+def the_lab() -> tuple[str, dict]:
+    """:func:`lab_status`, looked at once per run."""
+    return lab_status()
+
+
+def pytest_runtest_setup(item) -> None:
+    """Every lab test needs the lab: without it, each is skipped with the one reason (one line in the
+    summary), or fails with it when the run requires the lab (``DXFLOW_REQUIRE_LAB=1``, scripts/test.sh)."""
+    why, _ = the_lab()
+    if why:
+        if os.environ.get(REQUIRE_LAB_ENV) == "1":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def lab() -> dict:
-    """The lab must be up (``dxflow lab up``): fail loudly, never skip, if it is not."""
-    if os.geteuid() != 0:
-        pytest.fail("lab tests run as root (they act as the lab users through runuser)")
-    status = run([DXFLOW, "lab", "status", "--json"], check=False)
-    if status.returncode != 0:
-        pytest.fail(f"the lab is not up: run `dxflow lab up` first\n{status.stdout}{status.stderr}")
-    return json.loads(status.stdout)
+    """``dxflow lab status --json`` of the lab, which is up (:func:`pytest_runtest_setup` saw to that)."""
+    return the_lab()[1]
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DXFLOW, Jobs, as_user, dxflow, on_node, run, wait_agents, wait_for
+from dxflow.layout import UserLayout
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ def console(browser, job):
     """A logged-in page: the printed URL opened in a fresh browser context."""
     link = console_link()
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/login\?token=[\w-]+", link["url"])
-    sock = f"{ALICE_HOME}/.dxflow/console.sock"
+    sock = str(UserLayout.of(ALICE_HOME).console_sock)  # this login node's
     assert link["socket"] == sock
     assert link["ssh"] == f"ssh -N -L {link['port']}:{sock} alice@{link['login_host']}"
     assert link["ssh_tcp"] == f"ssh -N -L {link['port']}:127.0.0.1:{link['port']} alice@{link['login_host']}"

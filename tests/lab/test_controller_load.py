@@ -22,12 +22,18 @@ import pytest
 from conftest import NETNS, agent_pids, as_user, popen_as, run, stop, wait_for
 
 from dxflow.lab.trace import Trace, scheduler_commands, under
+from dxflow.lab.private_master import PrivateMaster
 
 PYTHON = "/opt/dxflow/venv/bin/python"
 ALICE = pwd.getpwnam("alice")
 FLEET = Path(ALICE.pw_dir) / ".dxflow" / "fleet"
 #: how the agent asks slurmctld about its one job (dxflow.schedulers.slurm.Slurm.squeue_one)
 ONE_JOB = ["squeue", "--noheader", "--format=%A|%u|%T|%N", "--jobs"]
+
+
+def named(argv: list[str]) -> list[str]:
+    """``argv`` with the command by name: dxflow runs scheduler commands by path (``scheduler_bin``)."""
+    return [os.path.basename(argv[0]), *argv[1:]]
 
 
 @pytest.fixture
@@ -81,7 +87,7 @@ def test_agents_of_a_job_ask_slurmctld_at_most_once_in_two_minutes(jobs, tmp_pat
         time.sleep(120)
     finally:
         trace.stop()
-    asked = [c.argv for c in scheduler_commands(trace.calls())]
+    asked = [named(c.argv) for c in scheduler_commands(trace.calls())]
     assert all(argv[:-1] == ONE_JOB and argv[-1] == job for argv in asked), asked
     assert len(asked) <= 1, asked
 
@@ -124,7 +130,7 @@ def test_where_no_look_can_tell_the_agent_asks_for_its_job_alone_within_the_site
     finally:
         trace.stop()
     minutes = (time.monotonic() - t0) / 60
-    asked = [c.argv for c in scheduler_commands(trace.calls())]
+    asked = [named(c.argv) for c in scheduler_commands(trace.calls())]
     assert asked and all(argv == [*ONE_JOB, job] for argv in asked), asked
     assert len(asked) <= 4 + 4 * minutes + 1, (len(asked), minutes)   # a 1 s interval uncapped: ~100
 
@@ -152,8 +158,6 @@ def test_logs_follow_learns_the_end_from_the_agent_not_from_slurmctld(jobs, tmp_
         out.unlink(missing_ok=True)
 
 
-MASTER = "import sys; from pathlib import Path; from dxflow.master.server import MasterServer; " \
-         "MasterServer(Path(sys.argv[1])).run()"
 ASK = ("import sys, json; from pathlib import Path; from dxflow.master.client import MasterClient; "
        "print(json.dumps(MasterClient(Path(sys.argv[1])).json('GET', sys.argv[2])))")
 
@@ -163,31 +167,21 @@ def test_master_asks_on_news_reads_the_folder_when_it_changed_and_exits_when_idl
     registration appears, none during 30 quiet seconds, one for `dxflow ls`; its fleet folder read
     at most once while it does not change; gone 20 s (the site's setting here) after its last agent
     and its last client. Before: a question every 5 s, two reads of the folder a second, no exit."""
-    base = Path(ALICE.pw_dir) / f".dxflow-loadtest-{os.getpid()}"
     site = site_file("master_check_interval = 600.0\nmaster_check_gap = 2.0\nfleet_scan_max = 2.0\n"
                      "master_idle_exit = 20.0\n")
-    (base / "logs").mkdir(parents=True, mode=0o700)
-    (base / "fleet").mkdir(mode=0o700)
-    for name in ("id_rsa", "id_rsa.pub"):
-        shutil.copy2(Path(ALICE.pw_dir) / ".dxflow" / name, base / name)
-    for path in [base, *base.rglob("*")]:
-        os.lchown(path, ALICE.pw_uid, ALICE.pw_gid)
+    master = PrivateMaster("alice", f".dxflow-loadtest-{os.getpid()}", {"DXFLOW_SITE_CONFIG": str(site)}).prepare()
+    base, private = master.base, master.files
 
     def ask(path: str):
         return json.loads(as_user("alice", ["env", f"DXFLOW_SITE_CONFIG={site}", PYTHON, "-c", ASK, str(base),
                                             path]).stdout)
 
-    argv = ["runuser", "-u", "alice", "--", "env", f"HOME={ALICE.pw_dir}", f"DXFLOW_SITE_CONFIG={site}",
-            PYTHON, "-c", MASTER, str(base)]
-    trace = Trace(tmp_path / "master.strace", argv=argv)
+    trace = Trace(tmp_path / "master.strace", argv=master.argv())
     try:
-        wait_for(lambda: (base / "master.sock").exists(), 30, what="the private master")
+        wait_for(lambda: private.master_sock.exists(), 30, what="the private master")
         job = jobs.submit("alice", "sleep 400", "--nodelist=n1")
         wait_for(lambda: registered(job, 1), 60, what=f"the agent of job {job}")
-        src = next(FLEET.glob(f"dxlab.{job}.*.json"))
-        copy = base / "fleet" / src.name
-        shutil.copy2(src, copy)
-        os.chown(copy, ALICE.pw_uid, ALICE.pw_gid)
+        [copy] = master.adopt(FLEET.glob(f"dxlab.{job}.*.json"))
         wait_for(lambda: [a["state"] for a in ask("/api/agents")] == ["ready"], 60, what="the agent ready")
         time.sleep(3)  # the folder's change is old enough to be trusted
         news = len(scheduler_commands(trace.calls()))
@@ -196,19 +190,17 @@ def test_master_asks_on_news_reads_the_folder_when_it_changed_and_exits_when_idl
         calls = trace.calls()
         quiet = [c for c in calls if c.at >= quiet_from]
         assert news >= 1 and len(scheduler_commands(calls)) == news, [c.argv for c in scheduler_commands(calls)]
-        reads = [c for c in under(quiet, base / "fleet") if c.name == "openat"]
-        looks = under(quiet, base / "fleet")
+        reads = [c for c in under(quiet, private.fleet_dir) if c.name == "openat"]
+        looks = under(quiet, private.fleet_dir)
         assert len(reads) <= 1 and len(looks) <= 30 / 2 + 5, [(c.name, c.path) for c in looks]
         ask("/api/agents?refresh=1")                         # `dxflow ls`
         wait_for(lambda: len(scheduler_commands(trace.calls())) == news + 1, 10, what="the question for ls")
         assert all(c.argv[-2:] == ["--user", "alice"] for c in scheduler_commands(trace.calls()))
         copy.unlink()                                        # its agent goes (as the epilog removes it)
         assert trace.proc.wait(timeout=60) == 0              # the master exits by itself
-        assert not (base / "master.sock").exists()
+        assert not private.master_sock.exists()
     finally:
         if trace.proc.poll() is None:
-            pid = (base / "master.pid").read_text().strip() if (base / "master.pid").exists() else ""
-            if pid.isdigit():
-                os.kill(int(pid), 15)
+            master.stop()
             trace.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        master.remove()

@@ -86,10 +86,10 @@ def test_ending_one_job_leaves_the_other_jobs_agent(jobs):
 def _token(user: str, audience_of: dict, lifetime: int = 60, iat_offset: int = 0) -> str:
     code = ("import json,sys,time,jwt\n"
             "from dxflow.auth import user_key, fingerprint\n"
-            "from dxflow.config import ensure_user_dir\n"
+            "from dxflow.layout import UserLayout\n"
             "reg=json.loads(sys.argv[1]); now=int(time.time())+int(sys.argv[3])\n"
             "claims={'sub':sys.argv[2],'aud':fingerprint(reg['public_key']),'iat':now,'exp':now+int(sys.argv[4])}\n"
-            "print(jwt.encode(claims,user_key(ensure_user_dir()),algorithm='RS256'))\n")
+            "print(jwt.encode(claims,user_key(UserLayout.of().ensure_shared().base),algorithm='RS256'))\n")
     return as_user(user, ["/opt/dxflow/venv/bin/python", "-c", code, json.dumps(audience_of), "alice",
                           str(iat_offset), str(lifetime)]).stdout.strip()
 

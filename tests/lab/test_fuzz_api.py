@@ -26,6 +26,7 @@ import pytest
 
 from conftest import Jobs, dxflow, wait_agents
 from dxflow import auth
+from dxflow.layout import UserLayout
 
 PYTHON = "/opt/dxflow/venv/bin/python"
 ST = "/opt/dxflow/venv/bin/st"
@@ -142,7 +143,7 @@ def test_fuzz_master_api_no_server_errors(lab, tmp_path):
         agents = wait_agents(USER, job, 1, timeout=60)
         node = agents[0]["node"]
         dxflow(USER, "master", "start")
-        sock = os.path.expanduser(f"~{USER}/.dxflow/master.sock")
+        sock = str(UserLayout.of(os.path.expanduser(f"~{USER}")).master_sock)
         server, _ = _unix_forwarder(sock)
         url = f"http://127.0.0.1:{server.getsockname()[1]}"
         with urllib.request.urlopen(url + "/api/openapi.json", timeout=10) as resp:

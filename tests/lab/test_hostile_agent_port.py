@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DXFLOW, NETNS, agents_of, as_user, dxflow, on_node, wait_agents, wait_for
+from dxflow.layout import UserLayout
 
 SLEEP = "sleep 600"
 LOST = 7  # AgentUnreachable / AgentLost
@@ -141,7 +142,7 @@ def test_bob_on_a_dead_agents_port_gets_no_byte_and_alice_is_told_agent_lost(job
             assert thief.received() == 0, f"bob received bytes after dxflow {' '.join(argv)}"
         # the relay the web console uses (the same route, here on the master's socket)
         curl = as_user("alice", ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket",
-                                 "/home/alice/.dxflow/master.sock", f"http://master/api/fleet/{job}/-/api/node"],
+                                 str(UserLayout.of("/home/alice").master_sock), f"http://master/api/fleet/{job}/-/api/node"],
                        check=False, timeout=60)
         body, _, code = curl.stdout.rpartition("\n")
         assert code == "502" and "agent lost" in body, curl.stdout

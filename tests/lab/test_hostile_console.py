@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Jobs, as_user, dxflow, wait_agents, wait_for
+from dxflow.layout import UserLayout
 from test_console import TIMEOUT, console_link, shot
 
 ALICE_HOME = Path(os.path.expanduser("~alice"))
@@ -249,7 +250,7 @@ def test_cookies_die_with_logout_and_with_the_master(browser, job):
 
 def console_port() -> int | None:
     try:
-        return json.loads((ALICE_HOME / ".dxflow" / "console.json").read_text())["port"]
+        return json.loads(UserLayout.of(ALICE_HOME).console_state.read_text())["port"]
     except (OSError, ValueError, KeyError):
         return None
 

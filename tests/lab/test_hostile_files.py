@@ -62,9 +62,9 @@ except (OSError, urllib.error.URLError):
 MINT = """
 import json, sys
 from dxflow.auth import fingerprint, mint_token, user_key
-from dxflow.config import ensure_user_dir
+from dxflow.layout import UserLayout
 reg = json.load(open(sys.argv[1]))
-print(mint_token(user_key(ensure_user_dir()), reg["user"], fingerprint(reg["public_key"])))
+print(mint_token(user_key(UserLayout.of().ensure_shared().base), reg["user"], fingerprint(reg["public_key"])))
 """
 
 

@@ -20,6 +20,7 @@ from typing import Iterator
 import pytest
 
 from conftest import NETNS, dxflow, wait_agents
+from dxflow.layout import UserLayout
 
 ALICE_DXFLOW = Path(os.path.expanduser("~alice")) / ".dxflow"
 CONNECTIONS = 200
@@ -95,7 +96,7 @@ def test_half_sent_requests_from_bob_do_not_starve_alices_agent_and_master(jobs,
     wait_agents("alice", job, 1)
     [registration] = (ALICE_DXFLOW / "fleet").glob(f"*.{job}.n1.json")
     agent_port = json.loads(registration.read_text())["port"]
-    console_port = json.loads((ALICE_DXFLOW / "console.json").read_text())["port"]
+    console_port = json.loads(UserLayout.of(ALICE_DXFLOW.parent).console_state.read_text())["port"]
 
     attackers.append(hold_connections("bob", agent_port, node="n1"))
     attackers.append(hold_connections("bob", console_port))

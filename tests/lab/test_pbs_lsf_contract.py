@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -70,11 +71,11 @@ class Kit:
             d.chmod(0o755)
         (self.pbs_home / "spool").mkdir(mode=0o1777)
         (self.pbs_home / "spool").chmod(0o1777)  # as pbs_postinstall makes it
-        for name in ("qstat", "bjobs", "sbatchd"):
+        for name in ("qstat", "bjobs", "sbatchd", "pbs_attach", "blaunch"):
             shutil.copy(FAKES / name, self.bin / name)
             (self.bin / name).chmod(0o755)
         shutil.copy(FAKES / "pbs.py", self.pbs_python / "pbs.py")
-        for log in ("calls.log", "uids.log"):
+        for log in ("calls.log", "uids.log", "tasks.log"):
             (self.bin / log).touch(mode=0o666)
             (self.bin / log).chmod(0o666)
         # /etc/pbs.conf as an OpenPBS install writes it (PBS_EXEC/bin holds qstat). The lab does not own
@@ -119,6 +120,10 @@ class Kit:
 
     def calls(self) -> list[list[str]]:
         return [json.loads(line) for line in (self.bin / "calls.log").read_text().splitlines()]
+
+    def tasks(self) -> list[dict]:
+        """What the launcher stand-ins (pbs_attach, blaunch) started as tasks of a job."""
+        return [json.loads(line) for line in (self.bin / "tasks.log").read_text().splitlines()]
 
     def bjobs_uids(self) -> list[int]:
         return [int(line) for line in (self.bin / "uids.log").read_text().split()]
@@ -221,7 +226,8 @@ def expect_agent(kit: Kit, cluster: str, job: str, node: str, hook_pgid: int, *,
     kit.started.append(path)
     record = wait_for(lambda: path.exists() and json.loads(path.read_text()), 10, what=f"record {path}")
     pid = record["pid"]
-    st = wait_for(lambda: proc_stat(pid), 5, what=f"agent {pid} alive")
+    # the record names the prolog's launcher (dxflow.adopt): root until it becomes the agent, same pid
+    st = wait_for(lambda: (found := proc_stat(pid)) and found["uid"] != 0 and found, 5, what=f"agent {pid} alive")
     assert st["uid"] == pwd.getpwnam(USER).pw_uid, "the agent must run as the job's user"
     assert st["sid"] == pid and st["pgid"] == pid, "the agent must lead a session of its own"
     assert st["sid"] != hook_pgid
@@ -347,11 +353,14 @@ def test_pbs_classic_prologue_and_epilogue(kit, master):
 def test_pbs_logs_follow_shows_the_spooled_output_of_a_running_job(kit, master):
     """pbs_mom writes a running job's stdout to $PBS_HOME/spool/<job>.OU and copies it to Output_Path
     only at the end: `dxflow logs -f` shows the lines while the job writes them, and the final file
-    after. The old agent read only Output_Path, which does not exist while the job runs."""
+    after. The old agent read only Output_Path, which does not exist while the job runs. The follower
+    ends when MoM purges the job (its mom_priv/jobs/JOB.JB goes), seen on the node: the agent never asks
+    qstat whether the job still runs (issue #11; the old agent asked every 10 s while followed)."""
     job = pbs_job_id()
     seq = job.split(".")[0]
     kit.pbs_jobs({job: pbs_attrs(["n1"], job=job)})
     (kit.pbs_home / "aux" / job).write_text("n1\n")
+    spool.pbs_job_arrive(kit.pbs_home, job)  # MoM takes the job before it runs the prologue
     env = kit.mom_env()
     pro = kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], env, cwd=kit.mom_priv)
     pid = expect_agent(kit, SERVER, job, "n1", pro.pgid)
@@ -368,10 +377,13 @@ def test_pbs_logs_follow_shows_the_spooled_output_of_a_running_job(kit, master):
             f.write("spooled-line-2\n")
         lines.wait_for("spooled-line-2", 10)
         assert not final.exists()
+        asked = len(kit.calls())
         spool.pbs_stage_out(spooled, final, USER)  # the job ends: copied to Output_Path, spool removed
         kit.pbs_jobs({job: pbs_attrs(["n1"], state="F", job=job)})
+        spool.pbs_job_purge(kit.pbs_home, job)     # … and purged from MoM
         follower.wait(30)
         assert follower.returncode == 0, follower.stderr.read()
+        assert [c for c in kit.calls()[asked:] if job in c] == [], "the agent asked qstat about its job"
     finally:
         stop(follower)
     shown = master("logs", f"{job}:n1", check=False)
@@ -522,7 +534,9 @@ def test_lsf_host_pre_exec_as_root_starts_nothing_and_says_why(kit):
 def test_lsf_logs_follow_shows_the_spooled_output_of_a_running_job(kit, master):
     """sbatchd writes a running job's output to <job file>.out in ~/.lsbatch and copies it to bsub -o's
     file only when the job finishes (LSB_STDOUT_DIRECT unset): `dxflow logs -f` shows the lines while
-    the job writes them. The old agent read only the final file."""
+    the job writes them. The old agent read only the final file. The follower ends when sbatchd removes
+    the job's /tmp/JOB.tmpdir and job file, seen on the node: the agent never asks bjobs whether the job
+    still runs (issue #11; the old agent asked every 10 s while followed)."""
     job = str(secrets.randbelow(900000) + 100000)
     home = Path(pwd.getpwnam(USER).pw_dir)
     final = home / f"contract.{job}.out"
@@ -542,15 +556,139 @@ def test_lsf_logs_follow_shows_the_spooled_output_of_a_running_job(kit, master):
             f.write("lsf-line-2\n")
         lines.wait_for("lsf-line-2", 10)
         assert not final.exists()
+        asked = len(kit.calls())
         spool.lsf_copy_out(job_file, final, USER)  # the job finishes: copied to -o's file, spool removed
         kit.lsf_jobs([dict(lsf_record(job, ["n1"]), STAT="DONE")])
         follower.wait(30)
         assert follower.returncode == 0, follower.stderr.read()
+        assert [c for c in kit.calls()[asked:] if job in c] == [], "the agent asked bjobs about its job"
     finally:
         stop(follower)
     final.unlink(missing_ok=True)
     assert kit.lsf_exec("n1", "host_post_exec", env, USER)["returncode"] == 0
     expect_gone("default", job, "n1", pid, user_record=True)
+
+
+def test_lsf_agent_sees_its_job_end_on_the_node_whatever_bob_leaves_in_tmp(kit):
+    """When sbatchd removes alice's job's /tmp/JOB.tmpdir and job file, bob makes a /tmp/JOB.tmpdir of his
+    own at once, to keep her agent believing the job runs. The agent counts only a folder of the job's
+    user: it sees the end on its node, stops by itself (no post-exec needed) and never asks bjobs."""
+    job = str(secrets.randbelow(900000) + 100000)
+    kit.lsf_jobs([lsf_record(job, ["n1"])])
+    job_file, _ = spool.lsf_spool_open(USER, job)
+    env = lsf_job_env(kit, job, ["n1"], LSB_JOBFILENAME=str(job_file))
+    pre = kit.lsf_exec("n1", "host_pre_exec", env, USER)
+    pid = expect_agent(kit, "default", job, "n1", pre["pid"], user_record=True)
+    time.sleep(1)  # the agent's first look, at its start, has seen the job's folder
+    final = Path(pwd.getpwnam(USER).pw_dir) / f"contract.{job}.out"
+    asked = len(kit.calls())
+    spool.lsf_copy_out(job_file, final, USER)  # the job is done: sbatchd removes its folder and job file
+    trap = spool.lsf_tmpdir(job)
+    run(["runuser", "-u", "bob", "--", "mkdir", "-m", "0777", str(trap)])
+    try:
+        kit.lsf_jobs([dict(lsf_record(job, ["n1"]), STAT="DONE")])
+        wait_for(lambda: proc_stat(pid) is None, 40, what=f"agent {pid} stopped by itself")
+        assert [c for c in kit.calls()[asked:] if job in c] == [], "the agent asked bjobs about its job"
+    finally:
+        trap.rmdir()
+        final.unlink(missing_ok=True)
+    assert kit.lsf_exec("n1", "host_post_exec", env, USER)["returncode"] == 0
+    expect_gone("default", job, "n1", pid, user_record=True)
+
+
+# -- dxflow exec and shell run as tasks of the job (issue #9, item 2) -----------------------------
+def tasks_of(kit: Kit, pid: int) -> list[dict]:
+    return [t for t in kit.tasks() if t["pid"] == pid]
+
+
+def test_pbs_exec_and_shell_run_through_pbs_attach_as_tasks_of_the_job(kit, master):
+    """The agent starts `dxflow exec` and `dxflow shell` commands through ``pbs_attach -j JOB``: MoM takes
+    them as tasks of the job (accounted, in its cgroups, killed with it). The stand-in refuses a job
+    not running on the host or of another user, as MoM does, and execs the command in place: the
+    command's pid is the one it logged. Before, they ran beside the job."""
+    job = pbs_job_id()
+    kit.pbs_jobs({job: pbs_attrs(["n1"], job=job)})
+    (kit.pbs_home / "aux" / job).write_text("n1\n")
+    env = kit.mom_env()
+    pro = kit.on_node("n1", [str(kit.mom_priv / "prologue"), job, USER, USER], env, cwd=kit.mom_priv)
+    pid = expect_agent(kit, SERVER, job, "n1", pro.pgid)
+    master.wait_ready(job, {"n1"}, asked=["qstat", "-f", "-F", "json"])
+    out = master("exec", f"{job}:n1", "--", "sh", "-c", 'echo "$$"; echo "a  b" "$1"', "sh", "-x; y")
+    task_pid, words = out.stdout.splitlines()
+    assert words == "a  b -x; y"  # each argument stays one: no shell between the agent and the command
+    task = tasks_of(kit, int(task_pid))
+    assert len(task) == 1 and task[0]["launcher"] == "pbs_attach", kit.tasks()
+    assert (task[0]["job"], task[0]["host"], task[0]["uid"]) == (job, "n1", pwd.getpwnam(USER).pw_uid)
+    missing = master("exec", f"{job}:n1", "--", "no-such-command-dxflow", check=False)
+    assert missing.returncode == 127 and "command not found" in missing.stderr, missing
+    line = f"PATH={shlex.quote(master.path)} exec {DXFLOW} shell {job}:n1"
+    shell = run(["runuser", "-l", USER, "-c", line], input='echo "shell-pid=$$"; exit 0\n', timeout=60)
+    shell_pid = int(re.search(r"shell-pid=(\d+)", shell.stdout).group(1))
+    task = tasks_of(kit, shell_pid)
+    assert len(task) == 1 and task[0]["job"] == job, kit.tasks()
+    assert task[0]["session"] == shell_pid  # the shell's own session is the task, with its terminal
+    kit.on_node("n1", [str(kit.mom_priv / "epilogue"), job, USER, USER, "contract", "1", "", "", "workq",
+                       "null", "0"], env, cwd=kit.mom_priv)
+    expect_gone(SERVER, job, "n1", pid)
+
+
+def test_pbs_agent_on_a_sister_host_joins_the_jobs_cgroups_without_waiting_for_a_task(kit):
+    """pbs_cgroups makes the job's cgroups (limits written) on every host at execjob_begin, but a sister
+    host gets a process there only with a task. The agent joins them as soon as they exist; before,
+    its launcher waited 20 s for a process that never came, then started the agent outside them."""
+    job = pbs_job_id()
+    kit.pbs_jobs({job: pbs_attrs(["n1", "n2"], job=job)})
+    prefix = f"dxtest{secrets.token_hex(3)}"
+    hooks = kit.mom_priv / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "pbs_cgroups.HK").write_text("type=site\nenabled=true\n")  # as the server copies it to MoM
+    (hooks / "pbs_cgroups.CF").write_text(json.dumps({"cgroup_prefix": prefix}))
+    made = [Path(f"/sys/fs/cgroup/{c}/{prefix}.service/jobid/{job}") for c in ("memory", "cpuacct")]
+    try:
+        for cg in made:  # what pbs_cgroups does at execjob_begin: the folders, then the limits
+            cg.mkdir(parents=True)
+        (made[0] / "memory.limit_in_bytes").write_text(str(1 << 30))
+        begin = pbs_hook(kit, "n2", "execjob_begin", job)
+        pid = expect_agent(kit, SERVER, job, "n2", begin.pgid)
+        groups = Path(f"/proc/{pid}/cgroup").read_text()
+        for controller in ("memory", "cpuacct"):
+            assert re.search(rf":[a-z,]*{controller}[a-z,]*:/{prefix}\.service/jobid/{re.escape(job)}$", groups,
+                             re.M), groups
+        assert json.loads(record_path(SERVER, job, "n2").read_text())["job_cgroups"] == [str(p) for p in made]
+        pbs_hook(kit, "n2", "execjob_end", job)
+        expect_gone(SERVER, job, "n2", pid)
+    finally:
+        for name in ("pbs_cgroups.HK", "pbs_cgroups.CF"):  # the other tests run without the cgroup hook
+            (hooks / name).unlink(missing_ok=True)
+        for cg in made:
+            for folder in (cg, cg.parent, cg.parent.parent):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+
+
+def test_lsf_exec_runs_through_blaunch_as_a_task_of_the_job(kit, master):
+    """LSF's pre-exec runs as the job's user, who cannot put the agent into the job's cgroup: `dxflow exec`
+    commands go through ``blaunch -no-shell HOST``, which has sbatchd and RES start them as tasks of the
+    job. The stand-in checks what blaunch needs: LSB_JOBID (and index) of a running job of the caller,
+    and the host in the job's allocation (LSB_MCPU_HOSTS, handed on by the pre-exec)."""
+    job = str(secrets.randbelow(900000) + 100000)
+    nodes = ["n1", "n2"]
+    kit.lsf_jobs([lsf_record(job, nodes)])
+    env = lsf_job_env(kit, job, nodes)
+    pre = kit.lsf_exec("n2", "host_pre_exec", env, USER)
+    pid = expect_agent(kit, "default", job, "n2", pre["pid"], user_record=True)
+    master.wait_ready(job, {"n2"}, asked=["bjobs", "-json", "-o", " ".join(LSF.fields), "-u", USER])
+    out = master("exec", f"{job}:n2", "--", "sh", "-c", 'echo "$$"; echo "$LSB_JOBID" "$1"', "sh", "$(id)")
+    task_pid, words = out.stdout.splitlines()
+    assert words == f"{job} $(id)"
+    task = tasks_of(kit, int(task_pid))
+    assert len(task) == 1 and task[0]["launcher"] == "blaunch", kit.tasks()
+    assert (task[0]["job"], task[0]["index"], task[0]["host"]) == (job, "0", "n2")
+    assert task[0]["shell"] is False  # -no-shell: blaunch puts no shell between it and the command
+    assert kit.lsf_exec("n2", "host_post_exec", env, USER)["returncode"] == 0
+    expect_gone("default", job, "n2", pid, user_record=True)
 
 
 # -- hostile values ---------------------------------------------------------------

@@ -4,7 +4,8 @@
   killed (what a restart of sshd that ends its sessions does): the copy completes with the
   right sha256, resumed by Range (downloads) or from the kept partial file (uploads) where
   it broke, not restarted from zero.
-* The same copy while the tunnel stalls 10 s (no byte moves, as with a cut link) completes.
+* The same copy while the link to the node is cut for 10 s (its packets dropped, both ways, by
+  routing rules for this user's SSH connections only) completes, resumed where it broke if it did.
 * An upload whose ``dxflow cp`` is killed leaves its bytes in a partial file under a temporary
   name on the node; the next ``dxflow cp`` of the same source continues it.
 * The master, SIGKILLed, comes back on the next command with the same fleet, even when its
@@ -18,17 +19,21 @@ other lab tests (mostly alice's) are not disturbed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import re
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
 from conftest import DXFLOW, NETNS, Jobs, dxflow, dxflow_json, popen_as, stop, wait_agents, wait_for
+from dxflow.layout import UserLayout, this_host
 
 USER = "bob"
 SIZE = 400 * 1024 * 1024
@@ -150,23 +155,75 @@ def test_upload_completes_after_the_nodes_sshd_session_ends_midway(job, folder):
     assert sorted(p.name for p in remote.iterdir()) == ["src.bin"]  # no partial file left
 
 
-def freeze_tunnel(node: str, seconds: float) -> None:
-    """No byte of the test user's tunnel to NODE moves for ``seconds``, as when its link is cut.
+#: Priority of the routing rules that cut the link: before the main table, after the local one.
+CUT_PREF = 90
 
-    Its sshd session is stopped (SIGSTOP) and continued: this machine has no iptables and no tc
-    qdisc or action modules to drop one connection's packets, and `ip link set down` would cut
-    every other lab test's traffic to the node too."""
-    pids = wait_for(lambda: user_sshd_sessions(node), 10, what=f"{USER}'s sshd session on {node}")
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+
+def node_address(node: str) -> str:
+    """NODE's address on the lab network (its eth0, as ``ip -j addr`` shows it)."""
+    out = subprocess.run(["ip", "-j", "-n", NETNS.format(node=node), "-4", "addr", "show", "dev", "eth0"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]["addr_info"][0]["local"]
+
+
+def ssh_peer_ports(node: str) -> set[int]:
+    """Login-side ports of the test user's SSH connections to NODE, read from NODE's sshd sessions:
+    their socket fds, matched in their namespace's TCP table (``/proc/PID/net/tcp``) to port 22."""
+    ports = set()
+    for pid in user_sshd_sessions(node):
+        try:
+            inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+                      if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+            lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+            lines += Path(f"/proc/{pid}/net/tcp6").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and int(local.rsplit(":", 1)[1], 16) == 22:
+                ports.add(int(remote.rsplit(":", 1)[1], 16))
+    return ports
+
+
+@contextmanager
+def link_cut(node: str) -> Iterator[Callable[[], None]]:
+    """The test user's traffic over the link to NODE is dropped, both ways, until the block ends.
+
+    As on a cut cable, packets are lost, not refused: TCP on both ends retransmits and the
+    connection lives on if the link comes back in time. Only the test user's SSH traffic is cut,
+    not the node's link (other lab tests use the node meanwhile): on the login side by a routing
+    rule for the user's own sockets (``uidrange``) to NODE's port 22, which also stops any new
+    connection; on NODE by a rule for the answers of its sshd to each of the user's connections
+    (port pair), which are root's sockets there. The returned function adds the rules for
+    connections made since (call it while the link is down)."""
+    uid = pwd.getpwnam(USER).pw_uid
+    netns = NETNS.format(node=node)
+    login_rule = ["pref", str(CUT_PREF), "uidrange", f"{uid}-{uid}", "to", f"{node_address(node)}/32",
+                  "ipproto", "tcp", "dport", "22", "blackhole"]
+    node_rules: list[list[str]] = []
+
+    def cut_new_connections() -> None:
+        for port in sorted(ssh_peer_ports(node)):
+            rule = ["pref", str(CUT_PREF), "ipproto", "tcp", "sport", "22", "dport", str(port), "blackhole"]
+            if rule not in node_rules:
+                subprocess.run(["ip", "-n", netns, "rule", "add", *rule], check=True)
+                node_rules.append(rule)
+
+    subprocess.run(["ip", "rule", "add", *login_rule], check=True)
     try:
-        time.sleep(seconds)
+        cut_new_connections()
+        assert node_rules, f"no SSH connection of {USER} to {node} to cut"
+        yield cut_new_connections
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        subprocess.run(["ip", "rule", "del", *login_rule], check=False)
+        for rule in node_rules:
+            subprocess.run(["ip", "-n", netns, "rule", "del", *rule], check=False)
 
 
-def test_download_completes_after_its_tunnel_stalls_for_10_s(job, folder):
+def test_download_completes_after_its_link_is_cut_for_10_s(job, folder):
+    """No packet of the copy's connection passes for 10 s, then the link is back: the copy completes
+    with the right bytes, and if it broke meanwhile it was resumed where it broke, not from zero."""
     src = folder / "big.bin"
     want = big_file(src)
     dst = folder / "copy.bin"
@@ -175,13 +232,23 @@ def test_download_completes_after_its_tunnel_stalls_for_10_s(job, folder):
     try:
         wait_for(lambda: size_of([part]) >= CUT_AT or proc.poll() is not None, 120, interval=0.05,
                  what="the copy under way")
-        assert proc.poll() is None, "the copy ended before the tunnel could be stalled: make SIZE larger"
-        freeze_tunnel(job["node"], 10)
+        assert proc.poll() is None, "the copy ended before the link could be cut: make SIZE larger"
+        with link_cut(job["node"]) as cut_new_connections:
+            time.sleep(2)  # what was in flight (socket buffers on the way) lands
+            held = size_of([part])
+            for _ in range(40):  # 8 s more: 10 s in all
+                time.sleep(0.2)
+                cut_new_connections()
+            # nothing moved while the link was down: the cut is real, not a slowdown
+            assert size_of([part]) == held and not dst.exists(), "bytes arrived through the cut link"
         _out, err = proc.communicate(timeout=300)
     finally:
         stop(proc)
     assert proc.returncode == 0, err
     assert sha256_of(dst) == want
+    for offset in re.findall(r"resuming \S+ at byte (\d+) of", err):
+        assert int(offset) >= CUT_AT, f"restarted below where it broke: {err}"
+    assert not part.exists()
 
 
 def cp_processes(src: Path) -> list[int]:
@@ -233,7 +300,7 @@ def dot_dxflow() -> Path:
 
 def master_processes() -> list[int]:
     """The test user's processes that hold the master's lock file open (the master and its worker)."""
-    lock = os.stat(dot_dxflow() / "master.lock")
+    lock = os.stat(UserLayout(dot_dxflow(), this_host()).master_lock)
     uid = pwd.getpwnam(USER).pw_uid
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -258,7 +325,7 @@ def stray(script: str) -> tuple[subprocess.Popen, int]:
 
 
 def write_pid_file(pid: int) -> None:
-    path = dot_dxflow() / "master.pid"
+    path = UserLayout(dot_dxflow(), this_host()).master_pid
     path.write_text(f"{pid}\n")
     pw = pwd.getpwnam(USER)
     os.chown(path, pw.pw_uid, pw.pw_gid)

@@ -54,6 +54,21 @@ def test_shell_on_a_node_of_the_job(jobs):
     assert child.exitstatus == 3, child.before
 
 
+def test_shell_runs_a_command_with_a_terminal_like_ssh_t(jobs):
+    """`dxflow shell JOB:NODE -- CMD ARGS` runs CMD (its words joined, as ssh does) with a terminal on that
+    node, and exits with CMD's code; a query the agent refuses (an empty command) changes nothing."""
+    job = two_node_job(jobs)
+    argv = [DXFLOW, "shell", f"{job}:n2", "--", "test -t 0 && echo tty=yes;", "hostname;", "exit 7"]
+    child = pexpect.spawn("runuser", ["-l", "alice", "-c", shlex.join(argv)], timeout=30)
+    child.expect("tty=yes")
+    child.expect(r"[\r\n]n2\r\n")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 7, child.before
+    out = as_user("alice", [DXFLOW, "shell", job, "--", " "], timeout=60, check=False)
+    assert out.returncode == 2 and "command after -- is empty" in out.stderr, out
+
+
 def test_shell_first_node_and_piped_input(jobs):
     job = two_node_job(jobs)
     out = as_user("alice", [DXFLOW, "shell", job], input="hostname\nexit 0\n", timeout=60)

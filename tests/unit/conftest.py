@@ -1,17 +1,10 @@
-"""Fixtures shared by the unit tests: an agent app with a file tree to serve (the files API's tests)."""
+"""Fixtures of the files API's tests: a file tree with traps, and alice's agent serving it.
+
+The seams every tier shares (scheduler, SSH, the agent's state) are faked in ``tests/conftest.py``."""
 
 from __future__ import annotations
 
 import pytest
-
-from dxflow import auth
-from dxflow.agent import create_app
-from dxflow.agent.state import AgentState
-
-
-@pytest.fixture(scope="module")
-def keys():
-    return auth.new_key(), auth.new_key()  # the user's key, the agent's key
 
 
 @pytest.fixture
@@ -30,14 +23,10 @@ def tree(tmp_path):
 
 
 @pytest.fixture
-def client(tree, keys):
-    user_key, agent_key = keys
-    pub = auth.public_pem(agent_key)
-    state = AgentState(scheduler="local", cluster="c", job="42", node="n1", user="alice",
-                       home=tree / "home" / "alice", key=agent_key, public_key=pub,
-                       audience=auth.fingerprint(pub), user_public_key=auth.public_pem(user_key),
-                       work_dir=str(tree / "home" / "alice" / "job"))
-    app = create_app(state, {"TESTING": True, "FILE_SCRATCH_ROOTS": [str(tree / "scratch" / "$USER")]})
-    c = app.test_client()
-    c.environ_base["HTTP_AUTHORIZATION"] = "Bearer " + auth.mint_token(user_key, "alice", state.audience)
+def client(tree, make_agent):
+    """alice's agent (tests/conftest.py) serving :func:`tree`, every request with her token."""
+    home = tree / "home" / "alice"
+    c, _, headers = make_agent({"FILE_SCRATCH_ROOTS": [str(tree / "scratch" / "$USER")]}, cluster="c",
+                               user="alice", home=home, work_dir=str(home / "job"))
+    c.environ_base["HTTP_AUTHORIZATION"] = headers["Authorization"]
     return c

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import getpass
 import time
 
 import jwt
 import pytest
 
 from dxflow import auth
-from dxflow.agent import create_app
-from dxflow.agent.state import AgentState
 
 
 @pytest.fixture
-def parts(tmp_path):
-    user_key = auth.new_key()
-    agent_key = auth.new_key()
-    pub = auth.public_pem(agent_key)
-    state = AgentState(scheduler="local", cluster="t", job="7", node="n1", user=getpass.getuser(),
-                       home=tmp_path, key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
-                       user_public_key=auth.public_pem(user_key), started=time.time())
-    app = create_app(state, {"TESTING": True})
-    return app.test_client(), state, user_key
+def parts(make_agent, keys):
+    """The agent of job 7 (tests/conftest.py): its test client, its state, and its user's key."""
+    client, state, _ = make_agent(job="7")
+    return client, state, keys[0]
 
 
 def bearer(token: str) -> dict:

@@ -17,6 +17,7 @@ from dxflow.edge.webfiles import web_root
 
 from dxflow.edge import session as esession
 from dxflow.errors import NotFound
+from dxflow.layout import UserLayout
 
 
 class FakeRegistry:
@@ -39,6 +40,7 @@ class FakeFleet:
 
     def __init__(self, base: Path) -> None:
         self.base = base
+        self.layout = UserLayout(base, "login1").ensure()
         self.user = getpass.getuser()
         self.registry = FakeRegistry()
         self.pool = FakePool()
@@ -83,7 +85,7 @@ def unix_socket(path: Path) -> socket.socket:
 @pytest.fixture
 def cli_environ(tmp_path):
     """A request on the master's CLI socket (gunicorn hands the accepted socket, named by its listener)."""
-    s = unix_socket(tmp_path / mconsole.CLI_SOCKET)
+    s = unix_socket(UserLayout(tmp_path, "login1").ensure().master_sock)
     yield {"gunicorn.socket": s}
     s.close()
 
@@ -185,7 +187,7 @@ def test_login_token_only_on_the_unix_socket(master):
 
 
 def test_console_socket_is_not_trusted(master, tmp_path):
-    s = unix_socket(tmp_path / mconsole.CONSOLE_SOCKET)
+    s = unix_socket(UserLayout(tmp_path, "login1").ensure().console_sock)
     try:
         client = tcp(master)
         assert client.get("/api/agents", environ_base={"gunicorn.socket": s}).status_code == 401
@@ -347,14 +349,16 @@ def test_config_names_fleet_mode(master):
 
 def test_console_port_remembered(tmp_path, monkeypatch):
     monkeypatch.delenv(mclient.PORT_ENV, raising=False)
-    port = mconsole.console_port(tmp_path)
-    assert not (tmp_path / "console.json").exists()  # only a master that listens remembers its port
-    mconsole.remember_port(tmp_path, port)
-    assert json.loads((tmp_path / "console.json").read_text())["port"] == port
-    assert mconsole.console_port(tmp_path) == port
+    layout = UserLayout(tmp_path, "login1").ensure()
+    port = mconsole.console_port(layout)
+    assert not layout.console_state.exists()  # only a master that listens remembers its port
+    mconsole.remember_port(layout, port)
+    assert json.loads(layout.console_state.read_text())["port"] == port
+    assert mconsole.console_port(layout) == port
+    assert mconsole.saved_port(UserLayout(tmp_path, "login2")) is None  # each login node remembers its own
     wanted = mconsole.free_port()
     monkeypatch.setenv(mclient.PORT_ENV, str(wanted))
-    assert mconsole.console_port(tmp_path) == wanted
+    assert mconsole.console_port(layout) == wanted
     # a taken port is not used
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -362,25 +366,17 @@ def test_console_port_remembered(tmp_path, monkeypatch):
     monkeypatch.setattr(mconsole, "PORT_WAIT", 0.3)
     try:
         monkeypatch.setenv(mclient.PORT_ENV, str(s.getsockname()[1]))
-        assert mconsole.console_port(tmp_path) != s.getsockname()[1]
+        assert mconsole.console_port(layout) != s.getsockname()[1]
     finally:
         s.close()
 
 
 # -- the agent's console (node mode) -------------------------------------------------------------------
 @pytest.fixture
-def agent(tmp_path):
-    from dxflow.agent import create_app
-    from dxflow.agent.state import AgentState
-
-    user_key = auth.new_key()
-    agent_key = auth.new_key()
-    pub = auth.public_pem(agent_key)
-    state = AgentState(scheduler="local", cluster="t", job="7", node="n1", user=getpass.getuser(), home=tmp_path,
-                       key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
-                       user_public_key=auth.public_pem(user_key), work_dir=str(tmp_path), started=time.time())
-    app = create_app(state, {"TESTING": True, "FILE_SCRATCH_ROOTS": []})
-    return app, state, user_key
+def agent(make_agent, keys, tmp_path):
+    """The agent's app of job 7 (tests/conftest.py), its state and its user's key."""
+    client, state, _ = make_agent({"FILE_SCRATCH_ROOTS": []}, job="7", home=tmp_path, work_dir=str(tmp_path))
+    return client.application, state, keys[0]
 
 
 def test_agent_console_login_with_user_token(agent):

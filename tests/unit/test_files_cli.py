@@ -12,9 +12,6 @@ from urllib.parse import unquote
 import pytest
 from werkzeug.serving import make_server
 
-from dxflow import auth
-from dxflow.agent import create_app
-from dxflow.agent.state import AgentState
 from dxflow.cli.files import PART_SUFFIX, Copier, Location, parse_location
 from dxflow.errors import AccessDenied, DxflowError, NotFound, UsageError
 from dxflow.master.client import MasterClient
@@ -74,18 +71,14 @@ def tree(tmp_path):
 
 
 @pytest.fixture
-def master(tree):
+def master(tree, make_agent):
     """(the real MasterClient, the fake master it talks to)."""
-    user_key, agent_key = auth.new_key(), auth.new_key()
-    pub = auth.public_pem(agent_key)
-    state = AgentState(scheduler="local", cluster="c", job="42", node="n1", user="alice", home=tree / "home",
-                       key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
-                       user_public_key=auth.public_pem(user_key), work_dir=str(tree / "home" / "job"))
-    fake = FakeMaster(create_app(state, {"FILE_SCRATCH_ROOTS": []}),
-                      auth.mint_token(user_key, "alice", state.audience))
+    agent, state, headers = make_agent({"TESTING": False, "FILE_SCRATCH_ROOTS": []}, cluster="c", user="alice",
+                                       home=tree / "home", work_dir=str(tree / "home" / "job"))
+    fake = FakeMaster(agent.application, headers["Authorization"].removeprefix("Bearer "))
     base = tree / "base"
     base.mkdir()
-    server = make_server(f"unix://{base / 'master.sock'}", 0, fake, threaded=True)
+    server = make_server(f"unix://{MasterClient(base).sock}", 0, fake, threaded=True)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     client = MasterClient(base)
@@ -178,7 +171,7 @@ def test_refusals_surface_as_errors(master, tree):
 
 def test_relay_response_reads_what_has_arrived():
     """The master's relay must pass on a live stream's first bytes without waiting for more."""
-    from dxflow.master.tunnels import ChannelResponse
+    from dxflow.edge.channelhttp import ChannelResponse
 
     class Channel:  # what a paramiko channel offers: recv, and a file without read1
         def __init__(self, sock):

@@ -26,7 +26,8 @@ from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_
 from dxflow.edge import tcptable
 from dxflow.errors import AgentLost, AgentUnreachable
 from dxflow.master import heartbeat, listeners
-from dxflow.master.fleet import AgentConnection, Fleet
+from dxflow.master.agentconn import AgentConnection
+from dxflow.master.fleet import Fleet
 from dxflow.master.heartbeat import Heartbeats
 from dxflow.master.tunnels import TunnelPool
 from dxflow.registration import Registration
@@ -78,10 +79,10 @@ class GenerationPool(TunnelPool):
         self.gen = 1
         self.reads: list[str] = []
 
-    def generation(self, address: str) -> int | None:
+    def generation(self, address: str, job: str | None = None) -> int | None:
         return self.gen
 
-    def connect(self, address: str) -> int:
+    def connect(self, address: str, job: str | None = None) -> int:
         return self.gen
 
     def channel(self, address, port, timeout=10.0, generation=None):

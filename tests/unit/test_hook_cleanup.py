@@ -55,11 +55,56 @@ def test_registration_is_removed_as_the_user_only_when_it_names_the_stopped_agen
     pw = _nobody()
     fleet = _fleet(home, pw)
     (fleet / "c.1.n1.json").write_text(json.dumps({"pid": 999}))  # a newer agent's: kept
-    assert hook.remove_registration(_record(home, pw), timeout=10)
+    assert hook.clean_home(_record(home, pw), timeout=10)
     assert (fleet / "c.1.n1.json").exists()
     (fleet / "c.1.n1.json").write_text(json.dumps({"pid": 4242}))
-    assert hook.remove_registration(_record(home, pw), timeout=10)
+    assert hook.clean_home(_record(home, pw), timeout=10)
     assert not (fleet / "c.1.n1.json").exists()
+
+
+@root_only
+def test_the_agents_log_is_removed_with_its_registration_unless_the_site_keeps_logs(home: Path) -> None:
+    pw = _nobody()
+    fleet = _fleet(home, pw)
+    logs = home / ".dxflow" / "logs"
+    logs.mkdir()
+    os.chown(logs, pw.pw_uid, pw.pw_gid)
+    for keep in (True, False):
+        (fleet / "c.1.n1.json").write_text(json.dumps({"pid": 4242}))
+        (logs / "c.1.n1.log").write_text("agent log\n")
+        assert hook.clean_home(_record(home, pw), keep_log=keep, timeout=10)
+        assert not (fleet / "c.1.n1.json").exists()
+        assert (logs / "c.1.n1.log").exists() is keep
+
+
+@root_only
+def test_the_epilog_removes_a_link_as_the_user_never_what_it_points_to(home: Path) -> None:
+    """A user who makes their agent's log a link to a root file gets the link removed, the file kept."""
+    pw = _nobody()
+    _fleet(home, pw)
+    logs = home / ".dxflow" / "logs"
+    logs.mkdir()
+    os.chown(logs, pw.pw_uid, pw.pw_gid)
+    target = home / "roots-file"
+    target.write_text("root's\n")
+    (logs / "c.1.n1.log").symlink_to(target)
+    assert hook.clean_home(_record(home, pw), timeout=10)
+    assert not (logs / "c.1.n1.log").is_symlink() and target.read_text() == "root's\n"
+
+
+@root_only
+def test_a_home_closed_to_others_is_looked_at_as_its_user(home: Path) -> None:
+    """as_user drops root first: the child sees what the user sees (a 0700 home of theirs, not root's)."""
+    pw = _nobody()
+    mine = home / "mine"
+    mine.mkdir(mode=0o700)
+    os.chown(mine, pw.pw_uid, pw.pw_gid)
+    theirs = home / "roots"
+    theirs.mkdir(mode=0o700)
+    groups = hook.user_groups(pw.pw_name, pw.pw_gid)
+    assert hook.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: hook.home_reachable(str(mine)), 10) is True
+    assert hook.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: hook.home_reachable(str(theirs)), 10) is False
+    assert hook.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: os.getuid() == pw.pw_uid, 10) is True
 
 
 @root_only
@@ -68,8 +113,9 @@ def test_a_hanging_registration_cleanup_is_killed_at_its_deadline(home: Path) ->
     fleet = _fleet(home, pw)
     os.mkfifo(fleet / "c.1.n1.json")  # opening it waits for a writer that never comes
     t0 = time.monotonic()
-    assert hook.remove_registration(_record(home, pw), timeout=1) is False
+    assert hook.clean_home(_record(home, pw), timeout=1) is False
     assert time.monotonic() - t0 < 5
+    assert hook.as_user(pw.pw_uid, pw.pw_gid, [pw.pw_gid], lambda: time.sleep(30) or True, 0.5) is None
 
 
 @root_only

@@ -19,9 +19,6 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 from werkzeug.serving import make_server
 
-from dxflow import auth
-from dxflow.agent import create_app
-from dxflow.agent.state import AgentState
 from dxflow.cli.files import Copier, parse_location, safe_name
 from dxflow.errors import AccessDenied
 from dxflow.master.client import MasterClient
@@ -97,19 +94,16 @@ def tree(tmp_path):
 
 
 @pytest.fixture
-def master(tree):
+def master(tree, make_agent):
     """The real MasterClient, its fake master serving the real agent app through a :class:`Liar`
     (``master.liar``)."""
-    user_key, agent_key = auth.new_key(), auth.new_key()
-    pub = auth.public_pem(agent_key)
-    state = AgentState(scheduler="local", cluster="c", job="42", node="n1", user="alice", home=tree / "home",
-                       key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
-                       user_public_key=auth.public_pem(user_key), work_dir=str(tree / "home" / "job"))
-    liar = Liar(create_app(state, {"FILE_SCRATCH_ROOTS": []}))
-    fake = FakeMaster(liar, auth.mint_token(user_key, "alice", state.audience))
+    agent, state, headers = make_agent({"TESTING": False, "FILE_SCRATCH_ROOTS": []}, cluster="c", user="alice",
+                                       home=tree / "home", work_dir=str(tree / "home" / "job"))
+    liar = Liar(agent.application)
+    fake = FakeMaster(liar, headers["Authorization"].removeprefix("Bearer "))
     base = tree / "base"
     base.mkdir()
-    server = make_server(f"unix://{base / 'master.sock'}", 0, fake, threaded=True)
+    server = make_server(f"unix://{MasterClient(base).sock}", 0, fake, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = MasterClient(base)
     client.liar = liar  # type: ignore[attr-defined]

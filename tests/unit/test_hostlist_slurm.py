@@ -3,7 +3,7 @@ import pytest
 from dxflow.errors import UsageError
 from dxflow.schedulers import JobState, get_scheduler
 from dxflow.schedulers.hostlist import expand_hostlist
-from dxflow.schedulers.slurm import expand_pattern
+from dxflow.schedulers.slurm import Slurm
 
 
 @pytest.mark.parametrize("text,hosts", [
@@ -41,7 +41,7 @@ def test_squeue_json_both_shapes(monkeypatch):
 
 
 def test_expand_pattern_keeps_unknown_and_percent():
-    assert expand_pattern("out-%%-%j-%q", {"job_id": 3}) == "out-%-3-%q"
+    assert Slurm({}).expand_output("out-%%-%j-%q", {"job": "3"}) == "out-%-3-%q"
 
 
 def test_hook_job_from_slurm_env():

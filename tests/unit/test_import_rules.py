@@ -2,7 +2,8 @@
 
 * ``dxflow.edge`` (raw HTTP, WebSocket and socket plumbing) imports nothing of ``agent``, ``master`` or ``cli``;
 * ``dxflow.agent`` and ``dxflow.master`` never import each other (nor the CLI);
-* ``dxflow.cli`` reaches the master only through its client, ``dxflow.master.client``.
+* ``dxflow.cli`` reaches the master only through its client, ``dxflow.master.client``;
+* ``dxflow.ssh`` (the OpenSSH side of the tunnels) imports nothing of ``agent``, ``master``, ``cli`` or ``edge``.
 
 Imports are read from the source (every ``import`` statement, at the top or inside a function).
 """
@@ -23,6 +24,7 @@ RULES = [
     ("dxflow.agent", ("dxflow.master", "dxflow.cli"), ()),
     ("dxflow.master", ("dxflow.agent", "dxflow.cli"), ()),
     ("dxflow.cli", ("dxflow.master",), ("dxflow.master.client",)),
+    ("dxflow.ssh", ("dxflow.agent", "dxflow.master", "dxflow.cli", "dxflow.edge"), ()),
 ]
 
 

@@ -14,6 +14,7 @@ import pytest
 from dxflow import jobcgroup
 from dxflow.locks import locked
 from dxflow.schedulers.base import HookJob
+from dxflow.schedulers.pbs import PBS, Torque
 from dxflow.schedulers.slurm import Slurm, read_conf
 
 FORK_HOPPER = "import os\nwhile True:\n    if os.fork():\n        os._exit(0)\n"
@@ -92,6 +93,35 @@ def test_job_cgroups_fill_the_slurm_templates(tmp_path: Path) -> None:
     assert str(tmp_path / "system.slice/n1_slurmstepd.scope/job_7/step_extern/user") in dirs
     Path(dirs[1]).mkdir(parents=True)
     assert v2.ready() == [Path(dirs[1])]
+
+
+def test_pbs_and_torque_cgroups_are_ready_once_made_even_without_a_process(tmp_path: Path) -> None:
+    """A sister host of a PBS or Torque job gets a process in the job's cgroups only with a task, maybe
+    never: the launcher joins them once they exist (their limits are written as they are made) instead
+    of waiting its whole timeout for a process, then starting outside them."""
+    job = HookJob("pbs", "c", "12.srv", "n2", "alice", 1001, 1001)
+    hooks = tmp_path / "home" / "mom_priv" / "hooks"
+    hooks.mkdir(parents=True)
+    (hooks / "pbs_cgroups.HK").write_text("type=site\n")
+    pbs = PBS({"PBS_HOME": str(tmp_path / "home")})
+    pbs.cgroup_root = tmp_path
+    plan = jobcgroup.JobCgroups.from_dict(pbs.job_cgroups(job).to_dict())  # as the launcher gets it
+    assert not plan.populated and not plan.v2 and plan.wait == PBS.cgroup_wait
+    assert plan.ready() is None                                    # not made yet
+    memory, cpuset = (tmp_path / c / "pbs_jobs.service/jobid/12.srv" for c in ("memory", "cpuset"))
+    memory.mkdir(parents=True)
+    cpuset.mkdir(parents=True)
+    (cpuset / "cpuset.cpus").write_text("\n")                     # a v1 cpuset takes no process before its cpus
+    (cpuset / "cpuset.mems").write_text("0\n")
+    assert plan.ready() is None
+    (cpuset / "cpuset.cpus").write_text("0-1\n")
+    assert plan.ready() == [memory, cpuset]                        # no process in them: ready all the same
+    torque = jobcgroup.job_cgroups(tmp_path, Torque.job_cgroup_v1, (), 10, populated=False, job="7.srv",
+                                   uid="1001", user="alice", node="n2")
+    (tmp_path / "memory/torque/7.srv").mkdir(parents=True)
+    assert torque is not None and torque.ready() == [tmp_path / "memory/torque/7.srv"]
+    slurm = jobcgroup.job_cgroups(tmp_path, ((str(memory.relative_to(tmp_path)),),), (), 10, job="x")
+    assert slurm is not None and slurm.populated and slurm.ready() is None  # Slurm's: only with a process
 
 
 def test_slurm_waits_for_the_extern_step_only_with_contain_and_cgroup_proctrack(tmp_path: Path) -> None:

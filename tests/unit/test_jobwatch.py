@@ -4,6 +4,7 @@ spool folder laid out as slurmd lays it out (real unix sockets); the scheduler s
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from dxflow.schedulers import JobState
 from dxflow.schedulers import slurm as slurm_mod
 from dxflow.schedulers import base
 from dxflow.schedulers.base import QUERY_BUDGET, LocalSign, Presence, Scheduler
+from dxflow.schedulers.lsf import LSF
+from dxflow.schedulers.pbs import PBS, Torque
 from dxflow.schedulers.slurm import Slurm
 
 BATCH, EXTERN = "4294967291", "4294967292"
@@ -169,7 +172,7 @@ def test_cap_refuses_queries_without_running_them(ran):
     with pytest.raises(SchedulerError, match="cap of 2 controller queries a minute"):
         base.run(["squeue", "-h"])
     base.run(["srun", "--jobid=1", "true"])  # not a query: never capped
-    assert [a[0] for a in ran] == ["squeue", "/usr/bin/squeue", "srun"]
+    assert [os.path.basename(a[0]) for a in ran] == ["squeue", "squeue", "srun"]  # names resolved to paths
 
 
 # -- the watch ------------------------------------------------------------------------------------------
@@ -257,8 +260,8 @@ def test_a_follower_looks_at_most_every_max_age_and_never_asks_where_a_look_tell
 
 
 def test_a_follower_where_no_look_tells_asks_at_most_every_follow_interval(monkeypatch):
-    """PBS and LSF have no sign on the node yet: a follower must still see the job end, so the followed
-    node's agent asks about its one job, at most every FOLLOW_ASK seconds."""
+    """No sign on the node (an adapter without any, or none seen here): a follower must still see the job
+    end, so the followed node's agent asks about its one job, at most every FOLLOW_ASK seconds."""
     node = Node(Presence.UNKNOWN, JobState.RUNNING)
     watch = jobwatch.JobWatch(node, "161", "n2", look_every=60, ask_every=600)
     for _ in range(20):
@@ -291,3 +294,124 @@ def test_intervals_from_the_site_and_the_test_knob(monkeypatch):
     assert jobwatch.intervals(SiteConfig(job_check_interval=30, controller_check_interval=3600)) == (30, 3600)
     monkeypatch.setenv(jobwatch.INTERVAL_ENV, "1")
     assert jobwatch.intervals(SiteConfig()) == (1.0, 1.0)
+
+
+# -- PBS, Torque and LSF: the daemons' job files (issue #11 item 1) ------------------------------------------
+
+@pytest.fixture
+def mom(tmp_path):
+    """A PBS_HOME as pbs_postinstall lays it out (mom_priv and mom_priv/jobs 0751), and pbs_mom's job files."""
+    home = tmp_path / "pbs_home"
+    jobs = home / "mom_priv" / "jobs"
+    jobs.mkdir(parents=True)
+    for d in (home / "mom_priv", jobs):
+        d.chmod(0o751)
+
+    def arrive(job: str, primary: bool = True) -> None:
+        (jobs / f"{job}.JB").write_bytes(b"\0")
+        (jobs / f"{job}.JB").chmod(0o600)
+        if primary:
+            (jobs / f"{job}.SC").write_text("#!/bin/sh\n")
+
+    def purge(job: str) -> None:  # job_purge: the script, then the job file
+        (jobs / f"{job}.SC").unlink(missing_ok=True)
+        (jobs / f"{job}.JB").unlink()
+    return home, arrive, purge
+
+
+class CountingPBS(PBS):
+    """The real adapter; only the server is not there (every question is counted, and says RUNNING)."""
+
+    def job_state(self, job_id):
+        self.__dict__["asks"] = self.__dict__.get("asks", 0) + 1
+        return JobState.RUNNING
+
+
+def test_pbs_job_file_is_a_lasting_sign_on_every_host(mom):
+    home, arrive, purge = mom
+    sched = PBS({"PBS_HOME": str(home)})
+    assert sched.job_here("12.srv", "n1") is Presence.ABSENT   # mom_priv/jobs can be entered: it is not there
+    arrive("12.srv", primary=False)                            # a sister host: the .JB alone
+    assert sched.job_here("12.srv", "n2") is Presence.LASTING
+    assert sched.job_here("123.srv", "n2") is Presence.ABSENT  # another job's file does not count
+    arrive("7[3].srv")                                         # an array's subjob: brackets are not wildcards
+    assert sched.job_here("7[3].srv", "n1") is Presence.LASTING
+    assert sched.job_here("7[1].srv", "n1") is Presence.ABSENT
+
+
+def test_pbs_home_from_pbs_conf_and_torque_home(mom, tmp_path):
+    home, arrive, _ = mom
+    conf = tmp_path / "pbs.conf"
+    conf.write_text(f"PBS_EXEC=/opt/pbs\nPBS_HOME={home}\n")
+    arrive("5.srv")
+    assert PBS({"PBS_CONF_FILE": str(conf)}).job_here("5.srv", "n1") is Presence.LASTING
+    assert Torque({"TORQUE_HOME": str(home)}).job_here("5.srv", "n1") is Presence.LASTING
+    # a host without that PBS_HOME: nothing can be looked at, only the server can tell
+    assert PBS({"PBS_HOME": str(tmp_path / "none")}).job_here("5.srv", "n1") is Presence.UNKNOWN
+
+
+def test_pbs_follower_sees_the_purge_without_asking_the_server(mom):
+    home, arrive, purge = mom
+    arrive("9.srv")
+    sched = CountingPBS({"PBS_HOME": str(home)})
+    watch = jobwatch.JobWatch(sched, "9.srv", "n1", look_every=60, ask_every=0.0)
+    for _ in range(10):
+        assert not watch.over(max_age=0.0)
+        watch.tick()
+    purge("9.srv")  # MoM purges the job once it is over (after the epilogue and the copy of its output)
+    assert watch.over(max_age=0.0)
+    assert sched.__dict__.get("asks", 0) == 0
+
+
+@pytest.fixture
+def lsf_job(tmp_path):
+    """LSF's files of job 31 for alice's agent: sbatchd's job folder in LSB_JOB_TMPDIR and the job file."""
+    envdir, tmp, lsbatch = tmp_path / "conf", tmp_path / "lsftmp", tmp_path / "home" / ".lsbatch"
+    for d in (envdir, tmp, lsbatch):
+        d.mkdir(parents=True)
+    (envdir / "lsf.conf").write_text(f'LSF_TMPDIR=/nonexistent\nLSB_JOB_TMPDIR="{tmp}"\n')
+    job_file = lsbatch / "1700000000.31"
+    env = {"LSF_ENVDIR": str(envdir), "LSB_JOBFILENAME": str(job_file)}
+    return env, tmp, job_file
+
+
+def test_lsf_job_folder_or_job_file_is_a_lasting_sign(lsf_job):
+    env, tmp, job_file = lsf_job
+    sched = LSF(env)
+    assert sched.job_here("31", "n1") is Presence.ABSENT
+    (tmp / "31.tmpdir").mkdir(mode=0o700)       # the first execution host
+    assert sched.job_here("31", "n1") is Presence.LASTING
+    (tmp / "31.tmpdir").rmdir()
+    job_file.write_text("#! /bin/sh\n")         # another host: the job file (a shared home) tells
+    assert sched.job_here("31", "n2") is Presence.LASTING
+    job_file.unlink()
+    assert sched.job_here("31", "n2") is Presence.ABSENT
+
+
+def test_lsf_array_element_and_a_job_file_of_another_job(lsf_job):
+    env, tmp, job_file = lsf_job
+    (tmp / "31_4.tmpdir").mkdir()
+    assert LSF(env).job_here("31[4]", "n1") is Presence.LASTING
+    assert LSF(env).job_here("31[5]", "n1") is Presence.ABSENT
+    other = job_file.with_name("1700000000.32")
+    other.write_text("")
+    # LSB_JOBFILENAME of another job (the job's environment is its user's to write) is not a sign of this one
+    assert LSF({**env, "LSB_JOBFILENAME": str(other)}).job_here("31", "n2") is Presence.ABSENT
+
+
+def test_lsf_signs_that_cannot_be_placed_are_not_looked_for(tmp_path):
+    (tmp_path / "lsf.conf").write_text("LSB_JOB_TMPDIR=/scratch/%H/tmp\n")  # %H: the first host, unknown here
+    assert LSF({"LSF_ENVDIR": str(tmp_path)}).job_here("31", "n1") is Presence.UNKNOWN
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a folder to another user")
+def test_lsf_job_folder_made_by_another_user_does_not_count(lsf_job):
+    """bob makes alice's job's folder first in the shared /tmp: alice's agent does not take it for the job's."""
+    import pwd
+
+    env, tmp, _ = lsf_job
+    made = tmp / "31.tmpdir"
+    made.mkdir()
+    os.chown(made, pwd.getpwnam("bob").pw_uid, -1)
+    assert LSF(env).job_here("31", "n1") is Presence.ABSENT  # looked at as root: owned by bob, not root
+

@@ -1,13 +1,13 @@
 """How often the master looks at ~/.dxflow/fleet and asks the scheduler, and its idle exit (issue #11).
 
-A real Fleet on a real folder; the seams faked: the scheduler (counts its questions) and the tunnels
-(no node here: every check fails fast, which leaves agents "lost", never "live")."""
+A real Fleet on a real folder; the seams faked (``fake_scheduler``, ``fake_nodes`` of tests/conftest.py): the
+scheduler (counts its questions) and the tunnels (no node here: every check fails fast, which leaves agents
+"lost", never "live")."""
 
 from __future__ import annotations
 
 import getpass
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,16 +17,12 @@ import pytest
 from dxflow import registration
 from dxflow.auth import user_key
 from dxflow.config import SiteConfig
-from dxflow.errors import AgentUnreachable
 from dxflow.master import fleet as fleet_mod
 from dxflow.master.fleet import Fleet
 from dxflow.master import pace
 from dxflow.master.pace import AskPolicy, Backoff, Clients, FolderWatch
 from dxflow.master.server import ClientActivity
-from dxflow.master.tunnels import TunnelPool
 from dxflow.registration import Registration
-from dxflow.schedulers import JobInfo, JobState
-from dxflow.schedulers import base as base_mod
 from dxflow.schedulers.base import QUERY_BUDGET
 
 USER = getpass.getuser()
@@ -119,46 +115,20 @@ def test_clients_count_a_streaming_answer_until_it_is_closed():
 
 # -- the fleet's questions ------------------------------------------------------------------------------
 
-class NoNodes(TunnelPool):
-    def __init__(self) -> None:
-        super().__init__(config=None)
-
-    def generation(self, address: str) -> int | None:
-        return None
-
-    def connect(self, address: str) -> int:
-        raise AgentUnreachable(f"{address}: no node in this test")
-
-
-class Scheduler:
-    """The scheduler seam: the user's jobs as the test sets them; every question counted, and drawn from
-    the process's cap as an adapter's are (``run``; the command itself is not started)."""
-
-    def __init__(self) -> None:
-        self.running: set[str] = set()
-        self.asked = 0
-
-    def jobs(self, user=None):
-        base_mod.run(["squeue", "--user", str(user)])
-        self.asked += 1
-        return [JobInfo(job=j, user=USER, state=JobState.RUNNING) for j in sorted(self.running)]
-
-
 @pytest.fixture
-def fleet(tmp_path, monkeypatch):
+def fleet(tmp_path, monkeypatch, fake_scheduler, fake_nodes):
+    """A Fleet, the scheduler seam counting its questions, and no node to reach (tests/conftest.py)."""
     base = tmp_path / "dxflow"
     (base / "fleet").mkdir(parents=True, mode=0o700)
     user_key(base)
-    sched = Scheduler()
-    monkeypatch.setattr(fleet_mod, "get_scheduler", lambda name: sched)
-    monkeypatch.setattr(base_mod.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 0, "", ""))
+    sched = fake_scheduler
     reads = []
     real_read_all = registration.read_all
     monkeypatch.setattr(fleet_mod.registration, "read_all",
                         lambda *a, **kw: reads.append(1) or real_read_all(*a, **kw))
     site = SiteConfig(master_check_interval=3600, master_check_gap=0.3, fleet_scan_interval=0.05,
                       fleet_scan_max=0.2, master_idle_exit=0, controller_queries_per_minute=0)
-    f = Fleet(base, USER, pool=NoNodes(), site=site)
+    f = Fleet(base, USER, pool=fake_nodes, site=site)
     yield f, sched, reads
     f.stop()
     QUERY_BUDGET.resize(0)
@@ -181,7 +151,7 @@ def test_one_question_per_news_none_while_nothing_changes(fleet):
     f, sched, reads = fleet
     f.cycle()
     assert sched.asked == 0                  # no agent: nothing to ask about
-    sched.running.add("7")
+    sched.add("7")
     register(f, "7")
     f.cycle()
     assert sched.asked == 1                  # a registration appeared
@@ -191,7 +161,7 @@ def test_one_question_per_news_none_while_nothing_changes(fleet):
         f.cycle()
     assert sched.asked == 1 and reads == []  # nothing changed: no question, the folder not even read
     time.sleep(0.3)
-    sched.running.add("8")
+    sched.add("8")
     register(f, "8")
     f.cycle()
     assert sched.asked == 2 and len(reads) == 1
@@ -199,7 +169,7 @@ def test_one_question_per_news_none_while_nothing_changes(fleet):
 
 def test_a_burst_of_registrations_is_confirmed_by_few_questions(fleet):
     f, sched, _ = fleet
-    sched.running.add("9")
+    sched.add("9")
     t0 = time.monotonic()
     for i in range(40):                      # a 40-node job starting over ~0.6 s
         register(f, "9", f"n{i}")
@@ -212,7 +182,7 @@ def test_a_burst_of_registrations_is_confirmed_by_few_questions(fleet):
 
 def test_an_answer_older_than_a_registration_drops_nothing(fleet):
     f, sched, _ = fleet
-    sched.running.add("7")
+    sched.add("7")
     register(f, "7")
     f.cycle()
     assert sched.asked == 1
@@ -227,7 +197,7 @@ def test_an_answer_older_than_a_registration_drops_nothing(fleet):
 
 def test_a_command_asks_again(fleet):
     f, sched, reads = fleet
-    sched.running.add("7")
+    sched.add("7")
     register(f, "7")
     f.cycle()
     settle(f)
@@ -253,7 +223,7 @@ def test_a_command_naming_a_new_agent_finds_it_between_two_looks(fleet):
 def test_the_cap_holds_the_master_too(fleet):
     f, sched, _ = fleet
     QUERY_BUDGET.resize(2)
-    sched.running.add("7")
+    sched.add("7")
     register(f, "7")
     for _ in range(10):
         f.refresh()

@@ -52,20 +52,18 @@ def _pbs(tmp_path: Path, root: Path, hk: str | None = "type=pbs\nevent=execjob_b
     return sched
 
 
-def test_pbs_v1_finds_the_jobs_cgroups_once_a_process_is_in_them_and_never_another_jobs(tmp_path: Path) -> None:
+def test_pbs_v1_finds_the_jobs_cgroups_once_made_and_never_another_jobs(tmp_path: Path) -> None:
     root = _v1_tree(tmp_path / "cg", ("memory", "cpuset", "cpu,cpuacct", "freezer", "systemd"))
     (root / "cpuacct").symlink_to("cpu,cpuacct")
     sched = _pbs(tmp_path, root)
     plan = sched.job_cgroups(_job("pbs", "7.head"))
     assert isinstance(plan, JobCgroups) and not plan.v2 and plan.wait == PBS.cgroup_wait
     assert plan.ready() is None                                   # execjob_begin has not run yet
-    base = "pbs_jobs.service/jobid/7.head"
-    made = [_make(root, f"{c}/{base}") for c in ("memory", "cpuset", "cpuacct", "systemd")]
-    assert plan.ready() is None                                   # made, but no process of the job yet
     other = _make(root, "memory/pbs_jobs.service/jobid/8.head", "4242\n")  # another job's shell
     assert plan.ready() is None
-    (made[0] / "cgroup.procs").write_text("123\n")               # execjob_launch: the job's shell
-    ready = plan.ready()
+    base = "pbs_jobs.service/jobid/7.head"
+    made = [_make(root, f"{c}/{base}") for c in ("memory", "cpuset", "cpuacct", "systemd")]
+    ready = plan.ready()  # made, limits set, no process yet (a sister host may never get one): ready
     assert ready == made                                          # memory first; no devices/hugetlb made
     assert other not in ready and all("7.head" in str(p) for p in ready)
     assert JobCgroups.from_dict(plan.to_dict()) == plan           # as the launcher gets it
@@ -130,9 +128,7 @@ def test_torque_v1_finds_the_jobs_cgroups_and_never_another_jobs(tmp_path: Path)
     other = _make(root, "memory/torque/13.head.example", "77\n")
     assert plan.ready() is None
     made = [_make(root, f"{c}/torque/12.head.example") for c in ("memory", "cpuset", "cpuacct", "devices")]
-    assert plan.ready() is None
-    (made[0] / "cgroup.procs").write_text("321\n")               # the job's first process, before the prologue
-    assert plan.ready() == made and other not in plan.ready()
+    assert plan.ready() == made and other not in plan.ready()   # made: a sister host's hold no process
     (root / "cgroup.controllers").write_text("")                 # Torque has no v2 layout: nothing to wait for
     assert sched.job_cgroups(job) is None
 

@@ -74,7 +74,8 @@ def serve_master(tmp: Path) -> None:
     import dxflow.master.app as master_app
     from dxflow.auth import fingerprint, mint_token
     from dxflow.errors import NotFound
-    from dxflow.master.tunnels import TunnelHTTPConnection, TunnelPool
+    from dxflow.edge.channelhttp import TunnelHTTPConnection
+    from dxflow.master.tunnels import TunnelPool
 
     user_key = serialization.load_pem_private_key((tmp / "user.pem").read_bytes(), None)
     agent_pub = (tmp / "agent.pub").read_text()
@@ -84,7 +85,9 @@ def serve_master(tmp: Path) -> None:
         user = getpass.getuser()
         base = tmp / "home" / ".dxflow"
         pool = TunnelPool()
-        registry = SimpleNamespace(all=lambda: [])
+        # the one agent, as `dxflow ls` lists it (the CLI looks its target up there first)
+        registry = SimpleNamespace(all=lambda: [SimpleNamespace(
+            state="ready", to_dict=lambda: {"job": JOB, "node": NODE, "state": "ready", "detail": ""})])
 
         def relay_target(self, job, node=None):
             if job != JOB or node not in (None, NODE):
@@ -112,7 +115,9 @@ def serve_master(tmp: Path) -> None:
             pass
 
     master_app.EXTENSIONS = ("dxflow.master.websocket",)  # the console is not under test here
-    sock = tmp / "home" / ".dxflow" / "master.sock"
+    from dxflow.layout import UserLayout
+
+    sock = UserLayout.of(tmp / "home").ensure().master_sock  # where the CLI (HOME=tmp/home) looks
     _gunicorn(master_app.create_app(FakeFleet()), f"unix:{sock}", tmp / "master.log", lambda worker: None)
 
 
@@ -147,6 +152,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     from dxflow.auth import new_key, private_pem, public_pem
+    from dxflow.layout import UserLayout
 
     tmp = tmp_path_factory.mktemp("shell")
     (tmp / "home" / ".dxflow").mkdir(parents=True, mode=0o700)
@@ -159,10 +165,11 @@ def servers(tmp_path_factory):
     try:
         _wait(lambda: (tmp / "agent.port").exists(), 20, "the agent", tmp / "agent.log")
         master = _start("master", tmp)
-        _wait(lambda: (tmp / "home" / ".dxflow" / "master.sock").exists(), 20, "the master", tmp / "master.log")
+        sock = UserLayout.of(tmp / "home").master_sock
+        _wait(sock.exists, 20, "the master", tmp / "master.log")
         yield {"tmp": tmp, "key": key, "port": int((tmp / "agent.port").read_text()),
                "aud": __import__("dxflow.auth", fromlist=["x"]).fingerprint((tmp / "agent.pub").read_text()),
-               "master": tmp / "home" / ".dxflow" / "master.sock"}
+               "master": sock}
     finally:
         if master:
             _stop(master)

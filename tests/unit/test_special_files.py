@@ -8,18 +8,13 @@ its own, so a request that hangs fails the test instead of hanging it.
 from __future__ import annotations
 
 import errno
-import getpass
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from dxflow import auth
-from dxflow.agent import create_app
 from dxflow.agent.paths import open_regular
-from dxflow.agent.state import AgentState
 from dxflow.errors import UsageError
 
 GENEROUS = 30.0  # seconds: "answers at all", not a measure of speed
@@ -52,21 +47,22 @@ def work(tmp_path):
     return w
 
 
-def make_agent(tmp_path: Path, work: Path, **state_kw):
-    user_key, agent_key = auth.new_key(), auth.new_key()
-    pub = auth.public_pem(agent_key)
-    state = AgentState(scheduler="local", cluster="t", job="42", node="n1", user=getpass.getuser(), home=tmp_path,
-                       key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
-                       user_public_key=auth.public_pem(user_key), work_dir=str(work), started=time.time(), **state_kw)
-    # /dev as a scratch root: a site's scratch could hold a device; the roots would let it through
-    client = create_app(state, {"TESTING": True, "FILE_SCRATCH_ROOTS": ["/dev"]}).test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = "Bearer " + auth.mint_token(user_key, state.user, state.audience)
-    return client
+@pytest.fixture
+def agent_with(make_agent, work, tmp_path):
+    """``agent_with(**state)``: a test client of an agent working in ``work`` (tests/conftest.py), with its
+    user's token."""
+    def make(**state_kw):
+        # /dev as a scratch root: a site's scratch could hold a device; the roots would let it through
+        client, _, headers = make_agent({"FILE_SCRATCH_ROOTS": ["/dev"]}, home=tmp_path, work_dir=str(work),
+                                        **state_kw)
+        client.environ_base["HTTP_AUTHORIZATION"] = headers["Authorization"]
+        return client
+    return make
 
 
 @pytest.fixture
-def agent(tmp_path, work):
-    return make_agent(tmp_path, work, stdout=str(work / "fifo"), stderr="/dev/zero")
+def agent(agent_with, work):
+    return agent_with(stdout=str(work / "fifo"), stderr="/dev/zero")
 
 
 @pytest.mark.parametrize("path, kind", [("fifo", "FIFO"), ("to-fifo", "FIFO"), ("/dev/zero", "character device")])
@@ -107,9 +103,9 @@ def test_logs_that_are_a_fifo_or_a_device_are_refused(agent, work, url):
     assert resp.get_json()["message"].startswith(("stdout log:", "stderr log:"))
 
 
-def test_a_regular_log_is_still_read_and_followed(tmp_path, work):
+def test_a_regular_log_is_still_read_and_followed(agent_with, work):
     (work / "out.txt").write_text("line 1\nline 2\n")
-    client = make_agent(tmp_path, work, stdout=str(work / "out.txt"), stderr=str(work / "out.txt"))
+    client = agent_with(stdout=str(work / "out.txt"), stderr=str(work / "out.txt"))
     assert answer(lambda: client.get("/api/logs/stdout?lines=1")).data == b"line 2\n"
     resp = answer(lambda: client.get("/api/logs/stdout/follow?lines=1", buffered=False))
     assert resp.status_code == 200

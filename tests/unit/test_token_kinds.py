@@ -3,15 +3,10 @@ agent endpoint takes a token from the query string except the console's login li
 
 from __future__ import annotations
 
-import getpass
-import time
-
 import jwt
 import pytest
 
 from dxflow import auth
-from dxflow.agent import create_app
-from dxflow.agent.state import AgentState
 from dxflow.errors import AuthError
 
 #: endpoints of every kind: JSON, files, a stream, a WebSocket upgrade
@@ -29,13 +24,10 @@ class Browser:
 
 
 @pytest.fixture
-def agent(tmp_path):
-    user_key, agent_key = auth.new_key(), auth.new_key()
-    pub = auth.public_pem(agent_key)
-    state = AgentState(scheduler="local", cluster="t", job="7", node="n1", user=getpass.getuser(), home=tmp_path,
-                       key=agent_key, public_key=pub, audience=auth.fingerprint(pub),
-                       user_public_key=auth.public_pem(user_key), work_dir=str(tmp_path), started=time.time())
-    return create_app(state, {"TESTING": True, "FILE_SCRATCH_ROOTS": []}), state, user_key
+def agent(make_agent, keys, tmp_path):
+    """The agent's app of job 7 (tests/conftest.py), its state and its user's key."""
+    client, state, _ = make_agent({"FILE_SCRATCH_ROOTS": []}, job="7", home=tmp_path, work_dir=str(tmp_path))
+    return client.application, state, keys[0]
 
 
 def test_verify_token_tells_the_kinds_apart():

@@ -1,47 +1,33 @@
-"""How the master turns a node name into an SSH target: the user's ~/.ssh/config, OpenSSH's defaults."""
+"""The paramiko transport pool: its ciphers, its backoff, one connection per job under pam_slurm_adopt
+(settings: tests/unit/test_ssh_config.py)."""
 
 from __future__ import annotations
 
-import io
-import os
+import time
 
 import paramiko
 import pytest
 
 from dxflow.errors import AgentUnreachable
 from dxflow.master import tunnels
+from dxflow.ssh import paramiko_login
 
 
-def config(text: str) -> paramiko.SSHConfig:
-    return paramiko.SSHConfig.from_file(io.StringIO(text))
-
-
-def test_ssh_config_is_followed():
-    cfg = config("Host n*\n  HostName %h.cluster.example\n  User svc\n  Port 2222\n"
-                 "  IdentityFile ~/.ssh/special\n  ProxyJump gateway\n"
-                 "  UserKnownHostsFile ~/.ssh/cluster_hosts\n")
-    t = tunnels.resolve("n7", cfg)
-    assert (t.hostname, t.user, t.port) == ("n7.cluster.example", "svc", 2222)
-    assert t.key_files == [os.path.expanduser("~/.ssh/special")]
-    assert t.proxy_jump == "gateway"
-    assert t.known_hosts == (os.path.expanduser("~/.ssh/cluster_hosts"),)
-
-
-def test_defaults_without_config():
-    t = tunnels.resolve("n1", config(""))
-    assert t.hostname == "n1" and t.port == 22 and t.proxy_jump == "" and t.key_files == []
-    assert "/etc/ssh/ssh_known_hosts" in t.known_hosts
-    assert os.path.expanduser("~/.ssh/known_hosts") in t.known_hosts
+def config(tmp_path, text: str) -> str:
+    """An ssh_config file (given to ``ssh -F``: the user's and the system's are not read)."""
+    path = tmp_path / "ssh_config"
+    path.write_text(text)
+    return str(path)
 
 
 def test_gcm_preferred_and_every_default_cipher_kept():
-    prefs = tunnels.GCMFirstTransport._preferred_ciphers
+    prefs = paramiko_login.GCMFirstTransport._preferred_ciphers
     assert prefs[0] == "aes128-gcm@openssh.com"
     assert set(prefs) == set(paramiko.Transport._preferred_ciphers)
 
 
-def test_unreachable_node_backs_off(monkeypatch):
-    pool = tunnels.TunnelPool(config("Host nowhere\n  HostName 127.0.0.1\n  Port 1\n"))
+def test_unreachable_node_backs_off(monkeypatch, tmp_path):
+    pool = tunnels.TunnelPool(config(tmp_path, "Host nowhere\n  HostName 127.0.0.1\n  Port 1\n"), transport="auto")
     calls = []
 
     def refuse(*a, **kw):
@@ -54,3 +40,124 @@ def test_unreachable_node_backs_off(monkeypatch):
         pool.transport("nowhere")  # within the backoff: not tried again
     assert len(calls) == 1
     assert pool.status()["nowhere"]["failures"] == 1
+
+
+# -- one connection per job where pam_slurm_adopt adopts logins (docs/ssh.md) ----------------------------
+class Login:
+    """A stand-in for a paramiko transport: up until ``end()`` (its job ended, and the session with it)."""
+
+    def __init__(self, job: str | None) -> None:
+        self.job = job
+        self.up = True
+
+    def is_active(self) -> bool:
+        return self.up
+
+    def close(self) -> None:
+        self.up = False
+
+
+class AdoptingNode:
+    """The node's sshd as pam_slurm_adopt makes it: each login lands in the user's newest job there
+    (``action_unknown=newest``), or in none where the module is not configured (``newest = None``).
+    The real one is tested on the lab (tests/lab/test_ssh_sites.py, profile ``adopt``)."""
+
+    def __init__(self, pool: tunnels.TunnelPool, newest: str | None) -> None:
+        self.newest = newest
+        self.logins: list[Login] = []
+        self.pool = pool
+        pool._connect = self.login  # type: ignore[method-assign,assignment]  # the login: no sshd in unit tests
+        pool.read_file = self.read_file  # type: ignore[method-assign]
+
+    def login(self, address: str) -> Login:
+        self.logins.append(Login(self.newest))
+        return self.logins[-1]
+
+    def read_file(self, address: str, path: str, generation: int | None = None) -> bytes:
+        assert path == "/proc/self/cgroup" and generation is not None
+        job = self.pool._on(address, generation).transport.job  # type: ignore[union-attr]
+        where = f"/slurm/uid_1003/job_{job}/step_extern" if job else "/user.slice/user-1003.slice/session-4.scope"
+        return f"0::{where}\n".encode()
+
+
+@pytest.fixture
+def pool(tmp_path) -> tunnels.TunnelPool:
+    return tunnels.TunnelPool(config(tmp_path, "Host n1\n  HostName 127.0.0.1\n"), transport="paramiko")
+
+
+def test_connections_stay_one_per_node_where_no_job_adopts_them(pool):
+    node = AdoptingNode(pool, newest=None)
+    first = pool.connect("n1", job="7")
+    assert pool.connect("n1", job="8") == first and pool.generation("n1", job="8") == first
+    assert len(node.logins) == 1
+    assert pool.status()["n1"]["connections"] == [{"generation": first, "job": None}]
+
+
+def test_each_job_gets_its_own_connection_and_keeps_it_when_the_other_ends(pool):
+    node = AdoptingNode(pool, newest="7")
+    seven = pool.connect("n1", job="7")      # job 7's agent registers at its start: 7 is the newest
+    node.newest = "8"
+    eight = pool.connect("n1", job="8")      # then job 8's
+    assert seven != eight and len(node.logins) == 2
+    assert [c["job"] for c in pool.status()["n1"]["connections"]] == ["7", "8"]
+    assert pool.note("n1", "7", seven) == pool.note("n1", "8", eight) == ""
+    node.logins[1].close()                   # job 8 is cancelled: its session dies with it
+    assert pool.generation("n1", job="7") == seven
+    assert pool.generation("n1", job="8") is None
+    assert pool.connect("n1", job="7") == seven and len(node.logins) == 2   # no new login for job 7
+
+
+def test_a_job_borrows_the_newer_jobs_connection_until_that_job_ends(pool):
+    node = AdoptingNode(pool, newest="8")    # a master started after both jobs: every login lands in 8
+    eight = pool.connect("n1", job="8")
+    borrowed = pool.connect("n1", job="7")
+    assert borrowed == eight and len(node.logins) == 2
+    assert not node.logins[1].is_active()    # the second login, into 8 again, was closed: one per job
+    assert [c["job"] for c in pool.status()["n1"]["connections"]] == ["8"]
+    assert "through job 8's SSH connection" in pool.note("n1", "7", borrowed)
+    assert pool.connect("n1", job="7") == eight and len(node.logins) == 2   # no login again at once
+    node.logins[0].close()                   # job 8 ends: job 7's agents lose their borrowed connection
+    node.newest = "7"
+    assert pool.generation("n1", job="7") is None
+    own = pool.connect("n1", job="7")
+    assert own not in (eight, None) and pool.note("n1", "7", own) == ""
+    assert [c["job"] for c in pool.status()["n1"]["connections"]] == ["7"]
+
+
+def test_a_channel_on_a_generation_that_ended_is_refused_not_rerouted(pool):
+    node = AdoptingNode(pool, newest="7")
+    seven = pool.connect("n1", job="7")
+    node.newest = "8"
+    pool.connect("n1", job="8")
+    node.logins[0].close()
+    with pytest.raises(AgentUnreachable, match="closed since the agent was checked"):
+        pool.channel("n1", 7000, generation=seven)
+
+
+def test_a_login_landing_in_an_ending_job_is_closed_at_once_and_tried_again_later(pool):
+    """After job 8 is cancelled its cgroup lives on a while, and logins still land in it: kept, they would hold
+    the job up until Slurm gives up and drains the node ("Kill task failed"). So such a login is closed."""
+    node = AdoptingNode(pool, newest="8")
+    pool.connect("n1", job="8")
+    pool.connect("n1", job="7")               # borrows job 8's
+    node.logins[0].close()                   # job 8 cancelled: its connection dies; its cgroup is still there
+    with pytest.raises(AgentUnreachable, match="landed in job 8, whose connection ended"):
+        pool.connect("n1", job="7")
+    assert not node.logins[-1].is_active() and pool.generation("n1", job="7") is None
+    with pytest.raises(AgentUnreachable, match="next try in"):
+        pool.connect("n1", job="7")           # paused: no login at all
+    logins = len(node.logins)
+    node.newest = "7"                        # job 8's cgroup is gone
+    time.sleep(1.1)                          # the first pause (0.5 * 2 s)
+    own = pool.connect("n1", job="7")
+    assert len(node.logins) == logins + 1 and node.logins[-1].is_active()
+    assert pool.generation("n1", job="7") == own and pool.note("n1", "7", own) == ""
+
+
+def test_a_job_whose_connection_broke_may_log_in_to_itself_again(pool):
+    """A connection that ended without its job (a network failure) is opened again into the same job."""
+    node = AdoptingNode(pool, newest="7")
+    first = pool.connect("n1", job="7")
+    node.logins[0].close()
+    again = pool.connect("n1", job="7")
+    assert again != first and node.logins[-1].is_active()

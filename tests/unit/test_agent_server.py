@@ -1,4 +1,5 @@
-"""The same areas against a real agent under gunicorn (what the lab runs): raw sockets, streaming, upgrades.
+"""The agent as the lab runs it (``python -m dxflow.agent``, gunicorn; :mod:`dxflow.agent.server`): raw
+sockets, streaming, upgrades — what the in-process tests (test_agent_logs, _exec, _proxy) cannot show.
 
 The agent runs as the current user with a throwaway HOME and the ``local``
 scheduler, on 127.0.0.1, port 0 — nothing outside the test's folders is touched.

@@ -1,4 +1,5 @@
-"""The CLI side of logs, exec and forward, with the master faked at the MasterClient seam."""
+"""`dxflow logs` and `dxflow exec` (:mod:`dxflow.cli.logs`, :mod:`dxflow.cli.exec`), with the master faked at
+the MasterClient seam."""
 
 from __future__ import annotations
 
@@ -6,13 +7,10 @@ import argparse
 import base64
 import io
 import json
-import socket
-import threading
 
 import pytest
 
 from dxflow.cli import exec as cli_exec
-from dxflow.cli import forward as cli_forward
 from dxflow.cli import logs as cli_logs
 
 
@@ -22,9 +20,15 @@ class FakeResponse(io.BytesIO):
         self.status = status
 
 
+#: the master's agent list the commands look their target up in: jobs 5 and 7 run on n1 and n2
+RUNNING = [{"job": j, "node": n, "state": "ready", "detail": ""} for j in ("5", "7") for n in ("n1", "n2")]
+
+
 class FakeClient:
-    def __init__(self, responses: dict, agents=None):
-        self.responses, self.agents, self.asked = responses, agents or [], []
+    def __init__(self, responses: dict, agents=None, later=None):
+        # `agents` answers the first question (the target's lookup), `later` the ones after it
+        self.responses, self.agents, self.later, self.asked = responses, RUNNING if agents is None else agents, later, []
+        self.questions = 0
         self.sock = "/nonexistent"
 
     def ensure(self):
@@ -41,7 +45,8 @@ class FakeClient:
         raise AssertionError(f"unexpected {method} {path}")
 
     def json(self, method, path, body=None, timeout=60.0):
-        return self.agents
+        self.questions += 1
+        return self.later if self.later is not None and self.questions > 1 else self.agents
 
 
 @pytest.fixture
@@ -80,7 +85,7 @@ def test_logs_follow_prints_lines_and_stops_at_end(fake, capsysbinary):
 
 def test_logs_follow_broken_stream_of_an_ended_job(fake, capsysbinary):
     fake(FakeClient({"/api/fleet/5/-/api/logs/stdout/follow": FakeResponse(b"data: x\n\n")},
-                    agents=[{"job": "5", "node": "n1", "state": "gone"}]))
+                    later=[{"job": "5", "node": "n1", "state": "gone"}]))
     args = parse(cli_logs.register, ["logs", "5", "-f"])
     assert args.func(args) == 0
     assert b"job 5 ended" in capsysbinary.readouterr().err
@@ -122,94 +127,3 @@ def test_exec_needs_a_command(fake):
     args = parse(cli_exec.register, ["exec", "7"])
     with pytest.raises(UsageError):
         args.func(args)
-
-
-def test_not_found_route():
-    assert cli_forward._not_found_route(b'{"error": "not_found", "message": "The requested URL"}')
-    assert not cli_forward._not_found_route(b'{"error": "NotFound", "message": "no agent of job 3"}')
-    assert not cli_forward._not_found_route(b"<html>")
-
-
-def test_tcp_connection_pipes_through_an_upgraded_master_connection(tmp_path):
-    """One local connection: upgrade request to the (fake) master's socket, then bytes both ways."""
-    path = tmp_path / "master.sock"
-    master = socket.socket(socket.AF_UNIX)
-    master.bind(str(path))
-    master.listen()
-    seen = {}
-
-    def fake_master():
-        c, _ = master.accept()
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += c.recv(4096)
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        seen["head"] = head.decode()
-        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: dxflow-tcp\r\n\r\nhello ")
-        data = rest
-        while True:
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        c.sendall(data.upper())
-        c.close()
-    t = threading.Thread(target=fake_master, daemon=True)
-    t.start()
-
-    from dxflow.master.client import MasterClient
-
-    client = MasterClient(tmp_path)  # the real client, on the fake master's socket
-    local_a, local_b = socket.socketpair()
-    worker = threading.Thread(target=cli_forward._tcp_connection, args=(client, "/api/forward/3/-/80", local_b),
-                              daemon=True)
-    worker.start()
-    local_a.sendall(b"ping")
-    local_a.shutdown(socket.SHUT_WR)
-    got = b""
-    local_a.settimeout(5)
-    while True:
-        chunk = local_a.recv(4096)
-        if not chunk:
-            break
-        got += chunk
-    worker.join(5)
-    assert got == b"hello PING"
-    assert seen["head"].startswith("GET /api/forward/3/-/80 HTTP/1.1") and "Upgrade: dxflow-tcp" in seen["head"]
-
-
-def test_tcp_connection_reports_a_refusal_as_502(tmp_path):
-    path = tmp_path / "master.sock"
-    master = socket.socket(socket.AF_UNIX)
-    master.bind(str(path))
-    master.listen()
-
-    def fake_master():
-        c, _ = master.accept()
-        c.recv(4096)
-        body = b'{"error": "AccessDenied", "message": "port 8766 belongs to another user"}'
-        c.sendall(b"HTTP/1.1 403 FORBIDDEN\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        c.close()
-    threading.Thread(target=fake_master, daemon=True).start()
-
-    from dxflow.master.client import MasterClient
-
-    a, b = socket.socketpair()
-    cli_forward._tcp_connection(MasterClient(tmp_path), "/api/forward/3/-/8766", b)
-    a.settimeout(5)
-    reply = a.recv(4096)
-    assert reply.startswith(b"HTTP/1.1 502") and b"another user" in reply
-
-
-def test_listen_prefers_the_remote_port_then_any(tmp_path):
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    s = cli_forward._listen(None, port)  # taken: any free port
-    assert s.getsockname()[1] != port
-    s.close()
-    from dxflow.errors import UsageError
-    with pytest.raises(UsageError):
-        cli_forward._listen(port, port)
-    taken.close()

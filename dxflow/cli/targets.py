@@ -1,0 +1,198 @@
+"""Where a command goes: ``JOB[:NODES]`` read once for every command (exec, logs, cp, info, ports,
+shell, forward, metrics, console), in two steps.
+
+1. :func:`parse` reads the text alone and contacts nothing: a malformed target, a job id that is not
+   one (``abc:n1``), a bad node set (``12:n[1-``) or a port out of range is a :class:`UsageError`
+   (exit 2) before the master is asked anything.
+2. :func:`resolve` asks the master's list of agents which nodes that means: ``all`` (or ``*``) is
+   every node of the job; a node set must name nodes of the job; a job whose agents are gone is
+   named as ended, one with no agent at all as not running; a bare node name (``dxflow shell n2``)
+   is the one job of the user that runs there.
+
+Node sets are ClusterShell's (:mod:`dxflow.schedulers.hostlist`): ``n[1-4,7]``, ``n1,n3``, and
+clush's ``n[1-8]!n3``. Several nodes are always printed folded (:func:`fold`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, NamedTuple
+
+from dxflow.errors import NotFound, UsageError
+from dxflow.schedulers.hostlist import HOST, fold, node_set, sort_hosts
+
+#: a job id as the batch schedulers write it. Slurm (squeue(1) %i): ``1234``, an array task
+#: ``1234_5``, a heterogeneous component ``1234+1``. PBS Pro / Torque (qstat(1B)):
+#: ``sequence[.server]``, an array ``1234[]`` and its subjob ``1234[5]``. LSF (bjobs(1)): ``1234``,
+#: an array element ``1234[5]``. All start with the number the scheduler gave.
+JOB_ID = re.compile(r"^\d+(?:_\d+|\+\d+|\[\d*\])?(?:\.[A-Za-z0-9][A-Za-z0-9.-]*)?$")
+#: how the user names every node of the job
+ALL = ("all", "*")
+#: seconds a target the master has not seen yet is looked for again (an agent that just registered)
+LOOK_AGAIN = 3.0
+FORMS = "JOB, JOB:NODE, JOB:NODESET (n[1-4,7]) or JOB:all"
+
+
+class Target(NamedTuple):
+    """A target as written, checked but not yet looked up."""
+
+    text: str
+    #: the job id; with ``bare``, a word that is no job id: a by-hand job's name or a node name
+    job: str
+    #: None: the job's first node; "all"; or the node set, folded
+    nodes: str | None = None
+    bare: bool = False
+
+    @property
+    def several(self) -> bool:
+        """Whether it may name more than one node (``all``, or a set of two or more)."""
+        return self.nodes == "all" or (self.nodes is not None and len(node_set(self.nodes)) > 1)
+
+
+class Resolved(NamedTuple):
+    """The job and the nodes a target names, once the master was asked."""
+
+    job: str
+    #: node names in NodeSet order; [None] for the job's first node (the master picks it)
+    nodes: list[Any]
+
+    @property
+    def where(self) -> str:
+        """``job 12 node n[1-2]`` as the user reads it."""
+        named = [n for n in self.nodes if n]
+        return f"job {self.job}" + (f" node {fold(named)}" if named else "")
+
+
+def parse(text: str, *, several: bool = True, command: str = "") -> Target:
+    """``JOB[:NODES]`` -> :class:`Target`; UsageError (exit 2) when it is not one. With
+    ``several=False`` (a command that goes to one node: shell, forward, an upload) a set of
+    several nodes or ``all`` is refused too."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"no target given: expected {FORMS}")
+    if any(c.isspace() for c in text):
+        raise UsageError(f"{text!r}: a target has no spaces; expected {FORMS}")
+    job, sep, nodes = text.partition(":")
+    if sep and not nodes:
+        raise UsageError(f"{text!r}: nothing after ':'; expected {FORMS}")
+    if ":" in nodes:
+        raise UsageError(f"{text!r}: too many ':'; expected {FORMS}")
+    return parse_parts(text, job, nodes or None, several=several, command=command)
+
+
+def parse_parts(text: str, job: str, nodes: str | None, *, several: bool = True, command: str = "") -> Target:
+    """A target from its job and node parts, already split (``dxflow cp`` splits ``JOB:NODES:PATH``)."""
+    if not job:
+        raise UsageError(f"{text!r}: the job is missing before ':'; expected {FORMS}")
+    bare = not JOB_ID.match(job)
+    if bare:
+        if not HOST.match(job):
+            raise UsageError(f"{text!r}: {job!r} is not a job id (a number such as 1234, 1234_5, 1234[5], "
+                             "1234.server) nor a node name")
+        if nodes is not None and job not in by_hand_jobs():
+            raise UsageError(f"{text!r}: {job!r} is not a job id: job ids are numbers such as 1234 "
+                             "(1234_5 for an array task, 1234.server on PBS)")
+    folded: str | None = None
+    if nodes is not None:
+        folded = "all" if nodes in ALL else fold(node_set(nodes))
+    target = Target(text, job, folded, bare)
+    if not several and target.several:
+        what = f"`dxflow {command}`" if command else "this command"
+        raise UsageError(f"{text!r}: {what} goes to one node; name one ({job}:NODE)")
+    return target
+
+
+def by_hand_jobs() -> set[str]:
+    """Names of the user's jobs started by hand (``dxflow agent`` without a scheduler), whose names
+    are the user's own words rather than ids: read from the user's registrations, not asked of anyone."""
+    from dxflow import registration
+    from dxflow.layout import UserLayout
+
+    try:
+        regs = registration.read_all(UserLayout.of().fleet_dir)
+    except OSError:
+        return set()
+    return {r.job for r in regs if not JOB_ID.match(r.job)}
+
+
+def check_port(text: str, what: str = "port") -> int:
+    """A TCP port number 1-65535 from the text; UsageError (exit 2) otherwise."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UsageError(f"{what} {text!r}: expected a number from 1 to 65535")
+    return int(text)
+
+
+def port_pair(text: str) -> tuple[int | None, int]:
+    """``PORT`` or ``LPORT:PORT`` as in ``ssh -L`` -> (LPORT or None, PORT)."""
+    local, sep, remote = text.rpartition(":")
+    if sep and (":" in local or not local):
+        raise UsageError(f"{text!r}: expected PORT or LPORT:PORT")
+    return (check_port(local, "local port") if sep else None), check_port(remote)
+
+
+# -- the master's word ---------------------------------------------------------------------------------
+
+def agents(client, refresh: bool = False) -> list[dict]:
+    """The master's list of the user's agents, the gone ones too."""
+    return client.json("GET", "/api/agents?all=1" + ("&refresh=1" if refresh else ""), timeout=30)
+
+
+def resolve(client, target: Target) -> Resolved:
+    """The job and nodes ``target`` names, from the master's list of agents (looked for again for up
+    to LOOK_AGAIN seconds when the job or a node is not in it yet: an agent that has just registered).
+    NotFound (exit 5) names a job that ended, one that does not run, or nodes that are not the job's."""
+    listing = agents(client)
+    deadline = time.monotonic() + LOOK_AGAIN
+    while True:
+        try:
+            return _resolve(listing, target)
+        except NotFound:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.3)
+        listing = agents(client, refresh=True)
+
+
+def _resolve(listing: list[dict], target: Target) -> Resolved:
+    job = target.job
+    if target.bare and not any(a["job"] == job for a in listing):
+        return _on_node(listing, job, target)
+    live = [a for a in listing if a["job"] == job and a["state"] != "gone"]
+    gone = [a for a in listing if a["job"] == job and a["state"] == "gone"]
+    if not live:
+        if gone:
+            why = sorted({a.get("detail") or "stopped" for a in gone})
+            raise NotFound(f"job {job} has ended: its agents on {fold(a['node'] for a in gone)} are gone "
+                           f"({'; '.join(why)})")
+        raise NotFound(f"job {job} is not running: no agent of it is registered (it ended a while ago, never "
+                       "existed, is not yours, or runs without dxflow); see `dxflow ls -a`")
+    have = sort_hosts(a["node"] for a in live)
+    if target.nodes is None:
+        return Resolved(job, [None])
+    if target.nodes == "all":
+        return Resolved(job, have)
+    wanted = node_set(target.nodes)
+    missing = [n for n in wanted if n not in have]
+    if missing:
+        ended = [n for n in missing if any(a["node"] == n for a in gone)]
+        note = f" (its agent on {fold(ended)} is gone)" if ended else ""
+        raise NotFound(f"job {job} runs on {fold(have)}: {fold(missing)} is not one of its nodes{note}")
+    return Resolved(job, wanted)
+
+
+def _on_node(listing: list[dict], node: str, target: Target) -> Resolved:
+    """A bare node name: the one job of the user that runs on it."""
+    jobs = sorted({a["job"] for a in listing if a["node"] == node and a["state"] != "gone"})
+    if not jobs:
+        raise NotFound(f"{node!r}: none of your jobs runs on a node of that name (nor is it a job id); "
+                       "see `dxflow ls`")
+    if len(jobs) > 1:
+        raise UsageError(f"{node!r}: several of your jobs run on {node}: {', '.join(jobs)}; name one "
+                         f"({jobs[0]}:{node})")
+    return Resolved(jobs[0], [node])
+
+
+def one(client, text: str, command: str = "") -> tuple[str, str | None]:
+    """Parse and resolve a target that goes to one node: (job, node or None for the job's first)."""
+    r = resolve(client, parse(text, several=False, command=command))
+    return r.job, r.nodes[0]
