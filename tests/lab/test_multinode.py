@@ -157,8 +157,10 @@ def test_an_ended_job_is_named_not_its_file(lab):
         assert f"job {job_id} has ended" in out.stderr and "no such file" not in out.stderr
     finally:
         jobs.cancel_all()
-    never = dxflow("alice", "cp", "999999:/etc/shadow", "/tmp/", check=False, timeout=30)
-    assert never.returncode == 5 and "job 999999 is not running" in never.stderr
+    # a job id no test has used (other tests start agents by hand for made-up ids; those stay listed as gone)
+    unknown = str(int(job_id) + 7_000_000 + os.getpid() % 1000)
+    never = dxflow("alice", "cp", f"{unknown}:/etc/shadow", "/tmp/", check=False, timeout=30)
+    assert never.returncode == 5 and f"job {unknown} is not running" in never.stderr
 
 
 def test_a_bare_node_name_is_the_one_job_that_runs_there(job):

@@ -118,7 +118,8 @@ def test_an_agent_of_another_agent_api_shows_as_incompatible_not_lost(home, old_
         ["nsenter", f"--net=/var/run/netns/{NETNS.format(node=node)}", "runuser", "-u", "alice", "--", "env", "-i",
          f"HOME={home}", "PATH=/usr/bin:/bin", f"PYTHONPATH={old_api}", PYTHON, "-m", "dxflow.agent",
          "--scheduler", "slurm", "--cluster", "dxlab", "--job", job, "--node", node],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd="/")  # `python -m` puts the working folder first: a checkout there would shadow the old release
     try:
         reg = home / ".dxflow" / "fleet" / f"dxlab.{job}.{node}.json"
         wait_for(reg.exists, 60, what="the old agent's registration")
