@@ -243,6 +243,31 @@ def fake_nodes() -> Iterator[FakeNodes]:
     nodes.close()
 
 
+# -- a real master's Fleet on the faked seam ------------------------------------------------------------
+@pytest.fixture
+def user_base(tmp_path) -> Path:
+    """The user's ``~/.dxflow`` on the login node: an empty ``fleet/`` and the user's key."""
+    b = tmp_path / "dxflow"
+    (b / "fleet").mkdir(parents=True, mode=0o700)
+    auth.user_key(b)
+    return b
+
+
+@pytest.fixture
+def fake_fleet(user_base, fake_nodes, fake_scheduler):
+    """A real :class:`dxflow.master.fleet.Fleet` of this user on ``fake_nodes`` and ``fake_scheduler``:
+    it asks the scheduler on every news, looks at the folder often and never exits for idleness."""
+    from dxflow.config import SiteConfig
+    from dxflow.master.fleet import Fleet
+
+    site = SiteConfig(master_check_interval=3600, master_check_gap=0, fleet_scan_interval=0.05,
+                      fleet_scan_max=0.2, master_idle_exit=0, controller_queries_per_minute=0)
+    f = Fleet(user_base, getpass.getuser(), pool=fake_nodes, site=site)
+    yield f
+    f.stop()
+    schedulers_base.QUERY_BUDGET.resize(0)
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass

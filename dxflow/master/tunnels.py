@@ -32,7 +32,7 @@ from dxflow.ssh import paramiko_login
 from dxflow.ssh.paramiko_login import CONNECT_TIMEOUT
 from dxflow.ssh.adoption import Adoption, Slot
 from dxflow.ssh.openssh import OpenSSHPool
-from dxflow.ssh.transport import UseOpenSSH, adopted_job, transport_setting
+from dxflow.ssh.transport import UseOpenSSH, transport_setting
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +187,7 @@ class TunnelPool:
     def _learn_adoption(self, address: str, generation: int) -> str | None:
         """Which job the node's sshd put this connection in (pam_slurm_adopt; docs/ssh.md), once per generation:
         the connection ends with that job."""
-        if self.adoption.known(generation):
-            return self.adoption.job_of(generation)
-        try:
-            job = adopted_job(self.read_file(address, "/proc/self/cgroup", generation).decode(errors="replace"))
-        except (FileNotFoundError, AgentUnreachable) as e:
-            log.info("%s: cannot tell whether the connection was adopted into a job: %s", address, e)
-            job = None
-        self.adoption.learn(address, generation, job)
-        if job:
-            log.info("%s: the SSH connection was adopted into job %s (it ends with that job)", address, job)
-        return job
+        return self.adoption.read(address, generation, self.read_file)
 
     def note(self, address: str, job: str | None, generation: int) -> str:
         """What JOB's agent on the node says in ``dxflow ls`` about connection ``generation``: "" unless it is

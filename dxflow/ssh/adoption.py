@@ -28,6 +28,7 @@ import time
 from typing import Callable, NoReturn, Protocol
 
 from dxflow.errors import AgentUnreachable
+from dxflow.ssh.transport import adopted_job
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,21 @@ class Adoption:
         """Whether it is known where this connection landed."""
         with self._lock:
             return generation in self._landed
+
+    def read(self, address: str, generation: int, read_file: Callable[[str, str, int], bytes]) -> str | None:
+        """Which job the node's sshd put connection ``generation`` in, asked once per connection: its
+        session's ``/proc/self/cgroup``, read through it with ``read_file(address, path, generation)``."""
+        if self.known(generation):
+            return self.job_of(generation)
+        try:
+            job = adopted_job(read_file(address, "/proc/self/cgroup", generation).decode(errors="replace"))
+        except (FileNotFoundError, AgentUnreachable) as e:
+            log.info("%s: cannot tell whether the SSH connection was adopted into a job: %s", address, e)
+            job = None
+        self.learn(address, generation, job)
+        if job:
+            log.info("%s: the SSH connection was adopted into job %s (it ends with that job)", address, job)
+        return job
 
     def learn(self, address: str, generation: int, job: str | None) -> Slot:
         """The connection ``generation`` to ``address`` is in ``job`` (None: not adopted); its slot."""

@@ -35,7 +35,6 @@ from dxflow.layout import UserLayout
 from dxflow.ssh import control, mux
 from dxflow.ssh.adoption import Adoption, Slot
 from dxflow.ssh.controlmaster import COMMAND_TIMEOUT, CONNECT_TIMEOUT, ControlMaster, LoginNeeded
-from dxflow.ssh.transport import adopted_job
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +141,7 @@ class OpenSSHPool:
 
     def learn(self, address: str, generation: int) -> str | None:
         """Which job the node's sshd put this ControlMaster's session in, once per ControlMaster."""
-        if self.adoption.known(generation):
-            return self.adoption.job_of(generation)
-        try:
-            job = adopted_job(self.read_file(address, "/proc/self/cgroup", generation).decode(errors="replace"))
-        except (FileNotFoundError, AgentUnreachable) as e:
-            log.info("%s: cannot tell whether the ControlMaster was adopted into a job: %s", address, e)
-            job = None
-        self.adoption.learn(address, generation, job)
-        if job:
-            log.info("%s: the SSH ControlMaster was adopted into job %s (it ends with that job)", address, job)
-        return job
+        return self.adoption.read(address, generation, self.read_file)
 
     def drop_ended(self, address: str) -> None:
         with self._lock:

@@ -15,38 +15,25 @@ import time
 import pytest
 
 from dxflow import registration
-from dxflow.auth import user_key
-from dxflow.config import SiteConfig
 from dxflow.errors import AgentLost, AgentStarting, NotFound
 from dxflow.master import fleet as fleet_mod
 from dxflow.master.fleet import Fleet
 from dxflow.schedulers import JobState
-from dxflow.schedulers.base import QUERY_BUDGET
 
 USER = getpass.getuser()
 OTHER_UID = 65534  # nobody: "another user" in the node's table of sockets
 TABLE = "read /proc/net/tcp"
 
-#: ask the scheduler on every news, look at the folder often; never exit for idleness
-SITE = SiteConfig(master_check_interval=3600, master_check_gap=0, fleet_scan_interval=0.05, fleet_scan_max=0.2,
-                  master_idle_exit=0, controller_queries_per_minute=0)
 
 
 @pytest.fixture
-def base(tmp_path):
-    """The user's ``~/.dxflow`` on the login node."""
-    b = tmp_path / "dxflow"
-    (b / "fleet").mkdir(parents=True, mode=0o700)
-    user_key(b)
-    return b
+def base(user_base):
+    return user_base
 
 
 @pytest.fixture
-def fleet(base, fake_nodes, fake_scheduler):
-    f = Fleet(base, USER, pool=fake_nodes, site=SITE)
-    yield f
-    f.stop()
-    QUERY_BUDGET.resize(0)
+def fleet(fake_fleet):
+    return fake_fleet
 
 
 def wait_for(predicate, what: str, timeout: float = 10.0):

@@ -13,31 +13,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dxflow.agent import node as agent_node
-from dxflow.auth import user_key
-from dxflow.config import SiteConfig
 from dxflow.master.app import create_app
 from dxflow.master.fleet import Fleet
-from dxflow.schedulers.base import QUERY_BUDGET
 
 USER = getpass.getuser()
-SITE = SiteConfig(master_check_interval=3600, master_check_gap=0, fleet_scan_interval=0.05, fleet_scan_max=0.2,
-                  master_idle_exit=0, controller_queries_per_minute=0)
 
 
 @pytest.fixture
-def base(tmp_path):
-    b = tmp_path / "dxflow"
-    (b / "fleet").mkdir(parents=True, mode=0o700)
-    user_key(b)
-    return b
+def base(user_base):
+    return user_base
 
 
 @pytest.fixture
-def fleet(base, fake_nodes, fake_scheduler):
-    f = Fleet(base, USER, pool=fake_nodes, site=SITE)
-    yield f
-    f.stop()
-    QUERY_BUDGET.resize(0)
+def fleet(fake_fleet):
+    return fake_fleet
 
 
 def ready(fleet: Fleet, names: list[str], timeout: float = 10.0) -> None:
