@@ -10,13 +10,18 @@ and times:
   with a token signed by the user's key;
 * epilog start → the agent and every process it started are gone (the epilog returns
   only then, and the bench checks /proc afterwards);
-* the agent's memory: RSS of its gunicorn arbiter and worker (each, and their sum) and their PSS.
+* the agent's memory: RSS of its gunicorn arbiter and worker (each, and their sum), their PSS, and
+  their USS (the pages only they map: what the node gets back when the agent stops).
+
+The user's key is made (as the user, never as root) if the home has none yet. ``--site-config``
+gives the hooks (and so the agents) another site config than /etc/dxflow/dxflow.toml: a site with
+``site_gateways`` makes each agent dial out to the site service (paramiko, 7 MiB more per worker).
 
 With ``PrologFlags=Contain`` (the lab's), slurmd makes the job's extern step and its cgroups
 before the prolog runs, and the prolog's launcher joins them: for its made-up jobs the bench
 makes those cgroups itself, with a process in them, as slurmstepd does, and removes them after.
 
-Usage: /opt/dxflow/venv/bin/python bench/hooks.py [--rounds 20] [--node n1] [--user alice]
+Usage: /opt/dxflow/venv/bin/python bench/hooks.py [--rounds 20] [--node n1] [--user alice] [--site-config PATH]
 """
 
 from __future__ import annotations
@@ -102,16 +107,35 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def smaps_kib(pid: int, *fields: str) -> int:
+    """The sum of ``fields`` of /proc/PID/smaps_rollup, in KiB (0 for a process that is gone)."""
+    try:
+        return sum(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                   if line.split(":")[0] in fields)
+    except OSError:
+        return 0
+
+
 def pss_kib(pid: int) -> int:
     """Proportional set size: each shared page counted once over the processes sharing it. For
     arbiter + worker (a fork) it is what the two really take together; RSS counts shared pages twice."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return smaps_kib(pid, "Pss")
+
+
+def uss_kib(pid: int) -> int:
+    """Unique set size: the pages no other process maps (summed over arbiter and worker, the pages they
+    share are not in it: a lower bound of what stopping the agent gives back)."""
+    return smaps_kib(pid, "Private_Clean", "Private_Dirty")
+
+
+def ensure_user_key(pw: pwd.struct_passwd) -> None:
+    """The user's key pair, made by the user (a key made by root would be root's file in the user's home)."""
+    if (Path(pw.pw_dir) / ".dxflow" / "id_rsa").exists():
+        return
+    make = ("from dxflow.auth import user_key; from dxflow.layout import UserLayout; "
+            "user_key(UserLayout.of().ensure_shared().base)")
+    subprocess.run(["runuser", "-u", pw.pw_name, "--", sys.executable, "-I", "-c", make], check=True,
+                   env={"HOME": pw.pw_dir, "PATH": "/usr/bin:/bin"}, cwd="/")
 
 
 def hook_env(job: int, node: str, pw: pwd.struct_passwd) -> dict[str, str]:
@@ -165,6 +189,7 @@ def main() -> int:
     ap.add_argument("--node", default="n1")
     ap.add_argument("--user", default="alice")
     ap.add_argument("--first-job", type=int, default=7_000_000)
+    ap.add_argument("--site-config", help="the site config the hooks read (default: /etc/dxflow/dxflow.toml)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root on the lab (dxflow lab up)")
@@ -173,16 +198,19 @@ def main() -> int:
     from dxflow.procs import all_procs
 
     pw = pwd.getpwnam(args.user)
+    ensure_user_key(pw)
     key = user_key(Path(pw.pw_dir) / ".dxflow")
     enter_netns(f"dxlab-{args.node}")
     noop = Path(tempfile.mkdtemp()) / "noop-prolog"
     noop.write_text("#!/bin/sh\nexit 0\n")
     noop.chmod(0o755)
 
-    base_t, pro_t, ans_t, epi_t, orphans, rss, pss, split = [], [], [], [], 0, [], [], []
+    base_t, pro_t, ans_t, epi_t, orphans, rss, pss, uss, split = [], [], [], [], 0, [], [], [], []
     for i in range(args.rounds):
         job = args.first_job + int(time.time()) % 100000 * 100 + i
         env = hook_env(job, args.node, pw)
+        if args.site_config:
+            env["DXFLOW_SITE_CONFIG"] = args.site_config
         base_t.append(timed([str(noop)], env))
         reg = Path(pw.pw_dir) / ".dxflow" / "fleet" / f"dxlab.{job}.{args.node}.json"
         step = ExternStep(env["SLURM_CONF"], args.node, pw.pw_uid, job)
@@ -198,6 +226,7 @@ def main() -> int:
             time.sleep(0.5)  # the worker has booted and served: its memory as it stays
             rss.append(sum(rss_kib(p) for p in before) / 1024)
             pss.append(sum(pss_kib(p) for p in before) / 1024)
+            uss.append(sum(uss_kib(p) for p in before) / 1024)
             split.append((rss_kib(record["pid"]) / 1024, sum(rss_kib(p) for p in before - {record["pid"]}) / 1024))
             env["SLURM_SCRIPT_CONTEXT"] = "epilog_slurmd"
             epi_t.append(timed([EPILOG], env))
@@ -205,7 +234,8 @@ def main() -> int:
             orphans += len(left)
         finally:
             step.remove()
-    print(f"{args.rounds} rounds on {args.node} as {args.user} (Slurm hook scripts, as slurmd runs them)")
+    print(f"{args.rounds} rounds on {args.node} as {args.user} (Slurm hook scripts, as slurmd runs them; "
+          f"site config {args.site_config or '/etc/dxflow/dxflow.toml'})")
     print(summary("no-op prolog (baseline)", base_t))
     print(summary("dxflow prolog", pro_t, 0.100))
     print(f"{'  ratio to no-op prolog':<38} {statistics.median(pro_t) / statistics.median(base_t):.1f}x "
@@ -218,6 +248,7 @@ def main() -> int:
     print(f"{'  arbiter RSS, worker RSS':<38} median {statistics.median(a for a, _ in split):7.1f} MiB, "
           f"{statistics.median(w for _, w in split):.1f} MiB")
     print(f"{'  arbiter + worker PSS (shared once)':<38} median {statistics.median(pss):7.1f} MiB")
+    print(f"{'  arbiter + worker USS (theirs alone)':<38} median {statistics.median(uss):7.1f} MiB")
     return 0 if orphans == 0 else 1
 
 

@@ -10,7 +10,9 @@ while the prolog runs (Slurm makes the extern step's just after it). In order, t
    (``dxflow exec``, ``dxflow shell``) count against the job's CPU and memory limits, and the
    scheduler kills them with the job;
 2. writes the cgroups it joined into the prolog's record of the agent (under the record's lock);
-3. becomes the job's user and execs the agent: same pid and start time as the record says.
+3. where the site has gateways (``site_gateways``), makes the agent's gateway key and root's MUNGE
+   credential for it (:mod:`dxflow.enroll`), handed over, once it is the user, in a file of the user's;
+4. becomes the job's user and execs the agent: same pid and start time as the record says.
 
 Whatever fails on the way, the agent still starts (outside what could not be joined) and the
 hook log says why. SPEC is one JSON object written by :func:`dxflow.hook.prolog`.
@@ -24,9 +26,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dxflow import jobcgroup
 from dxflow.locks import locked
+
+if TYPE_CHECKING:  # imported when the site has gateways only (cryptography is not light)
+    from dxflow.enroll import Enrollment
 
 log = logging.getLogger("dxflow.hook")
 
@@ -76,13 +82,43 @@ def note_cgroups(record: Path, joined: list[str]) -> None:
         os.replace(tmp, record)
 
 
-def become(uid: int, gid: int, groups: list[int], cwd: str, argv: list[str]) -> None:
+def enroll_agent(spec: dict | None) -> Enrollment | None:
+    """As root: the agent's gateway key and root's MUNGE credential for it, where the site has gateways
+    (``site_gateways``; dxflow.enroll). None where it has none, or MUNGE failed: the agent starts all
+    the same (the user's own master still reaches it), and the hook log says why."""
+    if not spec:
+        return None
+    from dxflow import enroll
+
+    try:
+        return enroll.make(spec["cluster"], spec["job"], spec["node"], spec["user"])
+    except Exception as e:  # noqa: BLE001 - the agent starts whatever happens to its enrollment
+        log.error("agent pid %d: not enrolled with the site's gateways (it will not dial out): %s: %s",
+                  os.getpid(), type(e).__name__, e)
+        return None
+
+
+def hand_over(enrollment: Enrollment, folder: str) -> None:
+    """As the job's user: the enrollment into a file of the user's alone, its path into the agent's env."""
+    from dxflow import enroll
+
+    try:
+        os.environ[enroll.ENV] = str(enroll.write(Path(folder), enrollment))
+    except OSError as e:
+        log.error("agent pid %d: cannot write its enrollment into %s (it will not dial out): %s",
+                  os.getpid(), folder, e)
+
+
+def become(uid: int, gid: int, groups: list[int], cwd: str, argv: list[str],
+           enrollment: Enrollment | None = None, enroll_dir: str = "") -> None:
     """Drop root for the job's user (groups first: they cannot be set afterwards), then exec the agent."""
     if os.getuid() == 0:
         os.setgroups(groups)
         os.setgid(gid)
         os.setuid(uid)
     os.chdir(cwd)
+    if enrollment is not None:
+        hand_over(enrollment, enroll_dir)
     os.execve(argv[0], argv, os.environ)
 
 
@@ -101,7 +137,9 @@ def main(argv: list[str]) -> int:
         note_cgroups(Path(spec["record"]), joined)
     if joined:
         log.info("agent pid %d joined the job's cgroups %s", os.getpid(), ", ".join(joined))
-    become(int(spec["uid"]), int(spec["gid"]), [int(g) for g in spec["groups"]], spec["cwd"], spec["argv"])
+    enrollment = enroll_agent(spec.get("enroll"))
+    become(int(spec["uid"]), int(spec["gid"]), [int(g) for g in spec["groups"]], spec["cwd"], spec["argv"],
+           enrollment, (spec.get("enroll") or {}).get("folder", ""))
     return 127  # not reached: execve replaced this process (closing the log: Python opens it close-on-exec)
 
 

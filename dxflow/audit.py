@@ -67,6 +67,9 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_.:/@+=,-]{1,128}$")
 
 #: seconds between two tries to reach a syslog socket that was missing
 RETRY = 10.0
+#: WSGI environ key naming the user a site service proved for the request (dxflow.site.users): a record
+#: of the site's names them as ``asked_by`` (the service itself runs as its own account)
+ASKED_BY = "dxflow.asked_by"
 
 
 class _Handler(logging.handlers.SysLogHandler):
@@ -183,6 +186,9 @@ def record(action: str, what: str | Sequence[str], where: Any, environ: Mapping[
             "peer_uid": "unknown" if p_uid is None else p_uid, "peer_pid": p_pid if p_pid else "unknown",
             "loginuid": loginuid(p_pid if p_pid else "self"), "what": what, **details,
         }
+        asked_by = (environ or {}).get(ASKED_BY)
+        if asked_by:  # the site service: the user its MUNGE login or console session proved
+            fields["asked_by"] = asked_by
         line = " ".join(f"{key}={_text(value)}" for key, value in fields.items())
         _trail(str(config.SITE_CONFIG)).info(line)
     except Exception as e:  # noqa: BLE001 - an audit failure must not fail the user's act

@@ -75,6 +75,12 @@ class SiteConfig:
     stop_timeout: float = 1.0
     #: Extra roots agents may serve files from; ``$USER`` and ``$JOB`` are expanded.
     scratch_roots: list[str] = field(default_factory=list)
+    #: The node's own scratch, which agents serve too: ``$TMPDIR`` is the job's (read from its
+    #: processes), ``$USER`` and ``$JOB`` are expanded, a folder missing on a node is skipped. Every
+    #: user of the node shares them, so there agents serve only what belongs to the job's user: each
+    #: folder, file and symlink below the root must be theirs, and listings show only their entries.
+    #: [] turns it off.
+    node_local_roots: list[str] = field(default_factory=lambda: ["$TMPDIR", "/tmp", "/local"])
     #: Seconds between an agent's samples of its job (CPU, memory, I/O, GPUs; docs/metrics.md). Default
     #: 2; 0 turns sampling (and the job's report) off.
     metrics_interval: float = 2.0
@@ -96,6 +102,22 @@ class SiteConfig:
     #: hostbased, GSSAPI, MFA, settings paramiko cannot honour); "paramiko" or "openssh" forces one.
     #: A user's ``ssh_transport`` in ``~/.dxflow/config`` wins over this.
     ssh_transport: str = "auto"
+    # -- the site service (issue #17; docs/site.md) --
+    #: "HOST:PORT" of every site service replica's agent gateway. Non-empty: the prolog enrolls each
+    #: agent (a gateway key of its own, vouched for by a root MUNGE credential) and the agent dials out
+    #: to every gateway (SSH, the gateway's host key pinned), which reaches it through that connection
+    #: only: no inbound port on the node, no user's SSH key. Default []: no dial-out.
+    site_gateways: list[str] = field(default_factory=list)
+    #: Folder the site admin publishes, world-readable (``dxflow site init``): ``gateway_host_key.pub``
+    #: (agents pin it), ``token_key.pem`` (agents accept tokens it signs, naming their own user only),
+    #: ``tls.pem`` (the CLI pins it for https ``site`` URLs).
+    site_keys: str = "/etc/dxflow/site"
+    #: URLs of the site service's user API, one per replica (``["https://login1:8470"]``; docs/site.md).
+    #: Non-empty: every ``dxflow`` command talks to the site service instead of a per-user master, proving
+    #: its user with a MUNGE credential per request; the URLs are tried in order (a replica that does not
+    #: answer is skipped). https is verified against ``site_keys``/tls.pem only; http is for loopback
+    #: addresses only. Default []: each user's own master, as without a site service.
+    site: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path | None = None) -> "SiteConfig":
@@ -126,23 +148,29 @@ def agent_name(cluster: str, job: str, node: str) -> str:
     return f"{cluster}.{job}.{node}"
 
 
-def site_config_keys() -> list[tuple[str, str, str]]:
-    """``(key, default as TOML, what it sets)`` for every key of :class:`SiteConfig`, the text read
-    from the ``#:`` comment lines above each field."""
+def field_docs(cls: type) -> dict[str, str]:
+    """What each field of the dataclass ``cls`` sets: the ``#:`` comment lines above it, joined (reST's
+    ````literals```` as Markdown's). The docs' tables of config keys are made from these."""
     import inspect  # here, not at the top: the hooks import this module, and their start-up is measured
 
     docs: dict[str, str] = {}
     comment: list[str] = []
-    for line in inspect.getsource(SiteConfig).splitlines():
+    for line in inspect.getsource(cls).splitlines():
         doc = re.match(r"\s*#:\s?(.*)$", line)
         name = re.match(r"\s*(\w+)\s*:\s*[^=]+=", line)
         if doc:
             comment.append(doc.group(1).strip())
         elif name and comment:
-            docs[name.group(1)] = " ".join(comment).replace("``", "`")  # reST's literals, as Markdown's
+            docs[name.group(1)] = " ".join(comment).replace("``", "`")
             comment = []
         else:
             comment = []
+    return docs
+
+
+def site_config_keys() -> list[tuple[str, str, str]]:
+    """``(key, default as TOML, what it sets)`` for every key of :class:`SiteConfig`."""
+    docs = field_docs(SiteConfig)
     defaults = SiteConfig()
     return [(f.name, _toml(getattr(defaults, f.name)), docs.get(f.name, "")) for f in fields(SiteConfig)]
 

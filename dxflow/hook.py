@@ -150,9 +150,15 @@ def start_agent(site: SiteConfig, sched: Scheduler, job: HookJob, pw: pwd.struct
     if as_root:
         spec = {"job": plan.to_dict() if plan else None, "record": str(path), "log": str(hook_log(site)),
                 "uid": job.uid, "gid": job.gid, "groups": groups, "cwd": pw.pw_dir, "argv": agent_argv(site, job)}
+        if site.site_gateways:  # the launcher enrolls the agent, still root (dxflow.enroll): not the hook's time
+            spec["enroll"] = {"cluster": job.cluster, "job": job.job, "node": job.node, "user": job.user,
+                              "folder": str(UserLayout.of(pw.pw_dir).run_dir)}
         argv, cwd = [site.python or sys.executable, "-I", "-m", "dxflow.adopt", json.dumps(spec)], "/"
     else:  # run as the job's user already (LSF's default): stay as is
         argv, cwd = agent_argv(site, job), pw.pw_dir
+        if site.site_gateways:
+            log.warning("job %s node %s: this hook runs as the user, so the agent is not enrolled with the "
+                        "site's gateways (only root vouches for an agent): run the hook as root", job.job, job.node)
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     child = read_proc(proc.pid)

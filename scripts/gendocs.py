@@ -8,8 +8,8 @@ A generated part sits between two markers in a Markdown file::
     <!-- END GENERATED -->
 
 and is replaced by what that command prints: the site config keys from ``SiteConfig``
-(``dxflow.config``), the exit codes from the error classes (``dxflow.errors``). Run it after
-changing either; ``--check`` only says which files are out of date (exit 1), as
+(``dxflow.config``), the exit codes from the error classes (``dxflow.errors``), the site service's
+keys from ``SiteServiceConfig`` (``dxflow.site.config``). Run it after changing any; ``--check`` only says which files are out of date (exit 1), as
 ``tests/unit/test_generated_docs.py`` does.
 """
 
@@ -24,13 +24,15 @@ sys.path.insert(0, str(ROOT))
 
 from dxflow.config import site_config_table  # noqa: E402
 from dxflow.errors import exit_code_table  # noqa: E402
+from dxflow.site.config import site_service_table  # noqa: E402
 
 #: the commands a marker may name, and the function that prints the same.
 GENERATORS = {
     "python -m dxflow.config --markdown": site_config_table,
     "python -m dxflow.errors --markdown": exit_code_table,
+    "python -m dxflow.site.config --markdown": site_service_table,
 }
-FILES = ("README.md", "docs/admin-slurm.md")
+FILES = ("README.md", "docs/admin-slurm.md", "docs/site.md")
 BLOCK = re.compile(r"(<!-- BEGIN GENERATED: (?P<command>[^>]+?) -->\n)(?P<body>.*?)(<!-- END GENERATED -->)", re.S)
 
 

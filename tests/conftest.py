@@ -268,6 +268,23 @@ def fake_fleet(user_base, fake_nodes, fake_scheduler):
     schedulers_base.QUERY_BUDGET.resize(0)
 
 
+@pytest.fixture
+def settle() -> Callable[..., None]:
+    """``settle(fleet, names, want="ready")``: look (``Fleet.cycle``) until every agent named is in state
+    ``want`` (the watcher's checks run in threads); AssertionError, with the states seen, after ``timeout``."""
+    def settle(fleet, names: list[str], want: str = "ready", timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            fleet.cycle()
+            states = {n: (a.state, a.detail) if (a := fleet.registry.get(n)) else None for n in names}
+            if all(s is not None and s[0] == want for s in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agents not {want} within {timeout:.0f} s: {states}")
+            time.sleep(0.02)
+    return settle
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass
@@ -345,7 +362,8 @@ def make_agent(make_agent_state, keys) -> Callable[..., AgentUnderTest]:
 
     def make(config: dict | None = None, **fields) -> AgentUnderTest:
         state = make_agent_state(**fields)
-        client = create_app(state, {"TESTING": True, **(config or {})}).test_client()
+        # no node-local roots unless a test asks: /tmp holds pytest's own folders
+        client = create_app(state, {"TESTING": True, "FILE_NODE_LOCAL_ROOTS": [], **(config or {})}).test_client()
         token = auth.mint_token(user_key, state.user, state.audience)
         return AgentUnderTest(client, state, {"Authorization": f"Bearer {token}"})
     return make

@@ -4,6 +4,7 @@
 
 import { api, loadConfig, logout, nodeBase, session } from './js/api.js';
 import { renderFleet, nodeHref, TABS } from './js/fleet.js';
+import { jobHref, renderJob } from './js/jobtop.js';
 import { badge, clear, every, h, icon } from './js/util.js';
 
 import * as files from './js/files.js';
@@ -61,6 +62,12 @@ async function route() {
     await renderNode(job, node, VIEWS[tab] ? tab : 'overview', params, signal);
     return;
   }
+  if (parts[0] === 'job' && parts.length >= 2 && session.mode === 'fleet') {
+    document.title = `Job ${parts[1]} · dxflow`;
+    setCrumbs([['Fleet', '#/'], [`Job ${parts[1]}`, null]]);
+    renderJob(view, parts[1], signal);
+    return;
+  }
   if (session.mode === 'node') {
     navigate(nodeHref(session.job, session.node), true);
     return;
@@ -74,7 +81,7 @@ async function renderNode(job, node, tab, params, signal) {
   const label = TABS.find(([t]) => t === tab)[1];
   document.title = `${node} · ${label} · dxflow`;
   setCrumbs(session.mode === 'fleet'
-    ? [['Fleet', '#/'], [`Job ${job}`, '#/'], [node, nodeHref(job, node)], [label, null]]
+    ? [['Fleet', '#/'], [`Job ${job}`, jobHref(job)], [node, nodeHref(job, node)], [label, null]]
     : [[`Job ${job}`, ''], [node, nodeHref(job, node)], [label, null]]);
   const stateBadge = h('span', { class: 'badge' }, '…');
   const host = h('span', { class: 'muted' });

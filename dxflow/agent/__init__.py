@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # the agent's arbiter imports this package but never Flask (d
     from dxflow.agent.state import AgentState
 
 #: blueprint modules, in the order they are registered. Each has ``bp`` (and may have ``init_app``).
-BLUEPRINTS = ("health", "node", "files", "logs", "exec", "shell", "proxy", "ports", "console", "openapi")
+BLUEPRINTS = ("health", "node", "files", "broadcast", "logs", "exec", "shell", "proxy", "ports", "console", "top", "openapi")
 
 
 def create_app(state: AgentState, test_config: dict | None = None) -> Flask:

@@ -36,7 +36,7 @@ from werkzeug.http import http_date
 from werkzeug.wsgi import wrap_file
 
 from dxflow import audit
-from dxflow.agent.paths import Roots, open_regular
+from dxflow.agent.paths import Roots, job_tmpdir, open_regular
 from dxflow.errors import AccessDenied, NotFound, UsageError
 
 bp = Blueprint("files", __name__)
@@ -55,10 +55,14 @@ class InsufficientStorage(HTTPException):
 
 def init_app(app: Flask) -> None:
     templates = app.config.get("FILE_SCRATCH_ROOTS")
-    if templates is None:
+    node_local = app.config.get("FILE_NODE_LOCAL_ROOTS")
+    if templates is None or node_local is None:
         from dxflow.config import SiteConfig
-        templates = SiteConfig.load().scratch_roots
-    app.config["FILE_ROOTS"] = Roots.for_agent(app.config["AGENT"], list(templates))
+        site = SiteConfig.load()
+        templates = site.scratch_roots if templates is None else templates
+        node_local = site.node_local_roots if node_local is None else node_local
+    state = app.config["AGENT"]
+    app.config["FILE_ROOTS"] = Roots.for_agent(state, list(templates), list(node_local), job_tmpdir(state))
     app.config.setdefault("FILE_UMASK", _umask())
 
 
@@ -170,9 +174,11 @@ def list_folder():
     with os.scandir(folder) as it:
         for e in it:
             try:
-                entries.append(entry(e.name, e.stat(follow_symlinks=False)))
+                st = e.stat(follow_symlinks=False)
             except FileNotFoundError:  # removed while we listed
                 continue
+            if roots().visible(folder, st):  # in /tmp, only the user's own
+                entries.append(entry(e.name, st))
     entries.sort(key=lambda x: x["name"])
     return jsonify(path=str(folder), entries=entries)
 
@@ -511,10 +517,12 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 
 OPENAPI = {
     "/api/files/roots": {"get": {
-        "summary": "the allowed roots: the job's work dir, the user's home, the site's scratch",
+        "summary": "the allowed roots: the job's work dir, the user's home, the site's scratch, the node's "
+                   "own scratch (node-local: shared by the node's users, only your own files there are served)",
         "operationId": "files_roots", "tags": ["files"],
         "responses": {"200": _json({"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string", "enum": ["workdir", "home", "scratch"]}, "path": {"type": "string"}}}})}}},
+            "name": {"type": "string", "enum": ["workdir", "home", "scratch", "node-local"]},
+            "path": {"type": "string"}}}})}}},
     "/api/files": {
         "get": {"summary": "list a folder", "operationId": "files_list", "tags": ["files"], "parameters": [_PATH],
                 "responses": {"200": _json({"type": "object", "properties": {

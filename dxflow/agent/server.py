@@ -5,16 +5,23 @@ session; the epilog stops its whole tree). It is a child subreaper, so processes
 the user starts from a shell and daemonizes stay in that tree.
 
 The arbiter stays small: it imports gunicorn and what it needs to bind, supervise and
-unregister, nothing of Flask, cryptography or PyJWT (``python -X importtime -m dxflow.agent``
-shows it). The worker makes the agent's key and loads the app (no ``preload_app``), then
-serves with threads. A worker that gunicorn starts again makes a new key and registers it
-anew, as a new agent would: the master checks it before it sends anything.
+unregister, nothing of Flask, cryptography or PyJWT, nor the scheduler adapters and the
+registration (``python -X importtime -m dxflow.agent`` shows it). Whatever the arbiter holds
+is in the worker's resident set too (the worker is its fork), and a page either writes is
+copied. The worker makes the agent's key and loads the app (no ``preload_app``), then serves
+with threads. A worker that gunicorn starts again makes a new key and registers it anew, as a
+new agent would: the master checks it before it sends anything.
+
+Before it forks, the arbiter moves its objects out of the garbage collector's reach
+(``gc.freeze``): the worker's collections then leave the pages they share unwritten, and shared
+(PSS, ``bench/hooks.py``: 2-4 MiB less).
 """
 
 from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import gc
 import logging
 import os
 import pwd
@@ -24,15 +31,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gunicorn.app.base import BaseApplication
 
-from dxflow import API_VERSION, __version__, registration
-from dxflow.agent.state import AgentState
+from dxflow import API_VERSION, __version__
 from dxflow.config import SiteConfig, agent_name
 from dxflow.layout import UserLayout
-from dxflow.schedulers import adapter_class
-from dxflow.schedulers.base import QUERY_BUDGET
+
+if TYPE_CHECKING:  # the worker's: the arbiter never imports them (see the module docstring)
+    from dxflow.agent.state import AgentState
+    from dxflow.enroll import Enrollment
 
 log = logging.getLogger("dxflow.agent")
 PR_SET_CHILD_SUBREAPER = 36
@@ -62,6 +71,7 @@ class AgentJob:
 
     def make_state(self) -> AgentState:
         """The agent's state with a key of its own (and the user's key pair made if it is missing)."""
+        from dxflow.agent.state import AgentState
         from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_key
 
         base = UserLayout.of(self.home).base
@@ -77,9 +87,11 @@ class AgentJob:
 class AgentServer(BaseApplication):
     state: AgentState  # made in the worker (load)
 
-    def __init__(self, job: AgentJob, site: SiteConfig, log_path: Path, bind: str = "127.0.0.1:0") -> None:
+    def __init__(self, job: AgentJob, site: SiteConfig, log_path: Path, bind: str = "127.0.0.1:0",
+                 enrollment: Enrollment | None = None) -> None:
         self.job = job
         self.site = site
+        self.enrollment = enrollment  # with the site's gateways (dxflow.agent.dialout); kept for a new worker
         self.log_path = log_path
         self.bind = bind
         self.fleet_dir = UserLayout.of(job.home).fleet_dir
@@ -92,7 +104,7 @@ class AgentServer(BaseApplication):
             "preload_app": False, "control_socket_disable": True, "timeout": 120, "graceful_timeout": 1, "keepalive": 30,
             "errorlog": str(self.log_path), "accesslog": None, "loglevel": "info",
             "proc_name": f"dxflow-agent {self.job.job}.{self.job.node}",
-            "post_worker_init": self._post_worker_init, "on_exit": self._on_exit,
+            "pre_fork": self._pre_fork, "post_worker_init": self._post_worker_init, "on_exit": self._on_exit,
         }
         for key, value in settings.items():
             if key in self.cfg.settings:  # settings added by newer gunicorn releases are skipped on older ones
@@ -101,12 +113,24 @@ class AgentServer(BaseApplication):
     def load(self):
         """In the worker: the agent's key and app (the arbiter never imports them)."""
         from dxflow.agent import create_app
+        from dxflow.schedulers.base import QUERY_BUDGET
 
+        QUERY_BUDGET.resize(self.site.controller_queries_per_minute)  # every controller query of this agent counts
         self.state = self.job.make_state()
+        if self.site.site_gateways:  # tokens the site service signs for this agent's user (docs/site.md)
+            from dxflow.agent.auth import site_token_key
+
+            self.state.extra["site_token_key"] = site_token_key(self.site)
         return create_app(self.state)
 
     # gunicorn hooks --------------------------------------------------------
+    def _pre_fork(self, arbiter, worker) -> None:
+        gc.freeze()  # idempotent: a worker started again forks from the same frozen objects
+
     def _post_worker_init(self, worker) -> None:
+        from dxflow import registration
+        from dxflow.schedulers import adapter_class
+
         for sock in worker.sockets:
             # accepted connections inherit it: a response written as headers + body must not wait
             # for sshd's delayed ACK (~40 ms on a kept-alive tunnel channel)
@@ -128,8 +152,14 @@ class AgentServer(BaseApplication):
         from dxflow.agent import jobwatch
 
         jobwatch.start(self.state, self.site, stop=lambda: os.kill(os.getppid(), signal.SIGTERM))
+        if self.site.site_gateways:  # reached by the site service through connections it dials out (issue #17)
+            from dxflow.agent import dialout
+
+            dialout.start(self.site, self.enrollment, reg)
 
     def _on_exit(self, arbiter) -> None:
+        from dxflow import registration
+
         registration.remove(self.fleet_dir, agent_name(self.job.cluster, self.job.job, self.job.node),
                             pid=os.getpid())
 
@@ -147,7 +177,6 @@ def serve(scheduler: str, cluster: str, job: str, node: str, *, work_dir: str = 
     started = time.time()
     os.environ["DXFLOW_AGENT"] = "1"  # marks the agent's processes (and children) as not the job's own
     site = SiteConfig.load()
-    QUERY_BUDGET.resize(site.controller_queries_per_minute)  # every controller query of this agent counts
     layout = UserLayout.of().ensure_shared()  # nothing per host: this is a compute node
     log_path = layout.agent_log(agent_name(cluster, job, node))
     if not foreground:
@@ -158,5 +187,10 @@ def serve(scheduler: str, cluster: str, job: str, node: str, *, work_dir: str = 
     spec = AgentJob(user=pwd.getpwuid(os.getuid()).pw_name, home=layout.base.parent, scheduler=scheduler,
                     cluster=cluster, job=job, node=node, work_dir=work_dir, stdout=stdout, stderr=stderr,
                     started=started)
-    AgentServer(spec, site, log_path, bind=bind).run()
+    enrollment = None
+    if "DXFLOW_GATEWAY_ENROLLMENT" in os.environ:  # dxflow.enroll.ENV: imported where the site has gateways only
+        from dxflow.agent.dialout import take_enrollment
+
+        enrollment = take_enrollment()  # before anything forks: the agent's children never see it
+    AgentServer(spec, site, log_path, bind=bind, enrollment=enrollment).run()
     return 0

@@ -25,8 +25,10 @@ COMMAND_MODULES = (
     "dxflow.cli.forward", # forward, ports
     "dxflow.cli.console", # console
     "dxflow.cli.metrics", # metrics
+    "dxflow.cli.top",     # top
     "dxflow.cli.report",  # report
     "dxflow.cli.master",  # master start|stop|status
+    "dxflow.cli.site",    # site init|serve|status (the site service's admin)
     "dxflow.cli.doctor",  # doctor
     "dxflow.cli.hook",    # hook prolog|epilog (run by schedulers, as root)
     "dxflow.cli.agent",   # agent (run an agent by hand: workstation, container)

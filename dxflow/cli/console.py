@@ -37,6 +37,10 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 0
     minutes = max(1, round(result["valid_seconds"] / 60))
     print(f"Web console (the link works once, within {minutes} minutes):\n\n  {result['url']}\n")
+    if result.get("site"):
+        print(f"From your laptop, forward the site console's port first:\n\n  {result['ssh']}\n")
+        print("then open the link there. Run `dxflow console` again for a new link.")
+        return 0
     print(f"From your laptop, forward the console's socket first (only you can use it):\n\n  {result['ssh']}\n")
     print(f"or its TCP port (other users of this login node are refused there too):\n\n  {result['ssh_tcp']}\n")
     print("then open the link there. Run `dxflow console` again for a new link.")
@@ -48,10 +52,13 @@ def master_link(port: int | None) -> dict:
     import json
     import time
 
+    from dxflow.cli.service import service
     from dxflow.errors import UsageError
     from dxflow.master.client import MasterClient, check
 
-    client = MasterClient()
+    client = service()
+    if not isinstance(client, MasterClient):
+        return site_link(client, port)
     if not client.running():
         client.start(console_port=port)
     resp = client.request("POST", "/api/console/token", b"", timeout=30)
@@ -71,6 +78,26 @@ def master_link(port: int | None) -> dict:
     return {"url": data["url"], "port": p, "token": data["token"], "expires": data["expires"],
             "valid_seconds": max(0, int(data["expires"] - time.time())), "login_host": host, "socket": sock,
             "ssh": f"ssh -N -L {p}:{sock} {where}", "ssh_tcp": f"ssh -N -L {p}:127.0.0.1:{p} {where}"}
+
+
+def site_link(client, port: int | None) -> dict:
+    """The site service's console (``site`` set in dxflow.toml): a one-time link for this user, proven by
+    MUNGE; the console listens where the site admin put it, on the host of the replica that answered."""
+    import getpass
+    import time
+
+    from dxflow.errors import UsageError
+
+    if port is not None:
+        raise UsageError("--port: the site service's console listens on the port the site admin chose; "
+                         "leave --port out")
+    data = client.json("POST", "/api/console/token", {}, timeout=30)
+    host = login_host(data.get("host"))
+    listen_host = str(data.get("listen") or "127.0.0.1:0").rpartition(":")[0].strip("[]")  # HOST:PORT, [V6]:PORT
+    p = data["port"]
+    return {"url": data["url"], "port": p, "token": data["token"], "expires": data["expires"],
+            "valid_seconds": max(0, int(data["expires"] - time.time())), "login_host": host, "socket": None,
+            "site": True, "ssh": f"ssh -N -L {p}:{listen_host}:{p} {getpass.getuser()}@{host}"}
 
 
 def login_host(host: str | None = None) -> str:

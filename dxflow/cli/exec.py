@@ -50,8 +50,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     import json
 
     from dxflow.cli import targets
+    from dxflow.cli.service import service
     from dxflow.errors import UsageError
-    from dxflow.master.client import MasterClient
 
     target = targets.parse(args.target)  # before anything is contacted: a bad one exits 2
     argv = list(args.command)
@@ -76,7 +76,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         body["env"] = env
     if args.stdin:
         body["stdin"] = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
-    client = MasterClient().ensure()
+    client = service().ensure()
     where = targets.resolve(client, target)
     data = json.dumps(body).encode()
     if target.several or args.gather or args.json or args.timeout is not None:

@@ -15,6 +15,8 @@ few times with a growing pause, before it gives up.
 A name the agent sends (a listing's entry, a file's own name) becomes a local path only
 after :func:`safe_name` accepted it: ``../x`` or ``a/b`` from a broken or hostile agent
 must not write outside DST. ``cp -r`` checks the whole remote tree before it writes anything.
+
+To a node set (``JOB:all:PATH``, ``JOB:n[1-4]:PATH``) the copy is a broadcast: :mod:`dxflow.cli.broadcast`.
 """
 
 from __future__ import annotations
@@ -57,18 +59,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cp", help="copy files to and from your jobs' nodes", description=(
         "Copy files between this machine and the nodes of your running jobs, like scp. "
         "Write a node's side as JOB[:NODE]:PATH: NODE defaults to the job's first node; PATH is "
-        "relative to the job's work dir unless absolute, and must stay in the work dir, your home "
-        "or the site's scratch. A local path has no colon before its first slash (write ./a:b for a "
+        "relative to the job's work dir unless absolute, and must stay in the work dir, your home, "
+        "the site's scratch or the node's own ($TMPDIR, /tmp, /local: your own files there). A local path has no colon before its first slash (write ./a:b for a "
         "local file named a:b). Each file is checked by sha256 after the copy. A transfer that breaks "
         "off is resumed where it broke, a few times; an interrupted download leaves DST.dxflow-part, an "
         "interrupted upload a hidden .dxflow-upload-*.part next to its target: run the same command "
-        "again to resume either."),
+        "again to resume either. To a node set (JOB:all:PATH, JOB:n[1-4]:PATH) the same files go to every "
+        "node, passed on from node to node; a node that fails is named and the others complete."),
         epilog="examples: dxflow cp input.dat 1234:  |  dxflow cp -r 1234:n2:results ./  |  "
-               "dxflow cp 1234:/scratch/alice/out.h5 .")
+               "dxflow cp 1234:/scratch/alice/out.h5 .  |  dxflow cp -r inputs 1234:all:/tmp/")
     p.add_argument("src", nargs="+", metavar="SRC", help="file or folder to copy (several: DST must be a folder)")
     p.add_argument("dst", metavar="DST", help="where to copy to")
     p.add_argument("-r", "--recursive", action="store_true", help="copy folders and everything in them")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes")
+    p.add_argument("--fanout", type=int, default=2, metavar="K",
+                   help="to a node set (JOB:all:PATH, JOB:n[1-4]:PATH): each node passes the file on to at "
+                        "most K more, as sbcast's tree does (default 2)")
     p.set_defaults(func=cmd_cp)
 
 
@@ -544,9 +550,9 @@ def _on_nodes(client, loc: Location) -> list[Location]:
 def cmd_cp(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dxflow.cli.service import service
     from dxflow.cli.targets import parse_parts
     from dxflow.errors import DxflowError, UsageError
-    from dxflow.master.client import MasterClient
 
     sources = [parse_location(s) for s in args.src]
     dst = parse_location(args.dst)
@@ -558,10 +564,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
                          "(or use plain cp)")
     if any(not s.remote for s in sources) and any(s.remote for s in sources):
         raise UsageError("all SRC must be on the same side")
-    if dst.remote and parse_parts(args.dst, dst.job, dst.node).several:
-        raise UsageError(f"{args.dst}: copying to several nodes at once is not supported yet: name one node "
-                         f"({dst.job}:NODE:{dst.path})")
-    client = MasterClient().ensure()
+    several = dst.remote and parse_parts(args.dst, dst.job, dst.node).several
+    client = service().ensure()
+    if several:  # the same files on every node of a set, passed on through the nodes
+        from dxflow.cli.broadcast import broadcast_cp
+
+        each = _on_nodes(client, dst)  # an ended job, nodes not the job's: named before anything moves
+        return broadcast_cp(client, sources, each[0], [one.node for one in each], recursive=args.recursive,
+                            quiet=args.quiet, fanout=args.fanout)
     copier = Copier(client, args.quiet, args.recursive)
     if dst.remote:
         dst = _on_nodes(client, dst)[0]  # an ended job, a node not the job's: named before anything moves

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "whose agent API this one does not speak; it ends with its job), gone (job or agent ended). LOAD, CPU and "
         "MEMORY are the node's current figures when at most 5 s old; older ones (the agent could not be "
         "asked, or is lost) are shown with their age, e.g. `0.52 (40s ago)`, never as current. With --json, "
-        "metrics_age and metrics_fresh say the same."))
+        "metrics_age and metrics_fresh say the same. Through a site service serving several clusters, a "
+        "CLUSTER column comes first (name a job as CLUSTER/JOB where two clusters have its id); a site "
+        "admin's list has a USER column too."))
     p.add_argument("--json", action="store_true", help="print a JSON list for scripts")
     p.add_argument("-a", "--all", action="store_true", help="also show agents that are gone")
     p.add_argument("--job", help="only this job's agents")
@@ -30,10 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from dxflow.cli.util import human_bytes, human_duration, print_json, print_table
-    from dxflow.master.client import MasterClient
+    import getpass
 
-    client = MasterClient().ensure()
+    from dxflow.cli.service import service
+    from dxflow.cli.util import human_bytes, human_duration, print_json, print_table
+
+    client = service().ensure()
     agents = client.json("GET", "/api/agents?refresh=1" + ("&all=1" if args.all else ""))
     if args.job:
         agents = [a for a in agents if a["job"] == args.job]
@@ -60,17 +64,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 load, cpu, mem = (v if v == "-" else v + age for v in (load, cpu, mem))
         rows.append([a["job"], a["node"], a["state"], human_duration(up), load, cpu, mem,
                      a["detail"]])  # a ready agent's note: e.g. it goes through another job's SSH connection
-    print_table(["JOB", "NODE", "STATE", "UPTIME", "LOAD", "CPU", "MEMORY", "NOTE"], rows)
+    head = ["JOB", "NODE", "STATE", "UPTIME", "LOAD", "CPU", "MEMORY", "NOTE"]
+    # a site service's fleet: which cluster where there are several; whose job, where some are not the
+    # user's own (a site admin's list)
+    me = getpass.getuser()
+    for key, title, shown in (("user", "USER", any(a.get("user", me) != me for a in agents)),
+                              ("cluster", "CLUSTER", len({a.get("cluster") for a in agents}) > 1)):
+        if shown:
+            head.insert(0, title)
+            rows = [[a.get(key) or "-", *row] for a, row in zip(agents, rows)]
+    print_table(head, rows)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from dxflow.cli import targets
+    from dxflow.cli.service import service
     from dxflow.cli.util import human_bytes, human_duration, print_json
-    from dxflow.master.client import MasterClient
 
     target = targets.parse(args.target)
-    client = MasterClient().ensure()
+    client = service().ensure()
     where = targets.resolve(client, target)
     if target.several:
         return _info_nodes(client, where, args.json)

@@ -69,11 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_ports(args: argparse.Namespace) -> int:
     from dxflow.cli import targets
+    from dxflow.cli.service import service
     from dxflow.cli.util import print_json, print_table
-    from dxflow.master.client import MasterClient
 
     target = targets.parse(args.target)
-    client = MasterClient().ensure()
+    client = service().ensure()
     where = targets.resolve(client, target)
     if target.several:
         return _ports_nodes(client, where, args.json)
@@ -183,7 +183,8 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
     from dxflow.cli import targets
     from dxflow.cli.forward_local import admitted, listen_tcp, listen_unix, remove_own, unix_socket_path
-    from dxflow.master.client import MasterClient, check
+    from dxflow.cli.service import service
+    from dxflow.master.client import check
 
     log = logging.getLogger("dxflow.forward")
     target = targets.parse(args.target, several=False, command="forward")
@@ -194,9 +195,11 @@ def cmd_forward(args: argparse.Namespace) -> int:
         args.local = local
     if args.local is not None and not 0 <= args.local < 65536:
         raise UsageError(f"--local {args.local}: expected a number from 0 to 65535")
-    client = MasterClient().ensure()
-    job, node = targets.one(client, args.target, "forward") if target.bare else (target.job, target.nodes)
-    mode = "http" if args.http else "tcp"
+    client = service().ensure()
+    job, node = (targets.one(client, args.target, "forward") if target.bare or target.cluster
+                 else (target.job, target.nodes))
+    # a site service reaches only the agents' own API, never another port of a node: HTTP through the agent
+    mode = "http" if args.http or not getattr(client, "raw_forward", True) else "tcp"
     path = f"/api/forward/{quote(job, safe='')}/{quote(node or '-', safe='')}/{args.port}"
     waiting: str | None = None
     info: dict = {}
@@ -291,8 +294,9 @@ def _tcp_connection(client, path: str, local: socket.socket) -> None:
             local.close()
             return
         try:
+            proof = "".join(f"{k}: {v}\r\n" for k, v in client.auth_headers("GET", path))  # the site's, per request
             up.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
-                       f"Upgrade: {FORWARD_UPGRADE}\r\n\r\n".encode())
+                       f"Upgrade: {FORWARD_UPGRADE}\r\n{proof}\r\n".encode())
             head, rest = read_head(up)
             status, headers = parse_head(head)
             if status == 101:

@@ -12,9 +12,9 @@ EXIT_DEGRADED = 1   # `lab status`: parts of a lab, not all running
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lab", help="build, check or remove a throwaway Slurm cluster on this machine (root)",
                        description="A real Slurm cluster on this one machine: compute nodes n1..nN are "
-                       "network namespaces on the bridge dxlab0 (10.77.0.0/24), each with its own slurmd "
-                       "and sshd; the users alice and bob reach every node with `ssh nX`. "
-                       "Needs root. `down` removes everything `up` made.")
+                       "network namespaces on the bridge dxlab0 (10.77.0.0/24), each with its own slurmd, "
+                       "sshd, /tmp and /local (/home is shared); the users alice and bob reach every node "
+                       "with `ssh nX`. Needs root. `down` removes everything `up` made.")
     lsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     q = lsub.add_parser("up", help="build the lab, or repair a running one")
@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing packages; fail and name them instead")
     q.add_argument("--json", action="store_true", help="print the lab's status as JSON when up")
+    q.add_argument("--site", action="store_true",
+                   help="also the federated site service: `dxflow lab site up` (docs/lab.md, docs/site.md)")
     _slurm_option(q)
     q.set_defaults(func=cmd_lab)
 
@@ -42,6 +44,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--user", "-u", default="root", metavar="USER", help="who runs it (default root)")
     q.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     q.set_defaults(func=cmd_exec)
+
+    q = lsub.add_parser("restart-node", help="restart a node's slurmd and sshd inside all of its namespaces",
+                        description="Makes NODE's mount namespace (its own /tmp and /local, docs/lab.md) if it "
+                        "has none, then restarts its slurmd and sshd inside the node's namespaces when they run "
+                        "outside them; daemons already in place are left alone. Running job steps and open SSH "
+                        "sessions keep the files they started with; what starts afterwards sees the node's own.")
+    q.add_argument("node", metavar="NODE", help="a node of the host's lab: n1, n2, ...")
+    q.set_defaults(func=cmd_restart_node)
+
+    q = lsub.add_parser("site", help="add the site service to the running lab, or take it out (docs/lab.md)",
+                        description="Two replicas of `dxflow site serve` (as the service account dxflow) on one "
+                        "PostgreSQL of the lab's own, the admin user dana (group dxadmin), the second cluster "
+                        "pbslab (PBS stand-ins on the lab's nodes), site_gateways in /etc/dxflow/dxflow.toml (every "
+                        "agent dials out) and /etc/dxflow/site-client.toml for the CLI (DXFLOW_SITE_CONFIG). "
+                        "`down` removes all of it and leaves the lab as it was.")
+    q.add_argument("site_action", choices=("up", "down", "status"), metavar="up|down|status")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_site)
 
     q = lsub.add_parser("profile", help="add an SSH set-up of real sites to the running lab (docs/ssh.md)",
                         description="Extra sshd on the nodes, for the user carol: host certificates (certs), "
@@ -74,6 +94,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
+def cmd_restart_node(args: argparse.Namespace) -> int:
+    from dxflow.errors import UsageError
+    from dxflow.lab import daemons
+    from dxflow.lab.cluster import require_root
+    from dxflow.lab.layout import Layout, Node
+    from dxflow.lab.state import load, save
+
+    require_root()
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    layout = Layout()
+    state = load(layout.state_file)
+    if state is None:
+        raise UsageError("there is no lab here to restart a node of; `dxflow lab up` makes one")
+    if not (args.node[:1] == "n" and args.node[1:].isdigit()):
+        raise UsageError(f"{args.node!r} is not a lab node name (n1, n2, ...)")
+    daemons.restart_node(layout, Node(int(args.node[1:]), layout.prefix), state)
+    save(state, layout.state_file)
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from dxflow.cli.util import print_json
     from dxflow.errors import UsageError
@@ -93,6 +133,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for name, p in info.items():
             print(f"{name:10} {'-' if p['up'] is None else 'up' if p['up'] else 'down':5} {' '.join(p['sshd']) or '-':22} {p['what']}")
     return 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from dxflow.cli.util import print_json
+    from dxflow.lab import site
+    from dxflow.lab.cluster import require_root
+
+    require_root()
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    if args.site_action == "up":
+        info = site.up()
+    elif args.site_action == "down":
+        site.down()
+        return 0
+    else:
+        info = site.status()
+    if args.json:
+        print_json(info)
+    else:
+        print(site.status_table(info))
+    return {"up": 0, "down": EXIT_DOWN}.get(info["state"], EXIT_DEGRADED)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -115,6 +176,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
             info = generation.status(args.slurm)
     elif args.action == "up":
         info = cluster.up(args.nodes, install_packages=not args.no_install)
+        if args.site:
+            from dxflow.lab import site
+
+            info["site"] = site.up()
     elif args.action == "down":
         cluster.down()
         return 0

@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from dxflow.cli import targets
+    from dxflow.cli.service import service
     from dxflow.errors import UsageError
-    from dxflow.master.client import MasterClient, check
+    from dxflow.master.client import check
 
     target = targets.parse(args.target)
     if args.node:
@@ -43,7 +44,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise UsageError("--path names the file itself: leave out --stderr and --agent" if args.path.strip()
                          else "--path needs a file name pattern")
     name = "agent" if args.agent else "stderr" if args.stderr else "stdout"
-    client = MasterClient().ensure()
+    client = service().ensure()
     where = targets.resolve(client, target)
     if target.several or args.path is not None:
         from dxflow.cli.logfan import logs_all

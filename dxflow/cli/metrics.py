@@ -35,8 +35,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     import sys
     from urllib.parse import quote
 
+    from dxflow.cli.service import service
     from dxflow.cli.util import human_bytes, parse_target, print_json, print_table
-    from dxflow.master.client import MasterClient
     from dxflow.metrics import parse_since
 
     job, nodes = parse_target(args.target)
@@ -45,7 +45,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         query.append(f"since={parse_since(args.since)!r}")  # checked here: a typo is the user's to fix
     if nodes:
         query.append(f"node={quote(nodes, safe=',')}")
-    client = MasterClient().ensure()
+    client = service().ensure()
     data = client.json("GET", f"/api/metrics/{quote(job, safe='')}" + ("?" + "&".join(query) if query else ""))
     if args.json:
         print_json(data)

@@ -19,11 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
+    from dxflow.cli.service import service
     from dxflow.cli.util import print_json
-    from dxflow.master.client import MasterClient
     from dxflow.metrics.report import text
 
-    client = MasterClient().ensure()
+    client = service().ensure()
     report = client.json("GET", f"/api/report/{quote(args.job, safe='')}")
     if args.json:
         print_json(report)

@@ -35,16 +35,17 @@ def cmd_shell(args: argparse.Namespace) -> int:
     import urllib.parse
 
     from dxflow.cli import targets
+    from dxflow.cli.service import service
     from dxflow.edge.wsclient import HandshakeRejected, WebSocketClient
     from dxflow.errors import DxflowError, UsageError
-    from dxflow.master.client import MasterClient, raise_for_status
+    from dxflow.master.client import raise_for_status
 
     targets.parse(args.target, several=False, command="shell")  # exit 2 before anything is contacted
     words = args.command[1:] if args.command[:1] == ["--"] else args.command
     line = " ".join(words)  # as ssh joins its command words: the remote shell parses them
     if words and not line.strip():
         raise UsageError("the command after -- is empty")
-    client = MasterClient().ensure()
+    client = service().ensure()
     job, node = targets.one(client, args.target, "shell")
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     interactive = os.isatty(stdin)
@@ -56,7 +57,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
     ws = WebSocketClient(sock)
     try:
         query = urllib.parse.urlencode({"cols": cols, "rows": rows, **({"command": line} if words else {})})
-        ws.handshake(client.agent_path(job, node, f"/api/shell?{query}"))
+        target = client.agent_path(job, node, f"/api/shell?{query}")
+        ws.handshake(target, headers=client.auth_headers("GET", target))  # the site's proof of the user
     except HandshakeRejected as e:
         sock.close()
         raise_for_status(e.status, e.body)  # the agent's or master's own error

@@ -32,6 +32,12 @@ ALL = ("all", "*")
 #: seconds a target the master has not seen yet is looked for again (an agent that just registered)
 LOOK_AGAIN = 3.0
 FORMS = "JOB, JOB:NODE, JOB:NODESET (n[1-4,7]) or JOB:all"
+#: a cluster's name in ``CLUSTER/JOB`` (as the scheduler hooks report it: Slurm's ClusterName)
+CLUSTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: ``CLUSTER/JOB`` on the command line; ``CLUSTER~JOB`` too (where a "/" would be read as a path: `dxflow
+#: cp`), which is also how the site service's API names it
+CLUSTER_SEPS = ("/", "~")
+API_SEP = "~"
 
 
 class Target(NamedTuple):
@@ -43,6 +49,8 @@ class Target(NamedTuple):
     #: None: the job's first node; "all"; or the node set, folded
     nodes: str | None = None
     bare: bool = False
+    #: the cluster named as ``CLUSTER/JOB`` (a site service serving several clusters); None: any
+    cluster: str | None = None
 
     @property
     def several(self) -> bool:
@@ -84,6 +92,14 @@ def parse_parts(text: str, job: str, nodes: str | None, *, several: bool = True,
     """A target from its job and node parts, already split (``dxflow cp`` splits ``JOB:NODES:PATH``)."""
     if not job:
         raise UsageError(f"{text!r}: the job is missing before ':'; expected {FORMS}")
+    cluster = None
+    for sep in CLUSTER_SEPS:
+        if sep in job:
+            cluster, _, job = job.partition(sep)
+            if not CLUSTER.match(cluster) or not JOB_ID.match(job):
+                raise UsageError(f"{text!r}: expected CLUSTER/JOB with a cluster name (letters, digits, . _ -) "
+                                 "and a job id (such as 1234)")
+            break
     bare = not JOB_ID.match(job)
     if bare:
         if not HOST.match(job):
@@ -95,7 +111,7 @@ def parse_parts(text: str, job: str, nodes: str | None, *, several: bool = True,
     folded: str | None = None
     if nodes is not None:
         folded = "all" if nodes in ALL else fold(node_set(nodes))
-    target = Target(text, job, folded, bare)
+    target = Target(text, job, folded, bare, cluster)
     if not several and target.several:
         what = f"`dxflow {command}`" if command else "this command"
         raise UsageError(f"{text!r}: {what} goes to one node; name one ({job}:NODE)")
@@ -153,12 +169,40 @@ def resolve(client, target: Target) -> Resolved:
         listing = agents(client, refresh=True)
 
 
+def same_job(item: dict, job: str) -> bool:
+    """Whether a listed agent is of ``job``: its id, or its PBS id's number (``12`` for ``12.server``, as
+    qstat takes it)."""
+    return item["job"] == job or ("." not in job and item["job"].split(".", 1)[0] == job)
+
+
+def _of_cluster(listing: list[dict], target: Target) -> tuple[list[dict], str]:
+    """The listed agents of the target's job, and the job's id as the API takes it: ``CLUSTER~JOB``
+    where the bare id would be ambiguous (two clusters of a site service have it), else the id.
+    UsageError (exit 2) for a bare id that jobs of two clusters have (running ones first: an ended job's
+    agents, still listed, do not make a running one ambiguous)."""
+    mine = [a for a in listing if same_job(a, target.job)
+            and (target.cluster is None or a.get("cluster") == target.cluster)]
+    running = sorted({a.get("cluster") or "" for a in mine if a["state"] != "gone"})
+    clusters = running or sorted({a.get("cluster") or "" for a in mine})
+    if len(clusters) > 1:
+        raise UsageError(f"job {target.job} is on several clusters ({', '.join(clusters)}): name one as "
+                         f"CLUSTER/JOB ({clusters[0]}/{target.job})")
+    mine = [a for a in mine if (a.get("cluster") or "") in clusters]
+    ids = sorted({a["job"] for a in mine if a["state"] != "gone"} or {a["job"] for a in mine})
+    if not ids:
+        return [], target.job
+    mine = [a for a in mine if a["job"] == ids[0]]
+    if len({a.get("cluster") for a in listing if a["job"] == ids[0]}) > 1:
+        return mine, f"{clusters[0]}{API_SEP}{ids[0]}"  # the bare id is another cluster's job's too
+    return mine, ids[0]
+
+
 def _resolve(listing: list[dict], target: Target) -> Resolved:
-    job = target.job
-    if target.bare and not any(a["job"] == job for a in listing):
-        return _on_node(listing, job, target)
-    live = [a for a in listing if a["job"] == job and a["state"] != "gone"]
-    gone = [a for a in listing if a["job"] == job and a["state"] == "gone"]
+    if target.bare and not any(same_job(a, target.job) for a in listing):
+        return _on_node(listing, target.job, target)
+    ours, job = _of_cluster(listing, target)
+    live = [a for a in ours if a["state"] != "gone"]
+    gone = [a for a in ours if a["state"] == "gone"]
     if not live:
         if gone:
             why = sorted({a.get("detail") or "stopped" for a in gone})

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import gunicorn
 from gunicorn.workers import gthread
@@ -89,7 +89,7 @@ BaseConn: Any = getattr(gthread, "TConn", object)
 class GuardedConn(BaseConn):
     """gunicorn's connection plus who is at the other end, its listener's pool, and its head deadline."""
 
-    def __init__(self, cfg, sock: socket.socket, client, server, *, peer: int, pool: int,
+    def __init__(self, cfg, sock: socket.socket, client, server, *, peer: Hashable, pool: int,
                  on_close: Callable[[GuardedConn], None]) -> None:
         super().__init__(cfg, sock, client, server)
         self.peer = peer
@@ -223,7 +223,7 @@ class GuardedThreadWorker(gthread.ThreadWorker):
         self.missing = missing_internals()
         self.guarded = not self.missing
         self.uid = os.geteuid()
-        self._per_peer: Counter[int] = Counter()
+        self._per_peer: Counter[Hashable] = Counter()  # peer_key() -> connections open
         self._gate: select.epoll | None = None
         self._gated: dict[int, GuardedConn] = {}  # fd -> connection waiting for its head (main thread only)
         self._reading: set[GuardedConn] = set()   # heads being read by a thread
@@ -245,6 +245,16 @@ class GuardedThreadWorker(gthread.ThreadWorker):
         super().load_wsgi()
         app: Callable = getattr(self, "wsgi")  # noqa: B009 - set by gunicorn's untyped base class
         self.wsgi = WholeSmallAnswers(app)
+
+    def admits(self, uid: int | None) -> bool:
+        """Whether a peer of ``uid`` (None: the kernel cannot say) may connect: the server's own user and
+        root. The site service, which every user reaches, admits anyone and authenticates each request."""
+        return uid in (self.uid, ROOT)
+
+    def peer_key(self, uid: int | None, client: Any) -> Hashable:
+        """What the bound of :data:`MAX_CONNECTIONS_PER_PEER` counts by: the peer's uid (the site service,
+        which hosts other than its own reach, counts those by their address)."""
+        return uid
 
     def get_thread_pool(self):
         if not self.guarded:
@@ -282,18 +292,19 @@ class GuardedThreadWorker(gthread.ThreadWorker):
         except Exception as e:  # a failed lookup refuses this connection; it must not stop the worker
             self.log.warning("cannot tell who is at the other end of a connection: %s", e)
             uid = None
-        if uid not in (self.uid, ROOT):
+        if not self.admits(uid):
             return self._refuse(sock, listener, uid,
                                 "refused a connection on %s from uid %s: not this server's user")
+        key = self.peer_key(uid, client)
         with self._lock:
-            full = self._per_peer[uid] >= MAX_CONNECTIONS_PER_PEER
+            full = self._per_peer[key] >= MAX_CONNECTIONS_PER_PEER
             if not full:
-                self._per_peer[uid] += 1
+                self._per_peer[key] += 1
         if full:
             return self._refuse(sock, listener, uid, "refused a connection on %s from uid %s: "
                                 f"it holds {MAX_CONNECTIONS_PER_PEER} connections already")
         self.nr_conns += 1
-        conn = GuardedConn(self.cfg, sock, client, listener.getsockname(), peer=uid, pool=listener.fileno(),
+        conn = GuardedConn(self.cfg, sock, client, listener.getsockname(), peer=key, pool=listener.fileno(),
                            on_close=self._forget)
         self.enqueue_req(conn)
 

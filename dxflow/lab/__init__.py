@@ -29,6 +29,10 @@ Modules, one concern each:
 - ``rootfs``   a cached Debian root per Slurm generation (22.05, 24.11, 26.05), built once with mmdebstrap
 - ``capture``  real output of each generation (``capture_inside`` runs in its root) kept as test fixtures
 - ``generation`` a whole lab of another Slurm generation beside the host's (``lab up --slurm``, ``lab exec``)
+- ``site``     the federated site service added to a running lab (``lab site up|down|status``, ``lab up --site``)
+- ``replicas`` the site's two replicas: ports, config files, state file, start and stop (SIGKILL in the HA test)
+- ``postgres`` the lab's own PostgreSQL cluster (socket only, peer authentication) the site's replicas share
+- ``pbslab``   the second cluster: PBS stand-ins on the lab's nodes, prologues run as pbs_mom runs them
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dxflow.errors import ConfigError, SchedulerError, UsageError
 from dxflow import jobcgroup
-from dxflow.lab import cgroups, daemons, install, network, packages, procs, rootfs, slurm, users
+from dxflow.lab import cgroups, daemons, install, mounts, network, packages, procs, rootfs, slurm, users
 from dxflow.lab.layout import MAX_NODES, Layout, Node
 from dxflow.lab.runner import run
 from dxflow.lab.state import LabState, load, save
@@ -106,6 +106,7 @@ def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | N
     step()
     for node in nodes:
         node_cgroups = cgroups.ensure_node(layout, node, state.cgroup_trees) if use_cgroups else []
+        mounts.ensure_node(layout, node)  # after the cgroup mounts: the namespace is a copy of the host's
         daemons.start_slurmd(layout, node, state, node_cgroups)
         daemons.start_sshd(layout, node, state, node_cgroups)
         step()
@@ -140,6 +141,7 @@ def _remove_node(layout: Layout, node: Node, trees: dict[str, str]) -> None:
         daemons.stop_node_processes(node.netns)
     network.remove_node_net(node.netns)
     network.remove_uts(layout.uts_file(node.name))
+    mounts.remove_node(layout, node)
     cgroups.remove_node(layout, node, trees)
 
 
@@ -158,6 +160,9 @@ def down(layout: Layout | None = None) -> None:
         log.warning("%s", e)
         state = None
 
+    from dxflow.lab import site  # the site service (`lab site up`), added to this lab: out first
+
+    site.down(layout)
     daemons.stop_slurm(layout)
     daemons.stop_sshd(layout)
     for netns in network.lab_netns_names():
@@ -180,6 +185,7 @@ def down(layout: Layout | None = None) -> None:
         if name[1:].isdigit():
             cgroups.remove_node(layout, Node(int(name[1:]), layout.prefix), trees)
     _remove_agent_cgroups(layout)
+    mounts.remove_all(layout)
 
     log.info("removing the lab network")
     for netns in network.lab_netns_names():

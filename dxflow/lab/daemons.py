@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dxflow.errors import SchedulerError
-from dxflow.lab import cgroups, network, procs, slurm
+from dxflow.lab import cgroups, mounts, network, procs, slurm
 from dxflow.lab.layout import Layout, Node
 from dxflow.lab.runner import LabError, run, start_daemon
 from dxflow.lab.state import LabState
@@ -110,8 +110,11 @@ def on_node(layout: Layout, node: Node, argv: list[str], cgroup_procs: Sequence[
 
 
 def placed(layout: Layout, node: Node, pid: int, cgroup_procs: Sequence[Path]) -> bool:
-    """A running daemon of ``node`` is where it should be (in the node's cgroup namespace, if any)."""
-    return not cgroup_procs or cgroups.same_namespace(pid, layout.cgns_file(node))
+    """A running daemon of ``node`` is where it should be: in the node's cgroup namespace (if any) and
+    in its mount namespace (if it has one: its own /tmp and /local)."""
+    if cgroup_procs and not cgroups.same_namespace(pid, layout.cgns_file(node)):
+        return False
+    return not mounts.has_namespace(layout, node) or mounts.same_namespace(pid, layout, node)
 
 
 def start_slurmd(layout: Layout, node: Node, state: LabState, cgroup_procs: Sequence[Path] = ()) -> None:
@@ -119,7 +122,7 @@ def start_slurmd(layout: Layout, node: Node, state: LabState, cgroup_procs: Sequ
     where its cgroup.conf names the node's cgroup mount."""
     pid = slurmd_pid(layout, node)
     if pid and not placed(layout, node, pid, cgroup_procs):
-        log.info("restarting slurmd on %s inside the node's cgroups", node.name)
+        log.info("restarting slurmd on %s inside the node's namespaces", node.name)
         if procs.terminate([pid], what=f"slurmd on {node.name}"):
             raise LabError(f"slurmd on {node.name} (pid {pid}) would not stop")
         pid = None
@@ -139,7 +142,7 @@ def start_sshd(layout: Layout, node: Node, state: LabState, cgroup_procs: Sequen
     pid = sshd_pid(layout, node)
     if pid and not placed(layout, node, pid, cgroup_procs):
         # sessions already open keep their own sshd process: only the listener moves
-        log.info("restarting sshd on %s inside the node's cgroups", node.name)
+        log.info("restarting sshd on %s inside the node's namespaces", node.name)
         procs.terminate([pid], what=f"sshd on {node.name}")
         pid = None
     if pid:
@@ -154,6 +157,21 @@ def start_sshd(layout: Layout, node: Node, state: LabState, cgroup_procs: Sequen
     if not pid:
         raise LabError(f"sshd on {node.name} did not stay up; see {layout.log_dir}/sshd-{node.name}.log")
     state.pids[f"sshd-{node.name}"] = pid
+
+
+def restart_node(layout: Layout, node: Node, state: LabState) -> None:
+    """``node``'s slurmd and sshd restarted inside all of the node's namespaces, its mount namespace
+    (own /tmp and /local) made first if it has none: how a running lab gets node-local storage
+    without ``lab down``. Daemons already in place are left alone. Job steps that run keep their
+    slurmstepd and the files they started with (the host's /tmp); open SSH sessions keep their
+    own sshd process; what starts after sees the node's own."""
+    if node.name not in state.nodes:
+        raise LabError(f"{node.name} is not a node of this lab (nodes: {', '.join(state.nodes) or 'none'})")
+    node_cgroups = cgroups.ensure_node(layout, node, state.cgroup_trees) if state.cgroups == "per-node" else []
+    mounts.ensure_node(layout, node)
+    start_slurmd(layout, node, state, node_cgroups)
+    start_sshd(layout, node, state, node_cgroups)
+    wait_ready(layout, [node])
 
 
 def wait_ready(layout: Layout, nodes: list[Node], timeout: float = 90) -> dict[str, str]:

@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 
 from dxflow.errors import ConfigError
-from dxflow.lab import blocks
+from dxflow.lab import blocks, mounts
 from dxflow.lab.layout import Layout, Node
 from dxflow.lab.runner import run, succeeds
 
@@ -129,8 +129,10 @@ def node_argv(layout: Layout, node: Node, argv: list[str]) -> list[str]:
 
     ``nsenter --net``, not ``ip netns exec``: the latter remounts /sys, the cgroup
     mounts vanish and slurmd stops with "No filesystem mounted on /sys/fs/cgroup".
+    With its mount namespace, once it has one (its own /tmp and /local, dxflow.lab.mounts).
     """
-    return ["nsenter", f"--net={node.netns_path}", f"--uts={layout.uts_file(node.name)}", *argv]
+    own = [f"--mount={mounts.ns_file(layout, node)}"] if mounts.has_namespace(layout, node) else []
+    return ["nsenter", f"--net={node.netns_path}", f"--uts={layout.uts_file(node.name)}", *own, *argv]
 
 
 # --- names and host keys -------------------------------------------------------

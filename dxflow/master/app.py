@@ -1,7 +1,9 @@
 """The master's HTTP API (on its Unix socket for the CLI): the fleet, and a relay to each agent.
 
 ``/api/fleet/JOB/NODE/<path>`` (NODE ``-`` = the job's first node) relays any request
-to that agent's ``/<path>`` through the node's tunnel, streaming both ways.
+to that agent's ``/<path>`` through the node's tunnel, streaming both ways. The site service
+(:mod:`dxflow.site.app`) serves the same relay (:func:`add_relay`) and the extensions of
+:data:`RELAY_EXTENSIONS` with its own fleet, whose agents it reaches through their dial-out.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024
 #: modules that add to the master's app: each has ``init_app(app, fleet)``.
 EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.console", "dxflow.master.openapi",
-              "dxflow.master.metrics")
+              "dxflow.master.metrics", "dxflow.master.broadcast")
+#: those of them the site's app adds too, with its own fleet (its console is its own: dxflow.site.console)
+RELAY_EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.openapi",
+                    "dxflow.master.metrics")
 
 
 def create_app(fleet: Fleet) -> Flask:
+    """The per-user master's app: the relay (:func:`add_relay`), the fleet, the console and the rest."""
     app = Flask("dxflow.master")
     app.config["FLEET"] = fleet
     for name in EXTENSIONS:
@@ -50,6 +56,19 @@ def create_app(fleet: Fleet) -> Flask:
         show_all = request.args.get("all") == "1"
         items = [a.to_dict() for a in fleet.registry.all() if show_all or a.state != "gone"]
         return jsonify(items)
+
+    add_relay(app, fleet)
+    httperrors.install(app, default_status=502)
+    return app
+
+
+def add_relay(app: Flask, fleet) -> None:
+    """The relay route ``/api/fleet/JOB/NODE/<path>``, on the master's app and the site's alike.
+
+    ``fleet`` is the master's :class:`Fleet` or the site's :class:`dxflow.site.fleet.SiteFleet`: the
+    relay needs only ``relay_target`` (whose agent, and may this request reach it), ``token``,
+    ``acquire``/``connection``/``release`` (HTTP connections to the agent's port).
+    """
 
     @app.route("/api/fleet/<job>/<node>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     def relay(job: str, node: str, path: str):
@@ -128,9 +147,6 @@ def create_app(fleet: Fleet) -> Flask:
                 fleet.release(agent, conn, resp.isclosed() and not resp.will_close)
 
         return Response(stream(), status=resp.status, headers=out_headers, direct_passthrough=True)
-
-    httperrors.install(app, default_status=502)
-    return app
 
 
 class _BodyBroken(Exception):

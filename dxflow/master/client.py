@@ -144,7 +144,24 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-class MasterClient:
+class JsonRequests:
+    """A JSON request and its answer, mapped to dxflow's errors, on a client's own ``request``: the same
+    for the user's master and for the site service (:class:`dxflow.site.client.SiteClient`)."""
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict | None = None,
+                timeout: float | None = 60.0) -> http.client.HTTPResponse:
+        raise NotImplementedError
+
+    def json(self, method: str, path: str, body: Any = None, timeout: float | None = 60.0) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        resp = self.request(method, path, data, headers, timeout)
+        raw = resp.read()
+        check(resp, raw)
+        return json.loads(raw) if raw else None
+
+
+class MasterClient(JsonRequests):
     """The user's master on this host (``host``, default this one) for the ``~/.dxflow`` folder
     ``base`` (default the user's own)."""
 
@@ -285,13 +302,10 @@ class MasterClient:
             conn.close()
             raise MasterUnavailable(NOT_RUNNING) from e
 
-    def json(self, method: str, path: str, body: Any = None, timeout: float | None = 60.0) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        resp = self.request(method, path, data, headers, timeout)
-        raw = resp.read()
-        check(resp, raw)
-        return json.loads(raw) if raw else None
+    def auth_headers(self, method: str, target: str) -> list[tuple[str, str]]:
+        """Headers a raw socket's upgrade request carries to prove its user: none (the master's socket is
+        the user's own; the site service's client sends a MUNGE credential, dxflow.site.client)."""
+        return []
 
     def agent_path(self, job: str, node: str | None, path: str) -> str:
         return f"/api/fleet/{quote(job, safe='')}/{quote(node or '-', safe='')}/{path.lstrip('/')}"

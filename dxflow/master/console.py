@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import werkzeug.wrappers
 from flask import Flask, Response, abort, jsonify, redirect, request, send_from_directory
@@ -147,6 +148,48 @@ def static_file(root: Path, name: str) -> Response:
     return resp
 
 
+def add_pages(app: Flask, sessions: Sessions, cookie: str, log_in: Callable[[str], str | None],
+              refused: str) -> None:
+    """The pages every console has (the master's, the site's): login by one-time token, logout, and the
+    console's static files. ``log_in(token)`` is the new session's id, or None for a token not valid
+    (``refused`` says so on the login page)."""
+
+    def logged_in(token: str) -> werkzeug.wrappers.Response:
+        sid = log_in(token)
+        if sid is None:
+            return login_page(refused, 403)
+        return set_session_cookie(redirect("/console/", code=303), cookie, sid, sessions)
+
+    @app.get("/login")
+    def login_form():
+        token = request.args.get("token", "")
+        return logged_in(token) if token else login_page()
+
+    @app.post("/login")
+    def login_post():
+        return logged_in(request.form.get("token", "").strip())
+
+    @app.post("/logout")
+    def logout():
+        sessions.end(request.cookies.get(cookie))
+        resp = jsonify(status="logged out")
+        resp.delete_cookie(cookie, path="/", httponly=True, samesite="Strict")
+        return resp
+
+    @app.get("/")
+    @app.get("/console")
+    def to_console():
+        return redirect("/console/", code=302)
+
+    @app.get("/console/")
+    def console_index():
+        return static_file(web_root(), "index.html")
+
+    @app.get("/console/<path:name>")
+    def console_static(name: str):
+        return static_file(web_root(), name)
+
+
 def init_app(app: Flask, fleet) -> None:
     sessions = Sessions()  # in memory: a restarted master has no sessions
     services = ServiceTable()
@@ -158,36 +201,9 @@ def init_app(app: Flask, fleet) -> None:
     def trusted() -> bool:
         return bool(request.environ.get("dxflow.console.trusted"))
 
-    def log_in(token: str) -> werkzeug.wrappers.Response:
-        if not sessions.redeem(token):
-            return login_page("This token is not valid: it expired, was already used, or belongs to a "
-                              "master that has restarted. Run `dxflow console` for a new link.", 403)
-        return set_session_cookie(redirect("/console/", code=303), COOKIE, sessions.start(), sessions)
-
-    @app.get("/login")
-    def login_form():
-        token = request.args.get("token", "")
-        return log_in(token) if token else login_page()
-
-    @app.post("/login")
-    def login_post():
-        return log_in(request.form.get("token", "").strip())
-
-    @app.post("/logout")
-    def logout():
-        sessions.end(request.cookies.get(COOKIE))
-        resp = jsonify(status="logged out")
-        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
-        return resp
-
-    @app.get("/")
-    @app.get("/console")
-    def to_console():
-        return redirect("/console/", code=302)
-
-    @app.get("/console/")
-    def console_index():
-        return static_file(web_root(), "index.html")
+    add_pages(app, sessions, COOKIE, lambda token: sessions.start() if sessions.redeem(token) else None,
+              "This token is not valid: it expired, was already used, or belongs to a master that has "
+              "restarted. Run `dxflow console` for a new link.")
 
     @app.get("/console/config.json")
     def console_config():
@@ -221,10 +237,6 @@ def init_app(app: Flask, fleet) -> None:
         resp = redirect(service_url(label, hostname(request.host)[1] or "80", ticket), code=303)
         resp.headers["Cache-Control"] = "no-store"
         return resp
-
-    @app.get("/console/<path:name>")
-    def console_static(name: str):
-        return static_file(web_root(), name)
 
     @app.post("/api/console/token")
     def console_token():

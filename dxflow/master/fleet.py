@@ -16,15 +16,16 @@ lives. That proof holds on one transport generation of the node's tunnel. Every 
 to an agent goes through :meth:`Fleet.relay_target` and :meth:`Fleet.connection`, which
 refuse (:class:`AgentLost`) an agent without it: once an agent is lost, nothing is sent
 to its port again until a check proves the port is the user's again.
+
+The class is in three modules, one job each: this one (the watch loop, lookups),
+:mod:`dxflow.master.agentcheck` (the checks, what they proved) and
+:mod:`dxflow.master.agentconn` (tokens, connections, requests).
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
-import secrets
 import threading
 import time
 from concurrent import futures
@@ -33,14 +34,13 @@ from pathlib import Path
 from typing import Callable
 
 from dxflow import registration
-from dxflow.auth import check_challenge, fingerprint, mint_token, user_key
+from dxflow.auth import user_key
 from dxflow.config import SiteConfig
-from dxflow.edge.channelhttp import TunnelHTTPConnection
 from dxflow.errors import AgentLost, AgentStarting, AgentUnreachable, ConfigError, DxflowError, NotFound, SchedulerError
 from dxflow.layout import UserLayout, this_host
-from dxflow.master import heartbeat, listeners
-from dxflow.master.agentconn import AgentConnection, KeptConnections
-from dxflow.master.heartbeat import Heartbeats, Key
+from dxflow.master.agentcheck import AgentChecks, Ident
+from dxflow.master.agentconn import KeptConnections
+from dxflow.master.heartbeat import Heartbeats
 from dxflow.master.pace import AskPolicy, Backoff, Clients, FolderWatch
 from dxflow.master.registry import METRICS_FRESH, Agent, Registry
 from dxflow.master.tunnels import TunnelPool
@@ -58,14 +58,6 @@ GONE_KEEP = 600.0          # rows of gone agents are kept this long for `dxflow 
 VERIFY_WAIT = 5.0          # a request waits this long at most for a check of its agent already under way
 METRICS_WAIT = 2.0         # `dxflow ls` waits this long at most for stale node metrics to be read again
 
-#: what a passed check proved: this registration (pid, key) at this listener, on this transport generation.
-Ident = tuple[str, int, int, str]
-
-
-def ident(agent: Agent) -> Ident:
-    return agent.reg.address, agent.reg.port, agent.reg.pid, agent.reg.public_key
-
-
 def site_config() -> SiteConfig:
     """The site's policy; its defaults when the file is broken (the master still serves, and says why)."""
     try:
@@ -75,7 +67,10 @@ def site_config() -> SiteConfig:
         return SiteConfig()
 
 
-class Fleet:
+class Fleet(AgentChecks):
+    """The user's agents: registrations read, confirmed against the scheduler, checked (:class:`AgentChecks`)
+    and asked (:class:`AgentRequests`); this module keeps the watch loop and the lookups."""
+
     def __init__(self, base: Path, user: str, pool: TunnelPool | None = None, site: SiteConfig | None = None,
                  host: str | None = None) -> None:
         self.base = base
@@ -107,66 +102,6 @@ class Fleet:
         self._verified: dict[str, tuple[Ident, int]] = {}   # agent name -> what its check proved, generation
         self._agent_locks: dict[str, threading.Lock] = {}
         self.heartbeats = Heartbeats(self._heartbeat_ended)
-
-    # -- tokens and requests ------------------------------------------------
-    def token(self, agent: Agent) -> str:
-        aud = fingerprint(agent.reg.public_key)
-        now = time.time()
-        cached = self._tokens.get(aud)
-        if cached and cached[0] > now + 30:
-            return cached[1]
-        tok = mint_token(self.key, self.user, aud, lifetime=120)
-        self._tokens[aud] = (now + 120, tok)
-        return tok
-
-    def connection(self, agent: Agent, timeout: float = 60.0, generation: int | None = None) -> TunnelHTTPConnection:
-        """A connection to a verified agent (AgentLost if it is not); a check passes the ``generation`` it proves."""
-        if generation is None:
-            generation = self.verified(agent)
-            if generation is None:
-                raise AgentLost(f"agent lost: {agent.name} is not checked on the tunnel in use")
-            return AgentConnection(self, agent, generation, timeout)
-        return TunnelHTTPConnection(self.pool, agent.reg.address, agent.reg.port, timeout=timeout,
-                                    generation=generation)
-
-    def acquire(self, agent: Agent, timeout: float = 60.0) -> tuple[TunnelHTTPConnection, bool]:
-        """A kept-alive connection to the agent if one is idle (True), else a new one (False).
-
-        Reusing the channel saves a channel open per request: the relay's added latency.
-        AgentLost if the agent is not verified (then no connection of it is handed out).
-        """
-        if self.verified(agent) is None:
-            raise AgentLost(f"agent lost: {agent.name} is not checked on the tunnel in use")
-        conn = self._kept.take(agent.name, timeout)
-        if conn is not None:
-            return conn, True
-        return self.connection(agent, timeout), False
-
-    def release(self, agent: Agent, conn: TunnelHTTPConnection, reusable: bool) -> None:
-        """Keep the connection for the next request when its response was read to the end."""
-        self._kept.keep(agent.name, conn, reusable)
-
-    def ask(self, agent: Agent, path: str, timeout: float = 15.0, generation: int | None = None) -> tuple[int, dict]:
-        """GET ``path`` from the agent: (HTTP status, its JSON answer); AgentUnreachable if it cannot be asked."""
-        conn = self.connection(agent, timeout, generation)
-        try:
-            conn.request("GET", path, headers={"Authorization": f"Bearer {self.token(agent)}"})
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as e:
-            raise AgentUnreachable(f"agent {agent.name}: {e}") from e
-        finally:
-            conn.close()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, {"error": "bad_gateway", "message": raw.decode(errors="replace")[:300]}
-
-    def get_json(self, agent: Agent, path: str, timeout: float = 15.0, generation: int | None = None) -> dict:
-        status, data = self.ask(agent, path, timeout, generation)
-        if status != 200:
-            raise DxflowError(f"agent {agent.name} answered {status}: {data.get('message', data)}")
-        return data
 
     # -- lookup ---------------------------------------------------------------
     def find(self, job: str, node: str | None = None) -> Agent:
@@ -216,67 +151,6 @@ class Fleet:
             raise AgentLost(f"agent lost: {current.name}: {current.detail or current.state}")
         finally:
             lock.release()
-
-    # -- what is proven about each agent ----------------------------------------
-    def verified(self, agent: Agent) -> int | None:
-        """The transport generation on which this agent is proven to be itself, if that still holds."""
-        with self._lock:
-            entry = self._verified.get(agent.name)
-        if entry is None or entry[0] != ident(agent):
-            return None
-        gen = entry[1]
-        # the connection the agent's job uses on its node (one per job under pam_slurm_adopt: docs/ssh.md)
-        if (self.pool.generation(agent.reg.address, job=agent.reg.job) != gen
-                or self.heartbeats.generation(entry[0][:2]) != gen):
-            return None
-        return gen
-
-    def proven_generation(self, agent: Agent) -> int:
-        """The transport generation the agent is proven on, for a channel that must go through it alone."""
-        gen = self.verified(agent)
-        if gen is None:
-            raise AgentLost(f"agent {agent.name} lost: it is no longer proven on its node's tunnel; "
-                            "see `dxflow ls`")
-        return gen
-
-    def forget(self, agent: Agent) -> None:
-        """Drop what was proven about the agent: it must be checked again before anything is sent to it."""
-        with self._lock:
-            self._verified.pop(agent.name, None)
-            key = (agent.reg.address, agent.reg.port)
-            shared = any(v[0][:2] == key for v in self._verified.values())
-        self._kept.drop(agent.name)
-        if not shared:
-            self.heartbeats.drop(key)
-
-    def lose(self, agent: Agent, why: str) -> None:
-        """The agent is lost: nothing goes to its port until a check proves the port is the user's again."""
-        self.forget(agent)
-        current = self.registry.get(agent.name)
-        if current is not None and current.state != "gone" and current.reg.pid == agent.reg.pid:
-            self.registry.set_state(agent.name, "lost", why)
-
-    def _heartbeat_ended(self, key: Key, why: str, dead: bool) -> None:
-        with self._lock:
-            names = [name for name, (proven, _) in self._verified.items() if proven[:2] == key]
-        for name in names:
-            agent = self.registry.get(name)
-            if agent is None:
-                continue
-            if dead:
-                self.lose(agent, why)
-            else:
-                log.info("agent %s must be checked again: %s", name, why)
-                self.forget(agent)
-        if names:  # news: an agent's end is often its job's, whose epilog removes the registration now
-            self._scan.reset()
-            for policy in self._asks.values():
-                policy.want()
-        self._wake.set()
-
-    def _agent_lock(self, name: str) -> threading.Lock:
-        with self._lock:
-            return self._agent_locks.setdefault(name, threading.Lock())
 
     # -- the loop -------------------------------------------------------------
     def start(self) -> threading.Thread:
@@ -420,65 +294,6 @@ class Fleet:
                 log.warning("cannot list %s jobs: %s", name, e)
                 self._jobs.pop(name, None)  # unknown: agents are neither confirmed nor dropped
         return {k: v for k, v in self._jobs.items() if k in names}
-
-    def _check_later(self, agent: Agent) -> None:
-        with self._lock:
-            if agent.name in self._checking:
-                return
-            self._checking.add(agent.name)
-        self._checks.submit(self._check, agent)
-
-    def _check(self, agent: Agent) -> None:
-        try:
-            with self._agent_lock(agent.name):
-                current = self.registry.get(agent.name)
-                if current is not None and current.state != "gone" and current.reg.pid == agent.reg.pid:
-                    self._check_locked(current)
-        finally:
-            with self._lock:
-                self._checking.discard(agent.name)
-
-    def _check_locked(self, agent: Agent) -> None:
-        """Check the agent (its lock held): on a transport where it is not proven yet, the port's owner
-        first, then its signature of a fresh challenge, then its heartbeat stream; lost if any fails."""
-        why = agent.reg.incompatibility()
-        if why:  # another agent API (dxflow upgraded while the job ran): shown as such, never contacted
-            self.forget(agent)
-            self.registry.set_state(agent.name, "incompatible", why)
-            return
-        try:
-            proven = gen = self.verified(agent)
-            if gen is None:
-                self.forget(agent)
-                gen = self.pool.connect(agent.reg.address, job=agent.reg.job)
-                why = listeners.refusal_on(self.pool, agent.reg.address, agent.reg.port, self.uid,
-                                           agent.reg.node, gen)
-                if why:
-                    self.lose(agent, why)
-                    return
-            challenge = secrets.token_urlsafe(24)
-            health = self.get_json(agent, f"/api/health?challenge={challenge}", generation=gen)
-            if not check_challenge(agent.reg.public_key, challenge, health.get("signature", "")):
-                self.lose(agent, "identity check failed: not the registered agent")
-                return
-            info = self.get_json(agent, "/api/node", generation=gen)
-            key = (agent.reg.address, agent.reg.port)
-            if self.heartbeats.generation(key) != gen:
-                if proven is not None:  # it ended during this check: the port's owner is read again first
-                    self.forget(agent)
-                    return
-                stream = heartbeat.open_stream(self.pool, agent.reg.address, agent.reg.port, self.token(agent), gen)
-                self.heartbeats.add(key, stream, gen)
-            with self._lock:
-                self._verified[agent.name] = (ident(agent), gen)
-            # "" but where the agent borrows another job's connection, which ends with that job
-            self.registry.set_state(agent.name, "ready", self.pool.note(agent.reg.address, agent.reg.job, gen),
-                                    node_info=info)
-        except DxflowError as e:
-            self.lose(agent, str(e))
-        except Exception as e:  # noqa: BLE001
-            log.exception("checking %s", agent.name)
-            self.lose(agent, f"{type(e).__name__}: {e}")
 
     def refresh(self, metrics: bool = True) -> None:
         """The user runs a command that wants a fresh view (`dxflow ls`): read the folder and ask the

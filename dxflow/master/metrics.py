@@ -5,6 +5,8 @@
 - ``GET /api/report/JOB`` — the job's efficiency report, merged from its nodes' parts in
   ``~/.dxflow/reports/JOB/`` (while it runs, from its agents' summaries now) and written to
   ``~/.dxflow/reports/JOB.json``;
+- ``GET /api/top/JOB?node=…&processes=N&sort=cpu|memory`` — what the job runs on each node now
+  (``dxflow top``, the console's job view: :mod:`dxflow.master.top`);
 - ``GET /metrics`` — the live figures of every ready agent of the user, in Prometheus' text format.
 
 Like every route of the master they answer on the CLI's socket and, with a console login, on the
@@ -24,6 +26,7 @@ from flask import Flask, Response, jsonify, request
 
 from dxflow.errors import DxflowError, NotFound, UsageError
 from dxflow.layout import user_home
+from dxflow.master import top
 from dxflow.metrics import parse_since, prometheus
 from dxflow.metrics.report import merge
 from dxflow.metrics.summary import report_dir, reports_dir, safe_name, write_json
@@ -117,6 +120,12 @@ def init_app(app: Flask, fleet) -> None:
             raise DxflowError(f"no agent of job {job} answered: "
                               + "; ".join(f"{n}: {why}" for n, why in sorted(errors.items())))
         return jsonify(job=job, since=since, nodes=answers, errors=errors)
+
+    @app.get("/api/top/<job>")
+    def job_top(job: str):
+        nodes = [n for n in request.args.get("node", "").split(",") if n] or None
+        return jsonify(top.ask_nodes(fleet, job, nodes, request.args.get("processes", ""),
+                                     request.args.get("sort", "")))
 
     @app.get("/api/report/<job>")
     def job_report(job: str):

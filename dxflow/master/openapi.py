@@ -61,6 +61,28 @@ PATHS = {
         "responses": {"200": {"description": "the report", **_JSON_OBJECT},
                       "400": {"description": "not a job id", **_ERR},
                       "404": {"description": "no report and no agent of that job", **_ERR}}}},
+    "/api/top/{job}": {"get": {
+        "summary": "what a job runs on each node now: CPU, memory, load, GPUs, busiest processes (dxflow top)",
+        "operationId": "jobTop", "tags": ["metrics"],
+        "parameters": [_JOB,
+                       {"name": "node", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "nodes to keep, comma-separated"},
+                       {"name": "processes", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 50}},
+                       {"name": "sort", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["cpu", "memory"]}}],
+        "responses": {"200": {"description": "one row per node; a node that did not answer says why", **_JSON_OBJECT},
+                      "404": {"description": "no agent of that job, or nodes not of the job", **_ERR}}}},
+    "/api/broadcast/{job}/peers": {"post": {
+        "summary": "for a broadcast (dxflow cp FILE JOB:all:PATH): each node's agent address, port, public key and "
+                   "a token minted for that agent alone, or why it cannot be reached",
+        "operationId": "broadcastPeers", "tags": ["fleet"], "parameters": [_JOB],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["nodes"],
+            "properties": {"nodes": {"type": "array", "minItems": 1, "items": {"type": "string"}}}}}}},
+        "responses": {"200": {"description": '{"peers": [{"node", "address", "port", "public_key", "token"} '
+                                             'or {"node", "error"}]}', **_JSON_OBJECT},
+                      "400": {"description": "no list of nodes", **_ERR}}}},
     "/metrics": {"get": {
         "summary": "the live per-job series of the user's agents, Prometheus text format",
         "operationId": "prometheus", "tags": ["metrics"],

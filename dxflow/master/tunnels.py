@@ -23,6 +23,7 @@ import logging
 import socket
 import threading
 import time
+from typing import NoReturn
 
 import paramiko
 
@@ -97,7 +98,7 @@ class TunnelPool:
         if not self.uses_openssh(address):
             with self._connecting_lock(address):  # one login to a node at a time: where it lands decides its slot
                 try:
-                    return self._connect_for(address, job)
+                    return self.adoption.connect(self, address, job)
                 except UseOpenSSH:
                     pass
         return self.openssh.connect(address, job)  # per job too where adoption is seen (docs/ssh.md)
@@ -106,38 +107,25 @@ class TunnelPool:
         with self._lock:
             return self._connecting.setdefault(address, threading.Lock())
 
-    def _connect_for(self, address: str, job: str | None) -> int:
-        self._drop_ended(address)
-        slot = self.adoption.slot(address, job)
-        gen = self.generation(address, job)
-        borrowed = self.adoption.borrowed(address, job)
-        if gen is not None and (gen != borrowed or not self.adoption.retry_due(address, str(job))):
-            return gen
-        gen = self._transport(slot)[1]
-        landed = self._learn_adoption(address, gen)
-        if landed == job:
-            self._ended.pop((address, job), None)  # a login for the job, into it: the job lives
-        elif landed is not None and job is not None and self._ending(address, landed):
-            self._refuse(slot, gen, landed)
-        if landed != slot[1]:  # it is the connection of the job it landed in, whatever it was opened for
-            gen = self._move(slot, (address, landed))
-        if job is not None and landed is not None and landed != job:
-            self.adoption.lend(address, job, gen)
-            log.info("%s: job %s's agents use job %s's SSH connection until one of their own exists",
-                     address, job, landed)
-        else:
-            self.adoption.unlend(address, job)
-        with self._lock:
-            self._refusals.pop(slot, None)
-        return gen
+    # what Adoption.connect asks of a pool (dxflow.ssh.adoption.Connections): its rules are kept there, once
+    def open(self, slot: Slot) -> int:
+        return self._transport(slot)[1]
 
-    def _ending(self, address: str, job: str) -> bool:
+    def ending(self, address: str, job: str) -> bool:
         """Whether JOB's connection ended and none of it is up: the job is ending, most likely."""
         with self._lock:
             ended = (address, job) in self._ended
         return ended and self._live((address, job)) is None
 
-    def _refuse(self, slot: Slot, generation: int, landed: str) -> None:
+    def lives(self, address: str, job: str) -> None:
+        with self._lock:
+            self._ended.pop((address, job), None)
+
+    def kept(self, slot: Slot) -> None:
+        with self._lock:
+            self._refusals.pop(slot, None)
+
+    def refuse(self, slot: Slot, generation: int, landed: str) -> NoReturn:
         """Close a login that landed in an ending job (pam_slurm_adopt takes the newest job, ending or not):
         kept, its processes would hold the job's cgroup until Slurm gives up and drains the node. Tried
         again with a growing pause, it lands in a live job once the ending one's cgroup is gone."""
@@ -146,7 +134,7 @@ class TunnelPool:
             refusals = self._refusals[slot] = self._refusals.get(slot, 0) + 1
         assert node.transport is not None
         node.transport.close()
-        node.transport = None  # failed, not ended: the slot keeps its pause (_drop_ended passes it by)
+        node.transport = None  # failed, not ended: the slot keeps its pause (drop_ended passes it by)
         with self._lock:
             self._gens.pop(generation, None)
         self.adoption.forget(generation)
@@ -155,7 +143,7 @@ class TunnelPool:
         node.retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** refusals)
         raise AgentUnreachable(f"{slot[0]}: {node.error}")
 
-    def _move(self, old: Slot, new: Slot) -> int:
+    def file(self, old: Slot, new: Slot, generation: int) -> int:
         """Put the connection of slot ``old`` in slot ``new``; one already live there wins (the newer closes)."""
         with self._lock:
             node = self._nodes.pop(old)
@@ -172,7 +160,7 @@ class TunnelPool:
             self.adoption.forget(dropped.generation)
         return keep.generation
 
-    def _drop_ended(self, address: str) -> None:
+    def drop_ended(self, address: str) -> None:
         """Forget the node's per-job connections that ended (with their jobs, usually)."""
         with self._lock:
             ended = [(s, n) for s, n in self._nodes.items() if s[0] == address and s[1] is not None
@@ -184,7 +172,7 @@ class TunnelPool:
         for _, node in ended:
             self.adoption.forget(node.generation)
 
-    def _learn_adoption(self, address: str, generation: int) -> str | None:
+    def learn(self, address: str, generation: int) -> str | None:
         """Which job the node's sshd put this connection in (pam_slurm_adopt; docs/ssh.md), once per generation:
         the connection ends with that job."""
         return self.adoption.read(address, generation, self.read_file)

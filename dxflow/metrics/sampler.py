@@ -361,6 +361,13 @@ class Sampler:
         self.stopped.set()
         self.write_report(final=True)
 
+    def job_processes(self) -> set[int]:
+        """The job's processes now (``dxflow top``): its cgroup's members but the agent's server, else
+        the ones of the newest sample."""
+        if self.cgroup is not None:
+            return self.cgroup.members() - self.agent_pids()
+        return set(self._pids)
+
     def last_gpus(self) -> list[dict]:
         """The job's GPUs as the newest sample read them."""
         with self.lock:

@@ -14,9 +14,8 @@ serves them until it ends with its job or one of their own exists; :meth:`Adopti
 
 No SSH here: the pools open the connections and read ``/proc/self/cgroup`` through each
 (:func:`dxflow.ssh.transport.adopted_job`); :meth:`Adoption.connect` and :meth:`Adoption.pick` are the
-rules, over what a pool offers (:class:`Connections`; :class:`dxflow.ssh.openssh.OpenSSHPool` uses them,
-:class:`dxflow.master.tunnels.TunnelPool` uses ``pick``, and has the rules of ``connect`` written out for
-paramiko).
+rules, over what a pool offers (:class:`Connections`), for both pools: :class:`dxflow.ssh.openssh.OpenSSHPool`
+(the user's OpenSSH) and :class:`dxflow.master.tunnels.TunnelPool` (paramiko).
 docs/ssh.md, "Jobs sharing a node under pam_slurm_adopt", explains it to admins.
 """
 

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import pytest
 
+from dxflow.lab import mounts
 from dxflow.lab.layout import Layout
 
 DXFLOW = "/usr/local/bin/dxflow"
@@ -59,10 +60,16 @@ def as_user(user: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess
     return run(["runuser", "-l", user, "-c", shlex.join(argv)], **kw)
 
 
+def node_nsenter(node: str) -> list[str]:
+    """``nsenter`` into a compute node: its network namespace and, when the node has one, its mount
+    namespace (its own /tmp and /local; dxflow.lab.mounts)."""
+    own = [f"--mount={mounts.ns_file(Layout(), node)}"] if mounts.has_namespace(Layout(), node) else []
+    return ["nsenter", f"--net=/var/run/netns/{NETNS.format(node=node)}", *own]
+
+
 def on_node(node: str, user: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
-    """Run argv as ``user`` inside a compute node's network namespace (as if logged in there)."""
-    return run(["nsenter", f"--net=/var/run/netns/{NETNS.format(node=node)}", "runuser", "-l", user, "-c",
-                shlex.join(argv)], **kw)
+    """Run argv as ``user`` inside a compute node's namespaces (as if logged in there)."""
+    return run([*node_nsenter(node), "runuser", "-l", user, "-c", shlex.join(argv)], **kw)
 
 
 def dxflow(user: str, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -96,8 +103,12 @@ class Jobs:
         self.ids: list[str] = []
 
     def submit(self, user: str, script: str, *sbatch_args: str, nodes: int = 1) -> str:
+        """A job of ``nodes`` nodes; one of several runs on n1..nN unless the test names its nodes: tests
+        name a 2-node job's nodes n1 and n2, and on a lab of four Slurm may pick any two."""
         home = Path(os.path.expanduser(f"~{user}"))
-        argv = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", f"--chdir={home}",
+        named = any(a.startswith(("--nodelist", "-w")) for a in sbatch_args)
+        pin = [f"--nodelist=n[1-{nodes}]"] if nodes > 1 and not named else []
+        argv = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", f"--chdir={home}", *pin,
                 *sbatch_args, f"--wrap={script}"]
         job = as_user(user, argv).stdout.strip().split(";")[0]
         self.ids.append(job)

@@ -14,6 +14,8 @@ from conftest import (agent_pids, agents_of, as_user, dxflow, dxflow_json, on_no
                       wait_agents, wait_for)
 
 SLEEP = "sleep 300"
+#: seconds a job may wait in the queue: other tests share the lab's four nodes
+QUEUED = 300
 
 
 def proc_uids(pid: int) -> tuple[int, ...]:
@@ -24,7 +26,8 @@ def proc_uids(pid: int) -> tuple[int, ...]:
 
 
 def test_two_node_job_agents_ready_and_reachable(jobs):
-    job = jobs.submit("alice", SLEEP, nodes=2)
+    job = jobs.submit("alice", SLEEP, "--nodelist=n1,n2", nodes=2)  # the nodes it names below
+    jobs.wait_running(job, timeout=QUEUED)
     agents = wait_agents("alice", job, 2)
     assert sorted(a["node"] for a in agents) == ["n1", "n2"]
     for a in agents:
@@ -57,9 +60,9 @@ def test_agents_gone_after_job_ends(jobs):
 
 def test_scancel_stops_agents_and_what_they_started(jobs):
     job = jobs.submit("alice", SLEEP, nodes=2)
-    wait_agents("alice", job, 2)
+    node = wait_agents("alice", job, 2)[0]["node"]  # whichever nodes the shared lab had free
     # something the user left running through the agent: daemonized, in its own session
-    dxflow("alice", "exec", f"{job}:n1", "--", "sh", "-c",
+    dxflow("alice", "exec", f"{job}:{node}", "--", "sh", "-c",
            "setsid sleep 4242 </dev/null >/dev/null 2>&1 & echo started")
     daemon = [int(p) for p in run(["pgrep", "-u", "alice", "-f", "^sleep 4242$"]).stdout.split()]
     assert len(daemon) == 1
@@ -109,7 +112,8 @@ CLOSED = 0  # the connection was closed before any answer: the agent serves its 
 
 
 def test_only_the_owner_with_a_fresh_token_for_this_agent_gets_in(jobs):
-    job = jobs.submit("alice", SLEEP, nodes=2)
+    job = jobs.submit("alice", SLEEP, "--nodelist=n1,n2", nodes=2)  # the nodes it names below
+    jobs.wait_running(job, timeout=QUEUED)
     wait_agents("alice", job, 2)
     regs = {}
     for node in ("n1", "n2"):
@@ -131,10 +135,10 @@ def test_broken_dxflow_never_fails_the_job(jobs, tmp_path):
     site.parent.mkdir(parents=True, exist_ok=True)
     site.write_text("this is [not toml\n")
     try:
-        job = jobs.submit("alice", "echo ran-$SLURM_JOB_ID", "--nodelist=n2", "--output=/tmp/dxflow-broken-%j.out")
+        job = jobs.submit("alice", "echo ran-$SLURM_JOB_ID", "--nodelist=n2", "--output=/var/tmp/dxflow-broken-%j.out")
         wait_for(lambda: run(["squeue", "-h", "-j", job], check=False).stdout.strip() == "", 60,
                  what="job finished")
-        assert Path(f"/tmp/dxflow-broken-{job}.out").read_text().strip() == f"ran-{job}"
+        assert Path(f"/var/tmp/dxflow-broken-{job}.out").read_text().strip() == f"ran-{job}"
         assert not agent_pids(job)
         state = run(["sinfo", "-h", "-n", "n2", "-o", "%T"]).stdout.strip()
         assert "drain" not in state and "down" not in state, state
@@ -145,7 +149,7 @@ def test_broken_dxflow_never_fails_the_job(jobs, tmp_path):
             site.unlink(missing_ok=True)
         else:
             site.write_bytes(saved)
-        Path(f"/tmp/dxflow-broken-{job}.out").unlink(missing_ok=True)
+        Path(f"/var/tmp/dxflow-broken-{job}.out").unlink(missing_ok=True)
 
 
 def test_agent_stops_by_itself_when_its_job_is_gone(lab):

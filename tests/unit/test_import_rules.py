@@ -2,7 +2,10 @@
 
 * ``dxflow.edge`` (raw HTTP, WebSocket and socket plumbing) imports nothing of ``agent``, ``master`` or ``cli``;
 * ``dxflow.agent`` and ``dxflow.master`` never import each other (nor the CLI);
-* ``dxflow.cli`` reaches the master only through its client, ``dxflow.master.client``;
+* ``dxflow.cli`` reaches the master only through its client, ``dxflow.master.client``, and the site service
+  through its client and the admin's commands (``dxflow.site.client``, ``.admin``, ``.config``);
+* ``dxflow.site`` (the site service) may build on ``master``, ``edge``, the schedulers; ``agent`` never
+  imports it, ``master`` only its client (the one factory every command uses);
 * ``dxflow.ssh`` (the OpenSSH side of the tunnels) imports nothing of ``agent``, ``master``, ``cli`` or ``edge``.
 
 Imports are read from the source (every ``import`` statement, at the top or inside a function).
@@ -21,9 +24,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dxflow"
 #: (layer, what it may not import, what it may import all the same)
 RULES = [
     ("dxflow.edge", ("dxflow.agent", "dxflow.master", "dxflow.cli"), ()),
-    ("dxflow.agent", ("dxflow.master", "dxflow.cli"), ()),
-    ("dxflow.master", ("dxflow.agent", "dxflow.cli"), ()),
-    ("dxflow.cli", ("dxflow.master",), ("dxflow.master.client",)),
+    ("dxflow.agent", ("dxflow.master", "dxflow.cli", "dxflow.site"), ()),
+    ("dxflow.master", ("dxflow.agent", "dxflow.cli", "dxflow.site"), ("dxflow.site.client",)),
+    ("dxflow.cli", ("dxflow.master", "dxflow.site"), ("dxflow.master.client", "dxflow.site.client",
+                                                   "dxflow.site.admin", "dxflow.site.config")),
+    # the site service builds on the master's relay, the edge, the schedulers; nothing below imports it
+    ("dxflow.site", ("dxflow.agent", "dxflow.cli"), ()),
     ("dxflow.ssh", ("dxflow.agent", "dxflow.master", "dxflow.cli", "dxflow.edge"), ()),
 ]
 

@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dxflow.agent import node as agent_node
 from dxflow.master.app import create_app
-from dxflow.master.fleet import Fleet
 
 USER = getpass.getuser()
 
@@ -29,24 +28,14 @@ def fleet(fake_fleet):
     return fake_fleet
 
 
-def ready(fleet: Fleet, names: list[str], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fleet.cycle()
-        if all((a := fleet.registry.get(n)) is not None and a.state == "ready" for n in names):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"agents {names} not ready")
-
-
 @pytest.fixture
-def two_nodes(tmp_path, base, fleet, fake_scheduler, node_agent, monkeypatch):
+def two_nodes(tmp_path, base, fleet, fake_scheduler, node_agent, settle, monkeypatch):
     """Job 7 on n1 and n2, each agent sampling every 0.2 s; the user's home (reports) in tmp_path/home."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     fake_scheduler.add("7", nodes=("n1", "n2"))
     agents = [node_agent(base, "7", node=n, port=7000 + i) for i, n in enumerate(("n1", "n2"))]
     samplers = [agent_node.start_sampling(a.state, 0.2) for a in agents]
-    ready(fleet, [a.reg.name for a in agents])
+    settle(fleet, [a.reg.name for a in agents])
     time.sleep(0.8)
     # a request on the master's CLI socket (gunicorn hands the accepted socket, named by its listener)
     cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -219,6 +219,7 @@ def test_the_jobs_gpus_from_its_processes_environment_through_nvidia_smi(tmp_pat
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                             env={**os.environ, "DXFLOW_TEST_JOB": job, "CUDA_VISIBLE_DEVICES": "1"})
     try:
+        _wait_for_exec(proc.pid, job)  # until then the child shows the test's own environment (a busy machine)
         home = tmp_path / "home"
         (home / ".dxflow").mkdir(parents=True)
         s = Sampler(job=job, node="n1", user="alice", cluster="c", scheduler="local", home=home,
@@ -254,3 +255,11 @@ def test_api_node_shows_only_the_jobs_gpus(make_agent, tmp_path, monkeypatch):
     s.tick()
     (g,) = a.client.get("/api/node", headers=a.headers).get_json()["gpus"]
     assert (g["index"], g["uuid"], g["utilization"], g["memory_total"]) == (2, "GPU-2", 20.0, 40960 * 2**20)
+
+
+def _wait_for_exec(pid: int, marker: str, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` runs with the environment it was given (``marker`` in it)."""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in Path(f"/proc/{pid}/environ").read_bytes():
+        assert time.monotonic() < deadline, f"process {pid} never exec'd"
+        time.sleep(0.01)

@@ -161,3 +161,23 @@ def test_a_job_whose_connection_broke_may_log_in_to_itself_again(pool):
     node.logins[0].close()
     again = pool.connect("n1", job="7")
     assert again != first and node.logins[-1].is_active()
+
+
+def test_a_borrower_whose_own_login_fails_keeps_the_borrowed_connection(pool, monkeypatch):
+    """Both pools follow the same rules (dxflow.ssh.adoption.Adoption.connect): a login tried again for a
+    job that borrows another job's connection, and failing, leaves it the borrowed one."""
+    from dxflow.ssh import adoption
+
+    node = AdoptingNode(pool, newest="8")
+    eight = pool.connect("n1", job="8")
+    assert pool.connect("n1", job="7") == eight      # borrowed
+    monkeypatch.setattr(adoption, "BORROW_RETRY", 0.0)   # its own login is due again
+
+    def refused(address: str) -> Login:
+        raise ConnectionRefusedError("refused")
+    pool._connect = refused  # type: ignore[method-assign,assignment]
+    assert pool.connect("n1", job="7") == eight
+    assert "through job 8's SSH connection" in pool.note("n1", "7", eight)
+    node.logins[0].close()                           # job 8 ends: nothing left to borrow, the failure shows
+    with pytest.raises(AgentUnreachable, match="next try in|cannot connect by SSH"):
+        pool.connect("n1", job="7")

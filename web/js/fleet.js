@@ -1,6 +1,7 @@
 // The fleet: the user's jobs and their nodes, with state, uptime, CPU and memory, updated live.
 
 import { api, nodeBase } from './api.js';
+import { jobHref } from './jobtop.js';
 import { badge, bytes, clear, duration, every, h, icon, meter } from './util.js';
 
 const POLL_MS = 2000;
@@ -158,7 +159,7 @@ function jobCard(job) {
   const tbody = h('tbody');
   const card = h('section', { class: 'card job', dataset: { job } },
     h('header', { class: 'job-head' },
-      h('div', { class: 'job-title' }, h('h2', {}, `Job ${job}`), status), meta),
+      h('div', { class: 'job-title' }, h('h2', {}, h('a', { href: jobHref(job), class: 'job-link', title: `every node of job ${job} now` }, `Job ${job}`)), status), meta),
     note,
     h('div', { class: 'table-wrap' }, h('table', { class: 'table nodes' },
       h('colgroup', {}, ['14%', '14%', '10%', '20%', '22%', '7%', '13%'].map((w) => h('col', { style: `width:${w}` }))),

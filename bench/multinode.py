@@ -1,0 +1,184 @@
+"""Benchmark a multi-node job through dxflow against Slurm's own tools, in the same run (issue #15 item 7).
+
+Runs as root on the lab (or any Slurm cluster where dxflow's prolog starts agents). It submits one
+job of ``--nodes`` nodes as ``--user`` and measures, each dxflow figure next to its Slurm baseline:
+
+* time from ``sbatch`` to the job RUNNING (Slurm), and to every node's agent ``ready`` (dxflow);
+* fan-out: ``dxflow exec JOB:all -- hostname`` against ``srun --jobid J --overlap -N N hostname``
+  (median of ``--repeat`` runs each);
+* broadcast: ``dxflow cp FILE JOB:all:DEST`` against ``sbcast --jobid J FILE DEST`` for a file of
+  ``--size`` MiB (median of ``--repeat``); every node's copy is checked by sha256 by dxflow itself;
+* the user's master: resident memory (arbiter + worker) and threads, before the job and once its agents
+  are ready, per agent of the job;
+* ``dxflow ls`` latency (median of 5).
+
+Ratios are dxflow / Slurm: below 1 is faster than Slurm. ``--json`` prints the figures as one object.
+
+Usage: /opt/dxflow/venv/bin/python bench/multinode.py [--nodes 4] [--size 64] [--repeat 3] [--user alice]
+       [--dest /tmp] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pwd
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DXFLOW = "/usr/local/bin/dxflow"
+
+
+def as_user(user: str, argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["runuser", "-l", user, "-c", shlex.join(argv)], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return proc
+
+
+def timed(user: str, argv: list[str], repeat: int) -> float:
+    """Median wall time of ``argv`` run ``repeat`` times as the user (each must succeed)."""
+    times = []
+    for _ in range(repeat):
+        t = time.monotonic()
+        as_user(user, argv)
+        times.append(time.monotonic() - t)
+    return statistics.median(times)
+
+
+def agents(user: str) -> list[dict]:
+    return json.loads(as_user(user, [DXFLOW, "ls", "--json"]).stdout)
+
+
+def master_pids(user: str) -> list[int]:
+    """The user's master: the gunicorn arbiter named ``dxflow-master`` and its children."""
+    uid = pwd.getpwnam(user).pw_uid
+    out = subprocess.run(["pgrep", "-u", str(uid), "-f", "dxflow.master"], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def master_usage(user: str) -> tuple[float, int]:
+    """(resident MiB, threads) of every process of the user's master."""
+    rss = threads = 0
+    for pid in master_pids(user):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Threads:"):
+                    threads += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return rss / 1024, threads
+
+
+def job_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--size", type=int, default=64, help="MiB of the broadcast file (the issue's figure: 1024)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--user", default="alice")
+    ap.add_argument("--dest", default="/tmp", help="folder on every node for the copies (node-local scratch)")
+    ap.add_argument("--fanout", type=int, default=2, help="dxflow cp --fanout")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    user, n = args.user, args.nodes
+    pw = pwd.getpwnam(user)
+    tag = f"dxbench-{os.getpid()}"
+
+    as_user(user, [DXFLOW, "ls"])  # the master runs before the first figure
+    before_agents = len(agents(user))
+    rss0, threads0 = master_usage(user)
+
+    t0 = time.monotonic()
+    job = as_user(user, ["sbatch", "--parsable", f"--nodes={n}", "--ntasks-per-node=1", f"--chdir={pw.pw_dir}",
+                         f"--job-name={tag}", "--wrap=sleep 3600"]).stdout.strip().split(";")[0]
+    figures: dict[str, float | int | str] = {"nodes": n, "job": job, "size_mib": args.size}
+    local = Path(pw.pw_dir) / f"{tag}.bin"
+    try:
+        wait(lambda: job_state(job) == "RUNNING", 600, f"job {job} running")
+        figures["sbatch_to_running_s"] = time.monotonic() - t0
+        wait(lambda: sum(1 for a in agents(user) if a["job"] == job and a["state"] == "ready") == n, 900,
+             f"{n} ready agents of job {job}")
+        figures["sbatch_to_agents_ready_s"] = time.monotonic() - t0
+        rss1, threads1 = master_usage(user)
+        held = len(agents(user))
+        figures.update(master_rss_mib=rss1, master_threads=threads1, master_agents=held,
+                       master_rss_per_agent_mib=(rss1 - rss0) / max(1, held - before_agents),
+                       master_threads_per_agent=(threads1 - threads0) / max(1, held - before_agents))
+
+        figures["exec_all_s"] = timed(user, [DXFLOW, "exec", f"{job}:all", "--", "hostname"], args.repeat)
+        figures["srun_s"] = timed(user, ["srun", f"--jobid={job}", "--overlap", f"-N{n}", f"-n{n}", "hostname"],
+                                  args.repeat)
+
+        with open(local, "wb") as f:
+            for _ in range(args.size):
+                f.write(os.urandom(1024 * 1024))
+        os.chown(local, pw.pw_uid, pw.pw_gid)
+        figures["file_sha256"] = hashlib.sha256(local.read_bytes()).hexdigest()
+        dest = f"{args.dest.rstrip('/')}/{tag}"
+        figures["cp_all_s"] = timed(user, [DXFLOW, "cp", "-q", "--fanout", str(args.fanout), str(local),
+                                           f"{job}:all:{dest}.dxflow"], args.repeat)
+        figures["sbcast_s"] = timed(user, ["sbcast", "-f", f"--jobid={job}", str(local), f"{dest}.sbcast"],
+                                    args.repeat)
+        as_user(user, ["srun", f"--jobid={job}", "--overlap", f"-N{n}", f"-n{n}", "rm", "-f", f"{dest}.dxflow",
+                       f"{dest}.sbcast"])
+
+        ls = []
+        for _ in range(5):
+            t = time.monotonic()
+            as_user(user, [DXFLOW, "ls"])
+            ls.append(time.monotonic() - t)
+        figures["ls_s"] = statistics.median(ls)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+        local.unlink(missing_ok=True)
+
+    figures["exec_vs_srun"] = figures["exec_all_s"] / figures["srun_s"]  # type: ignore[operator]
+    figures["cp_vs_sbcast"] = figures["cp_all_s"] / figures["sbcast_s"]  # type: ignore[operator]
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    f = figures
+    rows = [
+        ("sbatch -> job running (Slurm)", f"{f['sbatch_to_running_s']:.1f} s", ""),
+        ("sbatch -> all agents ready", f"{f['sbatch_to_agents_ready_s']:.1f} s", ""),
+        (f"dxflow exec {job}:all -- hostname", f"{f['exec_all_s']:.2f} s",
+         f"{f['exec_vs_srun']:.2f} x srun ({f['srun_s']:.2f} s)"),
+        (f"dxflow cp {args.size} MiB {job}:all", f"{f['cp_all_s']:.2f} s",
+         f"{f['cp_vs_sbcast']:.2f} x sbcast ({f['sbcast_s']:.2f} s)"),
+        ("master memory / threads", f"{f['master_rss_mib']:.0f} MiB / {f['master_threads']}",
+         f"{f['master_rss_per_agent_mib']:.2f} MiB, {f['master_threads_per_agent']:.1f} threads per agent "
+         f"({f['master_agents']} agents held)"),
+        ("dxflow ls", f"{f['ls_s']:.2f} s", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{n} nodes, job {job}")
+    for what, value, ratio in rows:
+        print(f"{what:<{width}}  {value:>16}  {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
