@@ -73,10 +73,14 @@ class PbsLab:
 
 def up(pbs: PbsLab) -> None:
     """Install the stand-ins (idempotent; the job table is kept)."""
-    source = find_source_tree()
-    fakes = source / "tests" / "lab" / "fakes" if source else None
-    if fakes is None or not all((fakes / name).is_file() for name in STAND_INS):
-        raise LabError("the PBS stand-ins (tests/lab/fakes) are not at hand: `lab site up` runs from a checkout")
+    # the checkout dxflow runs from (an editable install), else the one we are in (scripts/setup.sh
+    # runs from the checkout it installed dxflow from, into the venv: not editable)
+    tops = [top for top in (find_source_tree(), Path.cwd()) if top is not None]
+    fakes = next((top / "tests" / "lab" / "fakes" for top in tops
+                  if all((top / "tests" / "lab" / "fakes" / name).is_file() for name in STAND_INS)), None)
+    if fakes is None:
+        raise LabError("the PBS stand-ins (tests/lab/fakes) are not at hand: run `dxflow lab site up` from a "
+                       "dxflow checkout")
     for folder in (pbs.root, pbs.bin, pbs.home, pbs.home / "aux", pbs.home / "mom_priv"):
         folder.mkdir(mode=0o755, parents=True, exist_ok=True)
         folder.chmod(0o755)
