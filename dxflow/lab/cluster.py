@@ -106,7 +106,8 @@ def up(node_count: int = 2, *, install_packages: bool = True, layout: Layout | N
     step()
     for node in nodes:
         node_cgroups = cgroups.ensure_node(layout, node, state.cgroup_trees) if use_cgroups else []
-        mounts.ensure_node(layout, node)  # after the cgroup mounts: the namespace is a copy of the host's
+        if not rootfs.inside_root():  # a generation's lab runs the Slurm tests only: nodes share its /tmp
+            mounts.ensure_node(layout, node)  # after the cgroup mounts: the namespace is a copy of the host's
         daemons.start_slurmd(layout, node, state, node_cgroups)
         daemons.start_sshd(layout, node, state, node_cgroups)
         step()

@@ -150,8 +150,8 @@ class Hopper:
     """A process forking and exiting in a loop, left behind through ``dxflow exec`` in a session of its own."""
 
     def __init__(self, job: str, tag: str) -> None:
-        self.script = Path(f"/tmp/dxflow-hopper-{tag}.py")
-        self.beat = Path(f"/tmp/dxflow-hopper-{tag}.beat")
+        self.script = Path(f"/var/tmp/dxflow-hopper-{tag}.py")  # /var/tmp: the nodes share it, not /tmp
+        self.beat = Path(f"/var/tmp/dxflow-hopper-{tag}.beat")
         self.script.write_text(HOPPER)
         self.script.chmod(0o644)
         self.beat.touch()
@@ -218,7 +218,7 @@ def test_an_epilog_whose_cleanup_child_hangs_returns_and_the_node_is_not_drained
     wait_agents("alice", job, 1)
     # The trap sits in a home of alice's the record is pointed at, not her real one: her master (used
     # by the tests running beside this one) reads every file of her real fleet folder.
-    home = Path(tempfile.mkdtemp(prefix="dxflow-trap-", dir="/tmp"))  # alice must reach it
+    home = Path(tempfile.mkdtemp(prefix="dxflow-trap-", dir="/var/tmp"))  # alice must reach it, on n2 too
     fleet = home / ".dxflow" / "fleet"
     fleet.mkdir(parents=True)
     os.mkfifo(fleet / f"dxlab.{job}.n2.json")

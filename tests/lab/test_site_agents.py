@@ -140,7 +140,7 @@ def site():
     """The gateway (as ``dxflow``) and the agents' site config; yields (folder, config path, ports)."""
     from dxflow import auth
 
-    folder = Path(tempfile.mkdtemp(prefix="dxflow-q-site-"))
+    folder = Path(tempfile.mkdtemp(prefix="dxflow-q-site-", dir="/var/tmp"))  # the nodes see /var/tmp, not /tmp
     folder.chmod(0o755)
     dx = pwd.getpwnam("dxflow")
     state, publish = folder / "state", folder / "publish"
