@@ -13,7 +13,9 @@ if TYPE_CHECKING:  # the agent's arbiter imports this package but never Flask (d
 BLUEPRINTS = ("health", "node", "files", "broadcast", "logs", "exec", "shell", "proxy", "ports", "console", "top", "openapi")
 
 
-def create_app(state: AgentState, test_config: dict | None = None) -> Flask:
+def create_app(state: AgentState, config: dict | None = None) -> Flask:
+    """The agent's app for ``state``; ``config`` is added to the app's config (the site policy the
+    server read once, or a test's settings): what it leaves out, a blueprint reads from the site config."""
     import importlib
 
     from flask import Flask
@@ -25,8 +27,8 @@ def create_app(state: AgentState, test_config: dict | None = None) -> Flask:
     app.config["AGENT"] = state
     app.config["PUBLIC_ENDPOINTS"] = ()
     app.config["MAX_CONTENT_LENGTH"] = None
-    if test_config:
-        app.config.update(test_config)
+    if config:
+        app.config.update(config)
     auth.init_app(app)
     for name in BLUEPRINTS:
         module = importlib.import_module(f"dxflow.agent.{name}")

@@ -121,7 +121,10 @@ class AgentServer(BaseApplication):
             from dxflow.agent.auth import site_token_key
 
             self.state.extra["site_token_key"] = site_token_key(self.site)
-        return create_app(self.state)
+        # the site policy read once, here: the blueprints would each read the file again
+        return create_app(self.state, {"FILE_SCRATCH_ROOTS": self.site.scratch_roots,
+                                       "FILE_NODE_LOCAL_ROOTS": self.site.node_local_roots,
+                                       "METRICS_INTERVAL": self.site.metrics_interval})
 
     # gunicorn hooks --------------------------------------------------------
     def _pre_fork(self, arbiter, worker) -> None:

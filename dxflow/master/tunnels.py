@@ -31,7 +31,7 @@ from dxflow.errors import AgentUnreachable, ConfigError
 from dxflow.ssh import options as ssh_options
 from dxflow.ssh import paramiko_login
 from dxflow.ssh.paramiko_login import CONNECT_TIMEOUT
-from dxflow.ssh.adoption import Adoption, Slot
+from dxflow.ssh.adoption import Adoption, EndedJobs, Slot
 from dxflow.ssh.openssh import OpenSSHPool
 from dxflow.ssh.transport import UseOpenSSH, transport_setting
 
@@ -63,7 +63,7 @@ class _Node:
         self.sftp_generation = 0
 
 
-class TunnelPool:
+class TunnelPool(EndedJobs):
     """Transports keyed by node address (and job, under pam_slurm_adopt); ``channel(node, port)`` opens a
     direct-tcpip channel."""
 
@@ -110,16 +110,6 @@ class TunnelPool:
     # what Adoption.connect asks of a pool (dxflow.ssh.adoption.Connections): its rules are kept there, once
     def open(self, slot: Slot) -> int:
         return self._transport(slot)[1]
-
-    def ending(self, address: str, job: str) -> bool:
-        """Whether JOB's connection ended and none of it is up: the job is ending, most likely."""
-        with self._lock:
-            ended = (address, job) in self._ended
-        return ended and self._live((address, job)) is None
-
-    def lives(self, address: str, job: str) -> None:
-        with self._lock:
-            self._ended.pop((address, job), None)
 
     def kept(self, slot: Slot) -> None:
         with self._lock:

@@ -39,6 +39,28 @@ Slot = tuple[str, str | None]
 BORROW_RETRY = 60.0
 
 
+class EndedJobs:
+    """The part of :class:`Connections` both pools share: the per-job slots whose connection ended,
+    remembered as ending jobs (``_ended``, filled by the pool's ``drop_ended`` under ``_lock``)."""
+
+    _lock: threading.Lock
+    _ended: dict[Slot, float]
+
+    def _live(self, slot: Slot) -> int | None:
+        raise NotImplementedError
+
+    def ending(self, address: str, job: str) -> bool:
+        """Whether JOB's connection ended and none of it is up: the job is ending, most likely."""
+        with self._lock:
+            ended = (address, job) in self._ended
+        return ended and self._live((address, job)) is None
+
+    def lives(self, address: str, job: str) -> None:
+        """A login for JOB landed in JOB: the job is not ending."""
+        with self._lock:
+            self._ended.pop((address, job), None)
+
+
 class Connections(Protocol):
     """What a pool offers the rules of :meth:`Adoption.connect`."""
 

@@ -33,7 +33,7 @@ from typing import NoReturn
 from dxflow.errors import AgentUnreachable, ConfigError
 from dxflow.layout import UserLayout
 from dxflow.ssh import control, mux
-from dxflow.ssh.adoption import Adoption, Slot
+from dxflow.ssh.adoption import Adoption, EndedJobs, Slot
 from dxflow.ssh.controlmaster import COMMAND_TIMEOUT, CONNECT_TIMEOUT, ControlMaster, LoginNeeded
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
 
 
-class OpenSSHPool:
+class OpenSSHPool(EndedJobs):
     """ControlMasters keyed by slot: (node, None), or (node, job) where pam_slurm_adopt adopts logins
     (:mod:`dxflow.ssh.adoption`); the same interface as :class:`dxflow.master.tunnels.TunnelPool`."""
 
@@ -154,15 +154,6 @@ class OpenSSHPool:
         for _, m in ended:
             m.forget()
             self.adoption.forget(m.generation)
-
-    def ending(self, address: str, job: str) -> bool:
-        with self._lock:
-            ended = (address, job) in self._ended
-        return ended and self._live((address, job)) is None
-
-    def lives(self, address: str, job: str) -> None:
-        with self._lock:
-            self._ended.pop((address, job), None)
 
     def kept(self, slot: Slot) -> None:
         with self._lock:
