@@ -8,6 +8,7 @@ job of ``--nodes`` nodes as ``--user`` and measures, each dxflow figure next to 
   (median of ``--repeat`` runs each);
 * broadcast: ``dxflow cp FILE JOB:all:DEST`` against ``sbcast --jobid J FILE DEST`` for a file of
   ``--size`` MiB (median of ``--repeat``); every node's copy is checked by sha256 by dxflow itself;
+  and the same file to the first node alone (the first hop: login node, master, that node's agent);
 * the user's master: resident memory (arbiter + worker) and threads, before the job and once its agents
   are ready, per agent of the job;
 * ``dxflow ls`` latency (median of 5).
@@ -15,7 +16,7 @@ job of ``--nodes`` nodes as ``--user`` and measures, each dxflow figure next to 
 Ratios are dxflow / Slurm: below 1 is faster than Slurm. ``--json`` prints the figures as one object.
 
 Usage: /opt/dxflow/venv/bin/python bench/multinode.py [--nodes 4] [--size 64] [--repeat 3] [--user alice]
-       [--dest /tmp] [--json]
+       [--dest /tmp] [--fanout 2] [--exclusive] [--json]
 """
 
 from __future__ import annotations
@@ -84,12 +85,12 @@ def job_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
-def wait(predicate, timeout: float, what: str) -> None:
+def wait(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(interval)
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -101,6 +102,10 @@ def main() -> int:
     ap.add_argument("--user", default="alice")
     ap.add_argument("--dest", default="/tmp", help="folder on every node for the copies (node-local scratch)")
     ap.add_argument("--fanout", type=int, default=2, help="dxflow cp --fanout")
+    ap.add_argument("--exclusive", action="store_true",
+                    help="the job holds its nodes whole (sbatch --exclusive): on the lab, whose nodes share the "
+                         "machine's cores, a one-task job is pinned to the same core on every node (its cpuset), "
+                         "the agents and their ssh with it, while slurmd (sbcast) runs on all")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     user, n = args.user, args.nodes
@@ -112,15 +117,18 @@ def main() -> int:
     rss0, threads0 = master_usage(user)
 
     t0 = time.monotonic()
-    job = as_user(user, ["sbatch", "--parsable", f"--nodes={n}", "--ntasks-per-node=1", f"--chdir={pw.pw_dir}",
+    shape = ["--exclusive"] if args.exclusive else []
+    job = as_user(user, ["sbatch", "--parsable", f"--nodes={n}", "--ntasks-per-node=1", *shape, f"--chdir={pw.pw_dir}",
                          f"--job-name={tag}", "--wrap=sleep 3600"]).stdout.strip().split(";")[0]
-    figures: dict[str, float | int | str] = {"nodes": n, "job": job, "size_mib": args.size}
+    figures: dict[str, float | int | str] = {"nodes": n, "job": job, "size_mib": args.size,
+                                             "exclusive": int(args.exclusive)}
     local = Path(pw.pw_dir) / f"{tag}.bin"
     try:
         wait(lambda: job_state(job) == "RUNNING", 600, f"job {job} running")
         figures["sbatch_to_running_s"] = time.monotonic() - t0
+        # each poll is a login shell, a CLI and a master request: once a second, not to slow what it measures
         wait(lambda: sum(1 for a in agents(user) if a["job"] == job and a["state"] == "ready") == n, 900,
-             f"{n} ready agents of job {job}")
+             f"{n} ready agents of job {job}", interval=1.0)
         figures["sbatch_to_agents_ready_s"] = time.monotonic() - t0
         rss1, threads1 = master_usage(user)
         held = len(agents(user))
@@ -140,10 +148,14 @@ def main() -> int:
         dest = f"{args.dest.rstrip('/')}/{tag}"
         figures["cp_all_s"] = timed(user, [DXFLOW, "cp", "-q", "--fanout", str(args.fanout), str(local),
                                            f"{job}:all:{dest}.dxflow"], args.repeat)
+        # the first hop alone (login node -> master -> the first node's agent): the broadcast's floor
+        first = sorted(a["node"] for a in agents(user) if a["job"] == job)[0]
+        figures["cp_first_node_s"] = timed(user, [DXFLOW, "cp", "-q", str(local), f"{job}:{first}:{dest}.one"],
+                                           args.repeat)
         figures["sbcast_s"] = timed(user, ["sbcast", "-f", f"--jobid={job}", str(local), f"{dest}.sbcast"],
                                     args.repeat)
         as_user(user, ["srun", f"--jobid={job}", "--overlap", f"-N{n}", f"-n{n}", "rm", "-f", f"{dest}.dxflow",
-                       f"{dest}.sbcast"])
+                       f"{dest}.sbcast", f"{dest}.one"])
 
         ls = []
         for _ in range(5):
@@ -168,6 +180,7 @@ def main() -> int:
          f"{f['exec_vs_srun']:.2f} x srun ({f['srun_s']:.2f} s)"),
         (f"dxflow cp {args.size} MiB {job}:all", f"{f['cp_all_s']:.2f} s",
          f"{f['cp_vs_sbcast']:.2f} x sbcast ({f['sbcast_s']:.2f} s)"),
+        (f"dxflow cp {args.size} MiB to one node", f"{f['cp_first_node_s']:.2f} s", "the first hop alone"),
         ("master memory / threads", f"{f['master_rss_mib']:.0f} MiB / {f['master_threads']}",
          f"{f['master_rss_per_agent_mib']:.2f} MiB, {f['master_threads_per_agent']:.1f} threads per agent "
          f"({f['master_agents']} agents held)"),

@@ -10,6 +10,9 @@
   Each kind is refused where the other is expected, so a login link never opens the API.
 * An agent proves who it is by signing the master's random challenge with the
   key whose public half it put in its registration.
+
+Tokens and challenges are checked by :mod:`dxflow.signatures` (re-exported here), which the agent's
+worker uses without loading PyJWT or cryptography; minting and making keys stay here.
 """
 
 from __future__ import annotations
@@ -23,22 +26,21 @@ import time
 from pathlib import Path
 
 import jwt
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from dxflow import layout
-from dxflow.errors import AuthError, ConfigError
+from dxflow.errors import ConfigError
+# checked without cryptography, by the one verifier the agent's worker uses too (dxflow.signatures)
+from dxflow.signatures import (BEARER, CONSOLE_LOGIN, KEY_BITS, MAX_TOKEN_LIFETIME, TOKEN_LEEWAY,
+                               check_challenge, check_key_file, verify_token)
 
-MAX_TOKEN_LIFETIME = 300
-#: seconds a token's ``exp`` and ``iat`` may be off (clocks of login and compute nodes differ a little)
-TOKEN_LEEWAY = 5
+__all__ = ["BEARER", "CONSOLE_LOGIN", "MAX_TOKEN_LIFETIME", "TOKEN_LEEWAY", "DEFAULT_TOKEN_LIFETIME",
+           "LOGIN_TOKEN_LIFETIME", "KEY_BITS", "new_key", "private_pem", "public_pem", "fingerprint", "user_key",
+           "user_public_key", "mint_token", "mint_login_token", "verify_token", "sign_challenge", "check_challenge"]
+
 DEFAULT_TOKEN_LIFETIME = 120
 LOGIN_TOKEN_LIFETIME = 300
-#: ``use`` claims: a bearer token has none (as every dxflow before the claim minted them).
-BEARER = "bearer"
-CONSOLE_LOGIN = "console-login"
-KEY_BITS = 2048
 
 
 def new_key() -> rsa.RSAPrivateKey:
@@ -93,9 +95,7 @@ def user_key(base: Path) -> rsa.RSAPrivateKey:
         if _write_new(path, private_pem(key), layout.FILE_MODE):
             _write_new(base / layout.PUBLIC_KEY, public_pem(key).encode(), layout.PUBLIC_KEY_MODE)
             return key
-    st = path.stat()
-    if st.st_mode & 0o077:
-        raise ConfigError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); run: chmod 600 {path}")
+    check_key_file(path)
     try:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as e:
@@ -132,39 +132,7 @@ def _mint(key: rsa.RSAPrivateKey, user: str, audience: str, lifetime: int, extra
     return jwt.encode(claims, key, algorithm="RS256")
 
 
-def verify_token(token: str, public_key_pem: str, user: str, audience: str, *, use: str = BEARER) -> dict:
-    """The token's claims if it is the user's, for this audience, fresh and of the kind ``use``
-    (:data:`BEARER` or :data:`CONSOLE_LOGIN`); :class:`AuthError` otherwise."""
-    if use not in (BEARER, CONSOLE_LOGIN):
-        raise ValueError(f"unknown token use {use!r}")
-    try:
-        claims = jwt.decode(token, public_key_pem, algorithms=["RS256"], audience=audience,
-                            options={"require": ["exp", "iat", "sub", "aud"]}, leeway=TOKEN_LEEWAY)
-    except jwt.PyJWTError as e:
-        raise AuthError(f"token refused: {e}") from e
-    if claims["sub"] != user:
-        raise AuthError("token refused: not for this agent's user")
-    if claims["exp"] - claims["iat"] > MAX_TOKEN_LIFETIME:
-        raise AuthError(f"token refused: lifetime over {MAX_TOKEN_LIFETIME} s")
-    if claims["iat"] > time.time() + TOKEN_LEEWAY:
-        raise AuthError("token refused: issued in the future")
-    if claims.get("use", BEARER) != use:
-        raise AuthError("token refused: a console login token opens no API, send a bearer token"
-                        if use == BEARER else "token refused: not a console login token")
-    return claims
-
-
 def sign_challenge(key: rsa.RSAPrivateKey, challenge: str) -> str:
+    """As :func:`dxflow.signatures.sign_challenge` (what agents answer with), for a cryptography key."""
     sig = key.sign(challenge.encode(), padding.PKCS1v15(), hashes.SHA256())
     return base64.b64encode(sig).decode()
-
-
-def check_challenge(public_key_pem: str, challenge: str, signature: str) -> bool:
-    pub = serialization.load_pem_public_key(public_key_pem.encode())
-    if not isinstance(pub, rsa.RSAPublicKey):  # agents sign with RSA keys only (new_key)
-        return False
-    try:
-        pub.verify(base64.b64decode(signature), challenge.encode(), padding.PKCS1v15(), hashes.SHA256())
-        return True
-    except (InvalidSignature, ValueError):
-        return False

@@ -17,7 +17,14 @@ export DXFLOW_REQUIRE_LAB=1
 DXFLOW_TEST_PG=$(/opt/dxflow/venv/bin/python -c 'from dxflow.lab import postgres; from dxflow.lab.layout import Layout
 print(postgres.test_database(postgres.Postgres(Layout())).url)')
 export DXFLOW_TEST_PG
-/opt/dxflow/venv/bin/python -m pytest tests -p no:cacheprovider "$@" || status=$?
+if [ $# -eq 0 ]; then
+  # the unit tier in four processes (its tests mostly wait on sockets and timeouts), then the lab tier in
+  # one: lab tests share one cluster and its nodes
+  /opt/dxflow/venv/bin/python -m pytest tests/unit -p no:cacheprovider -n 4 || status=$?
+  /opt/dxflow/venv/bin/python -m pytest tests/lab -p no:cacheprovider || status=$?
+else
+  /opt/dxflow/venv/bin/python -m pytest tests -p no:cacheprovider "$@" || status=$?
+fi
 # the Slurm lab tests again on Slurm 24.11 and 26.05, each a lab of its own beside this one (issue #12)
 if [ $# -eq 0 ] && [ "${DXFLOW_GENERATIONS:-1}" = 1 ]; then
   scripts/test_generations.sh || status=1

@@ -33,12 +33,13 @@ from typing import Callable, Iterator, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler
 
 import pytest
+import rsa
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dxflow import auth, registration  # noqa: E402 - after the checkout is on sys.path
+from dxflow import auth, registration, signatures  # noqa: E402 - after the checkout is on sys.path
 from dxflow.agent import create_app  # noqa: E402
 from dxflow.agent.state import AgentState  # noqa: E402
 from dxflow.errors import AgentUnreachable, SchedulerError  # noqa: E402
@@ -324,6 +325,16 @@ def keys():
     return auth.new_key(), auth.new_key()
 
 
+def agent_key_of(key) -> tuple[rsa.PrivateKey, str]:
+    """(``key`` as an agent holds it, python-rsa's (dxflow.signatures), PEM of its public half) of a key
+    made by :func:`dxflow.auth.new_key` (cryptography) or of an agent's key already."""
+    if isinstance(key, rsa.PrivateKey):
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        return key, auth.public_pem(load_pem_public_key(rsa.PublicKey(key.n, key.e).save_pkcs1()))
+    return signatures.load_private_key(auth.private_pem(key)), auth.public_pem(key)
+
+
 class AgentUnderTest(NamedTuple):
     client: object                   # flask.testing.FlaskClient
     state: AgentState
@@ -344,8 +355,7 @@ def make_agent_state(tmp_path, keys) -> Callable[..., AgentState]:
             (tmp_path / "work").mkdir(exist_ok=True)
         home = Path(fields.pop("home", tmp_path / "home"))
         work = fields.pop("work_dir", str(tmp_path / "work"))
-        key = fields.pop("key", agent_key)
-        pub = auth.public_pem(key)
+        key, pub = agent_key_of(fields.pop("key", agent_key))
         values = dict(scheduler="local", cluster="t", job="42", node="n1", user=USER, home=home, key=key,
                       public_key=pub, audience=auth.fingerprint(pub), user_public_key=auth.public_pem(user_key),
                       work_dir=str(work), started=time.time())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the agent's arbiter imports this package but never Flask (dxflow.agent.server)
+    from types import ModuleType
+
     from flask import Flask
 
     from dxflow.agent.state import AgentState
@@ -13,11 +15,16 @@ if TYPE_CHECKING:  # the agent's arbiter imports this package but never Flask (d
 BLUEPRINTS = ("health", "node", "files", "broadcast", "logs", "exec", "shell", "proxy", "ports", "console", "top", "openapi")
 
 
+def load_blueprints() -> list[ModuleType]:
+    """The blueprint modules, imported (the worker imports them while its key is being made)."""
+    import importlib
+
+    return [importlib.import_module(f"dxflow.agent.{name}") for name in BLUEPRINTS]
+
+
 def create_app(state: AgentState, config: dict | None = None) -> Flask:
     """The agent's app for ``state``; ``config`` is added to the app's config (the site policy the
     server read once, or a test's settings): what it leaves out, a blueprint reads from the site config."""
-    import importlib
-
     from flask import Flask
 
     from dxflow.agent import auth
@@ -30,8 +37,7 @@ def create_app(state: AgentState, config: dict | None = None) -> Flask:
     if config:
         app.config.update(config)
     auth.init_app(app)
-    for name in BLUEPRINTS:
-        module = importlib.import_module(f"dxflow.agent.{name}")
+    for module in load_blueprints():
         app.register_blueprint(module.bp)
         if hasattr(module, "init_app"):
             module.init_app(app)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flask import Flask, current_app, g, jsonify, request
 
-from dxflow.auth import BEARER, TOKEN_LEEWAY, verify_token
+from dxflow.signatures import BEARER, TOKEN_LEEWAY, verify_token
 from dxflow.config import SiteConfig
 from dxflow.errors import AuthError
 
@@ -31,7 +31,7 @@ KNOWN_TOKENS = 256
 
 
 class CheckedTokens:
-    """Bearer tokens that passed :func:`~dxflow.auth.verify_token`, remembered until they expire.
+    """Bearer tokens that passed :func:`~dxflow.signatures.verify_token`, remembered until they expire.
 
     The master sends the same token with every request for a minute or more, and checking its
     RS256 signature is a good part of a small proxied request's cost in the agent. The token is

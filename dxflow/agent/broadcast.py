@@ -36,7 +36,7 @@ from dxflow import audit
 from dxflow.agent.files import CHUNK, UPLOAD_PREFIX, _put_in_place, roots
 from dxflow.errors import DxflowError, NotFound, UsageError
 
-if TYPE_CHECKING:  # paramiko (7 MiB) is loaded by a broadcast that passes the file on, not by every agent
+if TYPE_CHECKING:  # the SSH pool is loaded by a broadcast that passes the file on, not by every agent
     from dxflow.agent.peers import Peer
 
 bp = Blueprint("broadcast", __name__)
@@ -48,6 +48,8 @@ MAX_DEPTH = 64
 SPEC_KEYS = {"node": str, "address": str, "port": int, "public_key": str, "token": str, "children": list}
 #: a node that fails this way may get the file from the login node instead
 REROUTE = "reroute"
+#: chunks (of CHUNK bytes) waiting for one child at most
+QUEUED = 4
 
 
 # -- the plan ----------------------------------------------------------------------------------------------
@@ -172,9 +174,10 @@ def reach(children: list[dict[str, Any]], lines: list[dict[str, Any]]) -> list[t
     if not children:
         return []
     from dxflow.agent.peers import Peer
+    job = current_app.config["AGENT"].job  # the pool's threads have no app context
 
     def one(spec: dict[str, Any]) -> tuple[Peer | None, str]:
-        peer = Peer(spec)
+        peer = Peer(spec, job)
         try:
             peer.open()
             return peer, ""
@@ -199,19 +202,40 @@ def _here() -> str:
 
 
 class Branch:
-    """One child and its subtree during a broadcast: the bytes go on to it until it fails."""
+    """One child and its subtree during a broadcast: the bytes go on to it until it fails.
+
+    Each child is sent to by a thread of its own (:meth:`_pump`), from a short queue: this node reads,
+    writes and hashes the next chunk while the previous ones go out to every child at once, and a
+    slow child holds the others back by QUEUED chunks at most (then the reading waits for it)."""
 
     def __init__(self, peer: Peer, spec: dict[str, Any], relay: str) -> None:
         self.peer, self.spec, self.relay = peer, spec, relay
         self.error = ""
+        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED)
+        self._pumping: threading.Thread | None = None
 
     def start(self, plan: dict[str, Any], size: int) -> None:
         head = json.dumps({**plan, "children": self.spec["children"]}).encode() + b"\n"
         self.call(self.peer.start, head, size)
+        self._pumping = threading.Thread(target=self._pump, daemon=True, name=f"broadcast-to-{self.spec['node']}")
+        self._pumping.start()
 
     def send(self, chunk: bytes) -> None:
         if not self.error:
-            self.call(self.peer.send, chunk)
+            self._queue.put(chunk)
+
+    def end(self) -> None:
+        """No more bytes: the thread sends what is queued and stops."""
+        if self._pumping is not None:
+            self._queue.put(None)
+
+    def _pump(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            if not self.error:  # after a failure the queue is only drained: the reading never waits on it
+                self.call(self.peer.send, chunk)
 
     def call(self, fn, *args: Any) -> None:
         try:
@@ -222,6 +246,8 @@ class Branch:
     def answers(self, out: queue.Queue) -> None:
         """Its subtree's lines into ``out``; every node of the subtree that never answered is named."""
         seen: set[str] = set()
+        if self._pumping is not None:
+            self._pumping.join()
         try:
             # after a failed send the child may still have answered (a refusal): read it all the same
             for line in self.peer.answers(depth(self.spec)):
@@ -231,7 +257,7 @@ class Branch:
         except Exception as e:  # noqa: BLE001
             self.error = self.error or f"lost on the way from {self.relay}: {node_error(e)}"
         finally:
-            self.peer.close(keep=not self.error)
+            self.peer.close()
             for node in subtree(self.spec):
                 if node not in seen:
                     why = self.error if node == self.spec["node"] else f"not reached: {self.spec['node']} " \
@@ -303,6 +329,8 @@ def broadcast() -> Response:
         if received < size:
             for b in branches:
                 b.peer.close()
+        for b in branches:
+            b.end()
     return Response(answer([mine, *lines], branches), mimetype="application/x-ndjson")
 
 

@@ -21,7 +21,7 @@ import werkzeug.wrappers
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, redirect, request, send_from_directory
 
 from dxflow import __version__
-from dxflow.auth import CONSOLE_LOGIN, verify_token
+from dxflow.signatures import CONSOLE_LOGIN, verify_token
 from dxflow.edge.session import (CSRF_HEADER, ConsoleGuard, ConsolePolicy, Sessions, alert, hostname,
                                  html_page, service_label, service_url, set_session_cookie)
 from dxflow.errors import AuthError

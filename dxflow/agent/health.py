@@ -16,7 +16,7 @@ from typing import Iterator
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from dxflow import API_VERSION, __version__
-from dxflow.auth import sign_challenge
+from dxflow.signatures import sign_challenge
 
 bp = Blueprint("health", __name__)
 

@@ -2,19 +2,27 @@
 
 A broadcast (:mod:`dxflow.agent.broadcast`) is passed on from node to node instead of being sent N
 times by the login node. This agent runs as the user, on a node of the user's job, so it reaches the
-next node as the user does: an SSH login with the user's keys, host keys checked against known_hosts
-(:mod:`dxflow.ssh.paramiko_login`), then a ``direct-tcpip`` channel to the peer agent's port on that
-node's 127.0.0.1. No port is opened anywhere for it. Before any token goes there the peer is proven
-as the master proves an agent (:mod:`dxflow.master.fleet`):
+next node as the user does: the user's own OpenSSH client, one ControlMaster per node
+(:class:`dxflow.ssh.openssh.OpenSSHPool`: every ssh_config setting, host keys checked against
+known_hosts, ``BatchMode``), and a stdio forwarding through it to the peer agent's port on that node's
+127.0.0.1 (what ``ssh -W`` does). No port is opened anywhere for it. OpenSSH rather than paramiko
+because the bytes of a broadcast cross every hop: ``ssh`` encrypts them in a process of its own, in C,
+while this agent's Python only moves them between sockets (measured: bench/multinode.py, README).
 
-1. its port is held by the user alone (the node's ``/proc/net/tcp``, read through SFTP on that login):
-   an agent that stopped may have left its port to another user;
+Before any token goes to a peer it is proven as the master proves an agent (:mod:`dxflow.master.fleet`):
+
+1. its port is held by the user alone (the node's ``/proc/net/tcp`` and ``tcp6``, read by ``cat``
+   through the same ControlMaster): an agent that stopped may have left its port to another user;
 2. it signs a fresh challenge with the key the master handed down for it (the key it registered).
 
 The token comes from the master too, minted for that one agent (its audience) and short-lived: this
 agent never holds the user's key. A peer that cannot be reached this way (no key without passphrase,
-a setting only OpenSSH honours, nodes that do not see each other) is :class:`PeerUnreachable`: the
-login node then sends to that node itself.
+nodes that do not see each other, a node reached only through a proxy) is :class:`PeerUnreachable`:
+the login node then sends to that node itself.
+
+The ControlMasters' cipher: the user's and the site's ``Ciphers`` setting is left as it is. Where neither
+sets one and the CPU has AES instructions, AES-GCM is put first in OpenSSH's own default list (which
+starts with chacha20-poly1305, the better choice only without them): :func:`preferred_ciphers`.
 """
 
 from __future__ import annotations
@@ -23,105 +31,188 @@ import http.client
 import json
 import logging
 import os
+import re
 import secrets
+import socket
+import stat
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
-import paramiko
-
-from dxflow.auth import check_challenge
 from dxflow.edge.channelhttp import TunnelHTTPConnection
-from dxflow.edge.tcptable import PROC_TABLES, REACHES_LOOPBACK4, parse_listeners
+from dxflow.edge.tcptable import REACHES_LOOPBACK4, parse_listeners
 from dxflow.errors import AccessDenied, AgentUnreachable, ConfigError
+from dxflow.signatures import check_challenge
+from dxflow.ssh import control
 from dxflow.ssh import options as ssh_options
-from dxflow.ssh import paramiko_login
-from dxflow.ssh.transport import UseOpenSSH
+from dxflow.ssh.controlmaster import COMMAND_TIMEOUT
+from dxflow.ssh.openssh import OpenSSHPool
 
 log = logging.getLogger(__name__)
 
 #: seconds a write to a peer may stay stuck (its window full) before it counts as lost: a node cut off
 #: mid-broadcast holds its parent (and so the tree above) this long at most
 TIMEOUT = 30.0
+#: seconds a ControlMaster to another node stays up after its last channel (``ControlPersist``): the next
+#: file of a ``cp -r`` reuses it; an idle agent holds none for long
+KEEP = 60
+#: seconds what ``ssh -G`` says about a node is reused (``cp -r``: one request per file, each proving its peers)
+SETTINGS_FRESH = 60.0
+#: OpenSSH's AEAD ciphers on AES instructions: faster than chacha20-poly1305 there, for ``ssh`` and ``sshd``
+AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+#: both tables of listening sockets in one command (no IPv6 on the node: the first alone)
+SOCKET_TABLES = "cat /proc/net/tcp; cat /proc/net/tcp6 2>/dev/null; true"
 
 
 class PeerUnreachable(AgentUnreachable):
     """This node cannot reach the peer's node as the user (no SSH between them): the login node sends instead."""
 
 
-#: seconds an SSH login to another node is kept for the next broadcast (``cp -r``: one request per file)
-KEEP = 60.0
+def cpu_has_aes(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo`` lists AES instructions (x86 ``flags``, Arm ``Features``: the word ``aes``)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features") and "aes" in value.split():
+            return True
+    return False
 
 
-class Logins:
-    """This agent's SSH logins to the other nodes, kept a while for the next request: a login costs a key
-    exchange, a file of ``cp -r`` only its bytes. What a login proves about a peer (its port, its identity)
-    is checked again on every request all the same."""
+def preferred_ciphers(resolved: str, default: str, aes: bool) -> str:
+    """The ``Ciphers`` value a ControlMaster gets ("" for none: ssh's own choice stands).
 
-    def __init__(self) -> None:
-        self._kept: dict[str, tuple[paramiko.Transport, float]] = {}
-        self._timers: dict[str, threading.Timer] = {}
-        self._lock = threading.Lock()
+    ``resolved``: the node's ``ciphers`` as ``ssh -G`` resolves it with the user's and the site's config;
+    ``default``: the same without any config (``ssh -F /dev/null -G``), OpenSSH's built-in list. When they
+    differ, someone chose: that choice stands. Else, on a CPU with AES instructions, the same list with
+    AES-GCM first (written out, not ``^``: any OpenSSH version takes it).
+    """
+    if not aes or not resolved or resolved != default:
+        return ""
+    names = resolved.split(",")
+    first = [c for c in AES_GCM if c in names]
+    if not first or names[:len(first)] == first:
+        return ""
+    return ",".join([*first, *(c for c in names if c not in first)])
 
-    def take(self, address: str) -> paramiko.Transport:
+
+class PeerPool(OpenSSHPool):
+    """This agent's ControlMasters to the other nodes of its job.
+
+    Each on a socket of this job's own (:func:`dxflow.ssh.control.control_path` with the job): never one
+    another job's agent on this node started, which lives in that job's cgroup and ends with it."""
+
+    def __init__(self, job: str | None) -> None:
+        super().__init__()
+        self.job = job
+        self._settings: dict[str, tuple[ssh_options.HostOptions, float]] = {}
+        self._settings_lock = threading.Lock()
+        self._aes: bool | None = None
+        sweep(control.control_dir(self._layout))
+
+    def settings(self, address: str) -> ssh_options.HostOptions:
+        """``ssh -G ADDRESS``, kept SETTINGS_FRESH seconds; PeerUnreachable if ssh cannot say."""
         now = time.monotonic()
-        with self._lock:
-            for name, (t, since) in list(self._kept.items()):
-                if now - since > KEEP or not t.is_active():
-                    del self._kept[name]
-                    t.close()
-            kept = self._kept.pop(address, None)
-        if kept is not None:
+        with self._settings_lock:
+            kept = self._settings.get(address)
+        if kept is not None and now - kept[1] < SETTINGS_FRESH:
             return kept[0]
         try:
             opts = ssh_options.resolve(address)
         except ConfigError as e:
             raise PeerUnreachable(f"{address}: {e}") from e
-        if opts.jumps:  # nodes of one job that see each other only through a jump host: the login node sends
-            raise PeerUnreachable(f"{address}: reached through ProxyJump, not straight from another node")
+        with self._settings_lock:
+            self._settings[address] = (opts, now)
+        return opts
+
+    def control_path(self, address: str, job: str | None = None) -> Path:
+        return super().control_path(address, job or self.job)
+
+    def master_options(self, address: str) -> tuple[str, ...]:
+        extra = ["-o", f"ControlPersist={KEEP}"]
         try:
-            return paramiko_login.login(address, opts)
-        except (UseOpenSSH, paramiko.SSHException, OSError, EOFError) as e:
-            raise PeerUnreachable(f"{address}: no SSH login to it from this node ({e})") from e
+            resolved = self.settings(address).get("ciphers")
+            default = ssh_options.resolve(address, config_file=os.devnull).get("ciphers")
+        except (ConfigError, AgentUnreachable) as e:
+            log.info("%s: OpenSSH's ciphers left as they are (%s)", address, e)
+            return tuple(extra)
+        if self._aes is None:
+            try:
+                with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                    self._aes = cpu_has_aes(f.read())
+            except OSError:
+                self._aes = False
+        ciphers = preferred_ciphers(resolved, default, self._aes)
+        if ciphers:
+            extra += ["-o", f"Ciphers={ciphers}"]
+        return tuple(extra)
 
-    def give_back(self, address: str, transport: paramiko.Transport) -> None:
-        """Keep the login for KEEP seconds; then it is closed if no request took it meanwhile (an idle
-        agent holds no login, nor its reading thread)."""
-        if not transport.is_active():
-            return
-        with self._lock:
-            old = self._kept.pop(address, None)
-            self._kept[address] = (transport, time.monotonic())
-        if old is not None and old[0] is not transport:
-            old[0].close()
-        self._expire_in(address, KEEP)
-
-    def _expire_in(self, address: str, delay: float) -> None:
-        """One timer per node at a time (a ``cp -r`` gives a login back once per file)."""
-        with self._lock:
-            if address in self._timers:
-                return
-            timer = self._timers[address] = threading.Timer(delay, self._expire, args=(address,))
-        timer.daemon = True
-        timer.start()
-
-    def _expire(self, address: str) -> None:
-        closing: paramiko.Transport | None = None
-        with self._lock:
-            del self._timers[address]
-            kept = self._kept.get(address)
-            if kept is None:
-                return  # taken: it comes back with give_back
-            left = KEEP - (time.monotonic() - kept[1])
-            if left <= 0.5:
-                closing = self._kept.pop(address)[0]
-        if closing is not None:
-            closing.close()
-        else:
-            self._expire_in(address, left)  # given back again meanwhile: kept KEEP seconds from then
+    def socket_tables(self, address: str, generation: int) -> list[str]:
+        """The node's ``/proc/net/tcp`` and ``tcp6``, by one ``cat`` through that ControlMaster."""
+        m = self._on(address, generation)
+        argv = control.command_argv(address, m.ctl, SOCKET_TABLES, self.config)
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=COMMAND_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PeerUnreachable(f"{address}: its table of sockets cannot be read ({e})") from e
+        if proc.returncode != 0 or not proc.stdout:
+            err = proc.stderr.decode(errors="replace").strip() or f"ssh exited {proc.returncode}"
+            raise PeerUnreachable(f"{address}: its table of sockets cannot be read ({err})")
+        return [proc.stdout.decode("ascii", "replace")]
 
 
-LOGINS = Logins()
+#: how dxflow names a ControlMaster socket (:func:`dxflow.ssh.control.control_path`); ssh's own temporary
+#: names while it makes one hold a dot, and are never touched
+SOCKET_NAME = re.compile(r"[0-9a-f]{16}")
+
+
+def sweep(folder: Path) -> int:
+    """Remove the sockets in ``folder`` that nothing listens on any more; how many.
+
+    A job's ControlMasters end with the job (Slurm kills its cgroup, often too hard for ssh to remove its
+    socket), and each job's have names of their own: without this, a node's folder would keep one dead
+    socket per job and next node for good. Only this node's dxflow uses the folder (one per host)."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not SOCKET_NAME.fullmatch(entry.name) or not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                continue
+        except OSError:  # gone meanwhile
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(entry.path)
+        except ConnectionRefusedError:  # its ssh is gone: the file alone is left
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+        except OSError:
+            pass  # busy, or not ours to judge: left alone
+        finally:
+            probe.close()
+    if removed:
+        log.info("removed %d dead ControlMaster socket(s) from %s", removed, folder)
+    return removed
+
+
+_POOL: PeerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def pool(job: str | None) -> PeerPool:
+    """The agent's one pool (made on the first broadcast that passes the file on; an agent serves one job)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = PeerPool(job)
+        return _POOL
 
 
 def port_refusal(tables: list[str], port: int, uid: int, node: str) -> str:
@@ -140,41 +231,34 @@ def port_refusal(tables: list[str], port: int, uid: int, node: str) -> str:
 class Peer:
     """The agent of one node of the job, as the plan names it: node, address, port, public key, token."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], job: str | None = None) -> None:
         self.node: str = spec["node"]
         self.address: str = spec["address"]
         self.port: int = spec["port"]
         self.public_key: str = spec["public_key"]
         self.token: str = spec["token"]
-        self.transport: paramiko.Transport | None = None
+        self.job = job
+        self.generation: int | None = None
         self.conn: TunnelHTTPConnection | None = None
 
     # -- reaching it -----------------------------------------------------------------------------
     def open(self) -> None:
-        """Log in to the peer's node and prove its agent; PeerUnreachable or AccessDenied if not."""
-        self.transport = LOGINS.take(self.address)
-        why = self._port_refusal()
+        """Log in to the peer's node (or reuse the ControlMaster there) and prove its agent; PeerUnreachable
+        or AccessDenied if not."""
+        peers = pool(self.job)
+        opts = peers.settings(self.address)
+        if opts.jumps or opts.get("proxycommand", "none").lower() != "none":
+            # nodes that see each other only through another host (the login node, mostly): it sends instead
+            raise PeerUnreachable(f"{self.address}: reached through a proxy (ProxyJump or ProxyCommand), "
+                                  "not straight from another node")
+        try:
+            self.generation = peers.connect(self.address, self.job)
+        except AgentUnreachable as e:
+            raise PeerUnreachable(f"{self.address}: no SSH login to it from this node ({e})") from e
+        why = port_refusal(peers.socket_tables(self.address, self.generation), self.port, os.getuid(), self.node)
         if why:
             raise AccessDenied(why)
         self._check_identity()
-
-    def _port_refusal(self) -> str:
-        assert self.transport is not None
-        tables = []
-        try:
-            sftp = self.transport.open_sftp_client()
-            if sftp is None:
-                raise paramiko.SSHException("no SFTP subsystem")
-            with sftp:
-                for path in PROC_TABLES:
-                    try:
-                        with sftp.open(path, "r") as f:
-                            tables.append(f.read().decode("ascii", "replace"))
-                    except FileNotFoundError:  # no IPv6 on that node
-                        continue
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            raise PeerUnreachable(f"{self.node}: its table of sockets cannot be read ({e})") from e
-        return port_refusal(tables, self.port, os.getuid(), self.node)
 
     def _check_identity(self) -> None:
         challenge = secrets.token_urlsafe(24)
@@ -183,7 +267,7 @@ class Peer:
             conn.request("GET", f"/api/health?challenge={challenge}", headers=self._auth())
             resp = conn.getresponse()
             raw = resp.read()
-        except (OSError, http.client.HTTPException, paramiko.SSHException, EOFError) as e:
+        except (OSError, http.client.HTTPException, AgentUnreachable) as e:
             raise PeerUnreachable(f"{self.node}: its agent did not answer ({e})") from e
         finally:
             conn.close()
@@ -195,17 +279,9 @@ class Peer:
             raise AccessDenied(f"{self.node}: port {self.port} did not prove to be the job's agent "
                                f"(HTTP {resp.status}): nothing was sent to it")
 
-    # ChannelSource, for TunnelHTTPConnection
-    def channel(self, address: str, port: int, timeout: float = TIMEOUT, generation: int | None = None,
-                host: str = "127.0.0.1") -> paramiko.Channel:
-        assert self.transport is not None
-        try:
-            return self.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            raise PeerUnreachable(f"{self.node}: {e}") from e
-
     def connection(self, timeout: float = TIMEOUT) -> TunnelHTTPConnection:
-        return TunnelHTTPConnection(self, self.address, self.port, timeout=timeout)
+        """HTTP to the peer's agent through the ControlMaster :meth:`open` proved (never another one)."""
+        return TunnelHTTPConnection(pool(self.job), self.address, self.port, timeout=timeout, generation=self.generation)
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -222,11 +298,9 @@ class Peer:
         conn.send(head)
 
     def send(self, chunk: bytes | memoryview) -> None:
-        assert self.conn is not None
-        try:
-            self.conn.send(chunk)
-        except EOFError as e:  # paramiko's word for a channel that closed
-            raise ConnectionResetError(f"the channel to {self.node} closed") from e
+        """The next bytes of the body, whole (``sendall`` on the channel's socket: the GIL is free meanwhile)."""
+        assert self.conn is not None and self.conn.sock is not None
+        self.conn.sock.sendall(chunk)
 
     def answers(self, depth: int = 0) -> Iterator[dict]:
         """The NDJSON lines of the peer's answer (its own result, then its subtree's), as they come; a
@@ -249,13 +323,8 @@ class Peer:
             if line.strip():
                 yield json.loads(line)
 
-    def close(self, keep: bool = False) -> None:
-        """Close the request; the login is kept for the next one with ``keep`` (the request went well)."""
+    def close(self) -> None:
+        """Close the request's channel; the ControlMaster stays for the next request (``ControlPersist``),
+        which proves the peer again."""
         if self.conn is not None:
             self.conn.close()
-        if self.transport is not None:
-            if keep:
-                LOGINS.give_back(self.address, self.transport)
-            else:
-                self.transport.close()
-            self.transport = None

@@ -8,9 +8,12 @@ The arbiter stays small: it imports gunicorn and what it needs to bind, supervis
 unregister, nothing of Flask, cryptography or PyJWT, nor the scheduler adapters and the
 registration (``python -X importtime -m dxflow.agent`` shows it). Whatever the arbiter holds
 is in the worker's resident set too (the worker is its fork), and a page either writes is
-copied. The worker makes the agent's key and loads the app (no ``preload_app``), then serves
-with threads. A worker that gunicorn starts again makes a new key and registers it anew, as a
-new agent would: the master checks it before it sends anything.
+copied. The worker loads the app (no ``preload_app``), then serves with threads. It loads neither
+cryptography nor PyJWT either (dxflow.signatures checks and signs; only a dial-out to a site service,
+``site_gateways``, brings paramiko and cryptography): its key is made by a short-lived process that
+has cryptography (dxflow.agent.keygen), started first so that it runs while the app's modules load.
+A worker that gunicorn starts again gets a new key and registers it anew, as a new agent would: the
+master checks it before it sends anything.
 
 Before it forks, the arbiter moves its objects out of the garbage collector's reach
 (``gc.freeze``): the worker's collections then leave the pages they share unwritten, and shared
@@ -40,6 +43,7 @@ from dxflow.config import SiteConfig, agent_name
 from dxflow.layout import UserLayout
 
 if TYPE_CHECKING:  # the worker's: the arbiter never imports them (see the module docstring)
+    from dxflow.agent.keygen import Making
     from dxflow.agent.state import AgentState
     from dxflow.enroll import Enrollment
 
@@ -69,18 +73,19 @@ class AgentJob:
     stderr: str = ""
     started: float = 0.0
 
-    def make_state(self) -> AgentState:
-        """The agent's state with a key of its own (and the user's key pair made if it is missing)."""
+    def make_state(self, making: Making | None = None) -> AgentState:
+        """The agent's state with a key of its own (and the user's key pair made if it is missing);
+        ``making``: the key's process started earlier (:func:`dxflow.agent.keygen.start`)."""
+        from dxflow.agent import keygen
         from dxflow.agent.state import AgentState
-        from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_key
+        from dxflow.signatures import fingerprint
 
-        base = UserLayout.of(self.home).base
-        user_key(base)  # the user's key pair exists before any token is checked
-        key = new_key()
-        pub = public_pem(key)
+        # the user's key pair exists before any token is checked
+        user_public_key = keygen.user_public_key(UserLayout.of(self.home).base)
+        key, pub = (making or keygen.start()).key()
         return AgentState(user=self.user, home=self.home, scheduler=self.scheduler, cluster=self.cluster,
                           job=self.job, node=self.node, key=key, public_key=pub, audience=fingerprint(pub),
-                          user_public_key=user_public_key(base), work_dir=self.work_dir, stdout=self.stdout,
+                          user_public_key=user_public_key, work_dir=self.work_dir, stdout=self.stdout,
                           stderr=self.stderr, started=self.started)
 
 
@@ -112,11 +117,15 @@ class AgentServer(BaseApplication):
 
     def load(self):
         """In the worker: the agent's key and app (the arbiter never imports them)."""
-        from dxflow.agent import create_app
+        from dxflow.agent import keygen
+
+        making = keygen.start()  # the key is made by its own process while this one loads the app's modules
+        from dxflow.agent import create_app, load_blueprints
         from dxflow.schedulers.base import QUERY_BUDGET
 
+        load_blueprints()
         QUERY_BUDGET.resize(self.site.controller_queries_per_minute)  # every controller query of this agent counts
-        self.state = self.job.make_state()
+        self.state = self.job.make_state(making)
         if self.site.site_gateways:  # tokens the site service signs for this agent's user (docs/site.md)
             from dxflow.agent.auth import site_token_key
 

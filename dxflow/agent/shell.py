@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -32,10 +33,9 @@ import sys
 import termios
 import threading
 import time
+from typing import Any, Callable
 
 from flask import Blueprint, current_app, request
-from flask_sock import Sock
-from simple_websocket import ConnectionClosed
 
 from dxflow import audit
 from dxflow.agent.injob import in_job
@@ -46,7 +46,6 @@ from dxflow.procs import all_procs
 log = logging.getLogger(__name__)
 
 bp = Blueprint("shell", __name__)
-sock = Sock()
 
 READ = 64 * 1024
 HANGUP_GRACE = 3.0     # seconds a shell may take to exit after SIGHUP before SIGKILL
@@ -129,8 +128,36 @@ def check_size():
         _command_arg()
 
 
-@sock.route("/api/shell", bp=bp)
-def shell(ws) -> None:
+@bp.route("/api/shell", websocket=True)
+def shell():
+    """flask-sock's WebSocket view of :func:`serve_shell`, made when the first shell is asked for:
+    flask-sock and simple-websocket bring asyncio along (2.5 MiB in every worker), and most agents
+    never open a shell."""
+    return _websocket_view()()
+
+
+@functools.cache
+def _websocket_view() -> Callable[[], Any]:
+    from flask_sock import Sock
+
+    class Keep:
+        """Where flask-sock registers the view it wraps (its ``bp``): kept here instead, the route is ours."""
+
+        view: Callable[[], Any]
+
+        def route(self, path: str, **options: Any) -> Callable[[Callable], Callable]:
+            def keep(view: Callable[[], Any]) -> Callable[[], Any]:
+                self.view = view
+                return view
+            return keep
+
+    kept = Keep()
+    Sock().route("/api/shell", bp=kept)(serve_shell)
+    return kept.view
+
+
+def serve_shell(ws) -> None:
+    """A shell for the WebSocket ``ws`` (simple-websocket's), until one of the two ends."""
     state = current_app.config["AGENT"]
     cols, rows = _size_arg("cols", 80), _size_arg("rows", 24)
     command = _command_arg()
@@ -176,6 +203,10 @@ class PtySession:
         self.exit_code: int | None = None
         self.client_gone = threading.Event()
         self._pidfd = _pidfd_open(proc.pid)
+        from simple_websocket import ConnectionClosed  # imported with the first shell (see shell())
+
+        #: what the client's WebSocket raises once the client is gone
+        self.closed: type[Exception] = ConnectionClosed
 
     @classmethod
     def spawn(cls, argv: list[str], env: dict[str, str], cwd: str, cols: int = 80, rows: int = 24) -> "PtySession":
@@ -201,7 +232,7 @@ class PtySession:
         if self.exit_code is not None:
             try:
                 ws.send(json.dumps({"exit": self.exit_code}))
-            except (ConnectionClosed, OSError):
+            except (self.closed, OSError):
                 pass
         self.client_gone.set()
         reader.join()  # it notices within a second; only then may close() release the PTY
@@ -250,7 +281,7 @@ class PtySession:
         try:
             ws.send(data)
             return True
-        except (ConnectionClosed, OSError):
+        except (self.closed, OSError):
             return False
 
     def _from_client(self, ws) -> None:
@@ -258,7 +289,7 @@ class PtySession:
             while not self.client_gone.is_set():
                 try:
                     message = ws.receive(timeout=0.5)
-                except ConnectionClosed:
+                except self.closed:
                     break
                 if message is None:
                     if not ws.connected:
@@ -309,7 +340,7 @@ class PtySession:
         except (TypeError, ValueError) as e:
             try:
                 ws.send(json.dumps({"error": "bad_request", "message": f"bad control message {text[:200]!r}: {e}"}))
-            except (ConnectionClosed, OSError):
+            except (self.closed, OSError):
                 pass
 
     def signal_foreground(self, sig: int) -> None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the agent's arbiter imports this module but never cryptography (dxflow.agent.server)
-    from cryptography.hazmat.primitives.asymmetric import rsa
+if TYPE_CHECKING:  # the agent's arbiter imports this module but never rsa (dxflow.agent.server)
+    import rsa
 
 
 @dataclass
@@ -19,7 +19,7 @@ class AgentState:
     node: str
     user: str
     home: Path
-    key: rsa.RSAPrivateKey          # this agent's own key (identity)
+    key: rsa.PrivateKey             # this agent's own key (identity; python-rsa: dxflow.signatures)
     public_key: str                 # PEM of ``key``'s public half
     audience: str                   # fingerprint of public_key: tokens must be addressed to it
     user_public_key: str            # PEM: tokens must be signed by the user's key

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dxflow.cli.util import add_wait
 from dxflow.errors import EXIT_CONNECTION_LOST as LOST
 
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--gather prints one block per distinct output under its nodes (like clush -b); dxflow exits 0 only "
         "when every node's command did, else with the largest code (124 for a node stopped by --timeout, "
         "255 for one lost) after a summary of the nodes that failed, folded (n[2-3]: exit 1)."),
-        usage="dxflow exec [-h] [-i] [--cwd DIR] [--env NAME=VALUE] [--fanout N] [--timeout SECONDS] "
+        usage="dxflow exec [-h] [-i] [--cwd DIR] [--env NAME=VALUE] [--fanout N] [--timeout SECONDS] [--wait SECONDS] "
               "[--no-prefix | --gather | --json] JOB[:NODES] -- CMD [ARGS ...]")
     p.add_argument("-i", "--stdin", action="store_true",
                    help="read all of your stdin first and give it to the command")
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with a node set: at most N nodes at once (default: all of them)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop the command on a node that runs longer, and report it (default: none)")
+    add_wait(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--no-prefix", action="store_true", help="with a node set: lines without `NODE: `")
     how.add_argument("--gather", action="store_true",
@@ -77,9 +79,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.stdin:
         body["stdin"] = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     client = service().ensure()
-    where = targets.resolve(client, target)
+    where = targets.resolve(client, target, wait=args.wait)
     data = json.dumps(body).encode()
-    if target.several or args.gather or args.json or args.timeout is not None:
+    if target.several or where.missing or args.gather or args.json or args.timeout is not None:
         from dxflow.cli.fanout import exec_all
 
         if where.nodes == [None]:  # --json or --timeout on the job's first node: name it

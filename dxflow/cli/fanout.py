@@ -25,7 +25,7 @@ from typing import IO, Any, Callable
 from dxflow.cli.targets import Resolved
 from dxflow.errors import EXIT_CONNECTION_LOST, DxflowError
 from dxflow.master.client import check
-from dxflow.schedulers.hostlist import fold
+from dxflow.schedulers.hostlist import fold, sort_hosts
 
 #: seconds without a byte (the agent sends a keepalive every 2 s while a command is silent) before a
 #: node counts as lost
@@ -235,10 +235,16 @@ def summary(results: list[NodeResult]) -> str:
     return "; ".join(f"{fold(nodes)}: {what}" for what, nodes in by.items())
 
 
+def missing_results(target: Resolved) -> list[NodeResult]:
+    """The nodes of the set that have no agent (:attr:`Resolved.missing`), as failed before they ran."""
+    return [NodeResult(node, status="error", error=why) for node, why in target.missing]
+
+
 def exec_all(client, target: Resolved, body: bytes, *, prefix: bool, gather: bool, as_json: bool,
              fanout: int | None, timeout: float | None) -> int:
     """``dxflow exec JOB:NODES``: every node at once; 0 only when every node's command exited 0,
-    else the largest code (124 for a node timed out, 255 for one lost), with a summary on stderr."""
+    else the largest code (124 for a node timed out, 255 for one lost, 255 for a node of the set
+    without an agent: nothing ran there), with a summary on stderr."""
     nodes = [n for n in target.nodes if n]
     # --gather prints stdout at the end; stderr still comes as it arrives, with its node
     lines = None if as_json else Lines(prefix=prefix or gather)
@@ -251,8 +257,14 @@ def exec_all(client, target: Resolved, body: bytes, *, prefix: bool, gather: boo
             sys.stdout.write(json.dumps(result.record(target.job)) + "\n")
             sys.stdout.flush()
 
+    absent = missing_results(target)
+    if as_json:
+        for result in absent:
+            record(result)
     results = run_all(nodes, exec_on(client, target.job, body, lines, keep=gather or as_json), fanout, timeout,
-                      record if as_json else None)
+                      record if as_json else None) if nodes else []
+    order = {n: i for i, n in enumerate(sort_hosts([*nodes, *(r.node for r in absent)]))}
+    results = sorted([*results, *absent], key=lambda r: order[r.node])
     if gather:
         sys.stdout.write(gathered(results))
         sys.stdout.flush()

@@ -539,11 +539,17 @@ def resume_key(src: Path, st: os.stat_result, agent: Agent, target: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
-def _on_nodes(client, loc: Location) -> list[Location]:
-    """The remote side ``loc`` once its job and nodes are looked up: one Location per node."""
+def _on_nodes(client, loc: Location, missing: list | None = None) -> list[Location]:
+    """The remote side ``loc`` once its job and nodes are looked up: one Location per node with an agent;
+    the nodes of a set that have none (after the wait: dxflow.cli.targets) are named on stderr and added
+    to ``missing``."""
     from dxflow.cli.targets import parse_parts, resolve
 
     where = resolve(client, parse_parts(str(loc), loc.job, loc.node))
+    for node, why in where.missing:
+        print(f"dxflow: job {where.job}: {node}: not copied: {why}", file=sys.stderr, flush=True)
+    if missing is not None:
+        missing.extend(node for node, _ in where.missing)
     return [Location(loc.path, where.job, node) for node in where.nodes]
 
 
@@ -566,12 +572,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
         raise UsageError("all SRC must be on the same side")
     several = dst.remote and parse_parts(args.dst, dst.job, dst.node).several
     client = service().ensure()
+    absent: list[str] = []  # nodes of a set without an agent: named, and the exit is 1
     if several:  # the same files on every node of a set, passed on through the nodes
         from dxflow.cli.broadcast import broadcast_cp
 
-        each = _on_nodes(client, dst)  # an ended job, nodes not the job's: named before anything moves
-        return broadcast_cp(client, sources, each[0], [one.node for one in each], recursive=args.recursive,
-                            quiet=args.quiet, fanout=args.fanout)
+        each = _on_nodes(client, dst, absent)  # an ended job, nodes not the job's: named before anything moves
+        code = broadcast_cp(client, sources, each[0], [one.node for one in each], recursive=args.recursive,
+                            quiet=args.quiet, fanout=args.fanout) if each else 1
+        return max(code, 1 if absent else 0)
     copier = Copier(client, args.quiet, args.recursive)
     if dst.remote:
         dst = _on_nodes(client, dst)[0]  # an ended job, a node not the job's: named before anything moves
@@ -580,11 +588,11 @@ def cmd_cp(args: argparse.Namespace) -> int:
             if dst.remote:
                 copier.upload(Path(src.path), dst, many)
                 continue
-            each = _on_nodes(client, src)
+            each = _on_nodes(client, src, absent)
             several = parse_parts(str(src), src.job, src.node).several
             for one in each:  # several nodes: NAME.NODE in DST, which must be a folder
                 copier.download(one, dst.path, many or several, f".{one.node}" if several else "")
         except OSError as e:  # a local file (or the master's socket) failed
             raise DxflowError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from e
     log.info("%d file(s), %d bytes copied", copier.files, copier.bytes)
-    return 0
+    return 1 if absent else 0

@@ -124,8 +124,9 @@ def _info_nodes(client, where, as_json: bool) -> int:
         except (DxflowError, OSError) as e:
             return {"node": node, "error": str(e)}
 
-    with ThreadPoolExecutor(max_workers=min(32, len(where.nodes))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(where.nodes)))) as pool:
         infos = list(pool.map(ask, where.nodes))
+    infos += [{"node": node, "error": why} for node, why in where.missing]  # nodes of the set without an agent
     failed = [i["node"] for i in infos if "error" in i]
     if as_json:
         print_json(infos)

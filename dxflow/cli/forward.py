@@ -107,8 +107,9 @@ def _ports_nodes(client, where, as_json: bool) -> int:
         except (DxflowError, OSError) as e:
             return node, str(e)
 
-    with ThreadPoolExecutor(max_workers=min(32, len(where.nodes))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(where.nodes)))) as pool:
         answers = list(pool.map(ask, where.nodes))
+    answers += list(where.missing)  # nodes of the set without an agent, and why
     rows = [{"node": node, **p} for node, ports in answers if isinstance(ports, list) for p in ports]
     failed = {node: why for node, why in answers if isinstance(why, str)}
     if as_json:

@@ -45,9 +45,11 @@ def expand(pattern: str, job: str, node: str) -> str:
 
 def logs_all(client, where: Resolved, name: str, pattern: str | None, lines: int | None, follow: bool,
              prefix: bool) -> int:
-    nodes = [n for n in where.nodes if n] or [_first_node(client, where.job)]
+    nodes = [n for n in where.nodes if n] or ([_first_node(client, where.job)] if where.nodes == [None] else [])
     out = Lines(prefix=prefix)
     note = Lines(prefix=prefix)  # dxflow's own words about a node go to stderr
+    for node, why in where.missing:  # nodes of the set without an agent: named first, and the exit is 1
+        print(f"dxflow: {node}: not read: {why}", file=sys.stderr, flush=True)
     if pattern is None and len(nodes) > 1:
         nodes = _distinct_files(client, where.job, nodes, name)
 
@@ -71,9 +73,9 @@ def logs_all(client, where: Resolved, name: str, pattern: str | None, lines: int
     failed = [r for r in results if r.status != "ok"]
     for r in failed:
         print(f"dxflow: {r.node}: {r.error}", file=sys.stderr)
-    if follow and not failed:
+    if follow and nodes and not failed:
         print(f"dxflow: job {where.job} ended", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or where.missing else 0
 
 
 def _distinct_files(client, job: str, nodes: list[str], name: str) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dxflow.cli.util import add_wait
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("logs", help="show (or follow) a job's output", description=(
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--agent", action="store_true", help="the agent's own log on that node")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines as they are written")
     p.add_argument("-n", "--lines", type=int, metavar="K", help="only the last K lines (default: all)")
+    add_wait(p)
     p.set_defaults(func=cmd_logs)
 
 
@@ -45,7 +48,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                          else "--path needs a file name pattern")
     name = "agent" if args.agent else "stderr" if args.stderr else "stdout"
     client = service().ensure()
-    where = targets.resolve(client, target)
+    where = targets.resolve(client, target, wait=args.wait)
     if target.several or args.path is not None:
         from dxflow.cli.logfan import logs_all
 

@@ -4,10 +4,16 @@ shell, forward, metrics, console), in two steps.
 1. :func:`parse` reads the text alone and contacts nothing: a malformed target, a job id that is not
    one (``abc:n1``), a bad node set (``12:n[1-``) or a port out of range is a :class:`UsageError`
    (exit 2) before the master is asked anything.
-2. :func:`resolve` asks the master's list of agents which nodes that means: ``all`` (or ``*``) is
-   every node of the job; a node set must name nodes of the job; a job whose agents are gone is
-   named as ended, one with no agent at all as not running; a bare node name (``dxflow shell n2``)
-   is the one job of the user that runs there.
+2. :func:`resolve` asks the master which nodes that means: ``all`` (or ``*``) is every node of the
+   job *as the scheduler lists it* (the master's ``/api/jobs/JOB/nodes``, :mod:`dxflow.master.jobnodes`),
+   not only those whose agent has registered so far, as ``srun``, ``pdsh`` and ``clush`` take it; a
+   node set must name nodes of the job. Nodes of the job whose agent is not registered yet (a job
+   just started) are waited for, up to ``wait`` seconds (:data:`WAIT`), with one line on stderr;
+   those still without an agent then come back in :attr:`Resolved.missing`, with why, for the
+   command to report as failed while it runs on the others. Where the scheduler cannot say (no
+   controller, its query cap spent, an older master), the registered agents are the job's nodes.
+   A job whose agents are gone is named as ended, one with no agent at all as not running; a bare
+   node name (``dxflow shell n2``) is the one job of the user that runs there.
 
 Node sets are ClusterShell's (:mod:`dxflow.schedulers.hostlist`): ``n[1-4,7]``, ``n1,n3``, and
 clush's ``n[1-8]!n3``. Several nodes are always printed folded (:func:`fold`).
@@ -16,9 +22,11 @@ clush's ``n[1-8]!n3``. Several nodes are always printed folded (:func:`fold`).
 from __future__ import annotations
 
 import re
+import sys
 import time
 from typing import Any, NamedTuple
 
+from dxflow.cli.util import AGENT_WAIT
 from dxflow.errors import NotFound, UsageError
 from dxflow.schedulers.hostlist import HOST, fold, node_set, sort_hosts
 
@@ -31,6 +39,16 @@ JOB_ID = re.compile(r"^\d+(?:_\d+|\+\d+|\[\d*\])?(?:\.[A-Za-z0-9][A-Za-z0-9.-]*)
 ALL = ("all", "*")
 #: seconds a target the master has not seen yet is looked for again (an agent that just registered)
 LOOK_AGAIN = 3.0
+#: seconds a command waits for the agents of a starting job's nodes (``--wait``)
+WAIT = AGENT_WAIT
+#: seconds between two looks at the master's list of agents while waiting, and between two questions
+#: about a job the scheduler still lists as pending (the master keeps its answer 5 s)
+WAIT_STEP = 0.5
+ASK_PENDING = 3.0
+#: seconds a job with no agent at all is looked for while the scheduler cannot say (its query cap spent)
+UNSURE = 12.0
+#: why a node of the job is missing when its agent never registered
+NO_AGENT = "no agent registered"
 FORMS = "JOB, JOB:NODE, JOB:NODESET (n[1-4,7]) or JOB:all"
 #: a cluster's name in ``CLUSTER/JOB`` (as the scheduler hooks report it: Slurm's ClusterName)
 CLUSTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -62,8 +80,11 @@ class Resolved(NamedTuple):
     """The job and the nodes a target names, once the master was asked."""
 
     job: str
-    #: node names in NodeSet order; [None] for the job's first node (the master picks it)
+    #: node names in NodeSet order whose agent is registered; [None] for the job's first node (the master
+    #: picks it)
     nodes: list[Any]
+    #: nodes of the job the target names that have no agent (after the wait): (node, why), in node order
+    missing: tuple[tuple[str, str], ...] = ()
 
     @property
     def where(self) -> str:
@@ -153,20 +174,111 @@ def agents(client, refresh: bool = False) -> list[dict]:
     return client.json("GET", "/api/agents?all=1" + ("&refresh=1" if refresh else ""), timeout=30)
 
 
-def resolve(client, target: Target) -> Resolved:
-    """The job and nodes ``target`` names, from the master's list of agents (looked for again for up
-    to LOOK_AGAIN seconds when the job or a node is not in it yet: an agent that has just registered).
-    NotFound (exit 5) names a job that ended, one that does not run, or nodes that are not the job's."""
+def job_nodes(client, job: str) -> dict | None:
+    """The scheduler's word on the job's nodes (:meth:`dxflow.master.client.JsonRequests.job_nodes`); None
+    when the master cannot say (an older master without the route, the question failed)."""
+    from dxflow.errors import DxflowError
+
+    ask = getattr(client, "job_nodes", None)
+    if ask is None:
+        return None
+    try:
+        answer = ask(job)
+    except DxflowError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def resolve(client, target: Target, wait: float = WAIT) -> Resolved:
+    """The job and nodes ``target`` names, from the master's list of agents and, for named nodes (a
+    set, ``all``) or a job without an agent yet, the scheduler's list of the job's nodes. Looked for
+    again for up to LOOK_AGAIN seconds when the job or a node is not in the list yet (an agent that
+    has just registered); nodes of a running (or pending) job without an agent are waited for up to
+    ``wait`` seconds. NotFound (exit 5) names a job that ended, one that does not run, nodes that are
+    not the job's, and the one node a one-node target names when its agent never came."""
+    started = time.monotonic()
     listing = agents(client)
-    deadline = time.monotonic() + LOOK_AGAIN
+    sched: dict | None = None
+    asked_at = float("-inf")
+    said = False
+    looks = 0
     while True:
+        now = time.monotonic()
+        if _wants_scheduler(listing, target) and (sched is None or sched.get("state") in ("pending", "unknown")
+                                                  and now - asked_at >= ASK_PENDING):
+            answer, asked_at = job_nodes(client, _api_job(listing, target)) or {}, now
+            # a pending job whose next answer is "unknown" (the query cap spent) is still starting
+            if not (sched and sched.get("state") == "pending" and answer.get("state") == "unknown"):
+                sched = answer
         try:
-            return _resolve(listing, target)
+            found = _resolve(listing, target, sched)
         except NotFound:
-            if time.monotonic() >= deadline:
+            # no agent of the job at all, and the scheduler could not say (its query cap spent, shared by the
+            # user's commands): asked again a little longer (the cap refills one question in 10 s by default)
+            unsure = ((sched or {}).get("state") == "unknown" and now - started < min(wait, UNSURE)
+                      and not any(same_job(a, target.job) for a in listing))
+            if now - started >= LOOK_AGAIN and not unsure:
                 raise
-        time.sleep(0.3)
-        listing = agents(client, refresh=True)
+        else:
+            waiting = _waiting(found, sched)
+            if waiting is None or now - started >= wait:
+                return _final(target, found, wait if said else 0.0)
+            if not said:
+                print(f"dxflow: waiting for agents on {waiting} (job {found.job} is starting; up to {wait:g} s)...",
+                      file=sys.stderr, flush=True)
+                said = True
+        time.sleep(WAIT_STEP if said else 0.3)
+        looks += 1
+        # every few looks the master is asked to read its folder again now (an agent that just registered)
+        listing = agents(client, refresh=not said or looks % 4 == 0)
+
+
+def _wants_scheduler(listing: list[dict], target: Target) -> bool:
+    """Whether the scheduler's list of the job's nodes is needed: for named nodes (a set, ``all``, one
+    node), or when no agent of the job is registered yet; not for a bare node name or ``JOB`` alone
+    with agents (those ask nothing of the scheduler)."""
+    if target.bare and not any(same_job(a, target.job) for a in listing):
+        return False
+    live = any(same_job(a, target.job) and a["state"] != "gone" for a in listing)
+    return target.nodes is not None or not live
+
+
+def _api_job(listing: list[dict], target: Target) -> str:
+    """The job's id as the master's API takes it (``CLUSTER~JOB`` where it must be)."""
+    try:
+        _, job = _of_cluster(listing, target)
+    except UsageError:
+        job = target.job
+    if target.cluster and API_SEP not in job:
+        return f"{target.cluster}{API_SEP}{job}"
+    return job
+
+
+def _waiting(found: Resolved, sched: dict | None) -> str | None:
+    """The nodes still to wait for, folded ("the job's first node" when it has no agent at all and the
+    scheduler names no node yet); None when there is nothing to wait for."""
+    waiting = [n for n, why in found.missing if why == NO_AGENT]
+    if waiting:
+        return fold(waiting) if all(waiting) else "the job's nodes"
+    return None
+
+
+def _final(target: Target, found: Resolved, waited: float) -> Resolved:
+    """What the wait ended with: the reasons of missing nodes say how long was waited; a target that
+    names one node (or the job's first) and has no agent there is NotFound."""
+    after = f" within {waited:g} s" if waited else ""
+    if any(not n for n, _ in found.missing) and found.nodes:  # still no node list: the agents' nodes it is
+        found = found._replace(missing=tuple((n, why) for n, why in found.missing if n))
+    if any(not n for n, _ in found.missing):
+        raise NotFound(f"job {found.job} has not started yet: the scheduler lists it as pending{after}; "
+                       "try again once it runs (see `squeue`/`qstat`/`bjobs`)")
+    missing = tuple((n, why + after if why == NO_AGENT else why) for n, why in found.missing)
+    if missing and not found.nodes and (target.nodes is None or not target.several):
+        node, why = missing[0]
+        hint = (" (the job runs there, but dxflow's agent has not registered: see `dxflow ls -a`)"
+                if why.startswith(NO_AGENT) else "")
+        raise NotFound(f"job {found.job} on {node}: {why}{hint}")
+    return found._replace(missing=missing)
 
 
 def same_job(item: dict, job: str) -> bool:
@@ -197,13 +309,24 @@ def _of_cluster(listing: list[dict], target: Target) -> tuple[list[dict], str]:
     return mine, ids[0]
 
 
-def _resolve(listing: list[dict], target: Target) -> Resolved:
+def _resolve(listing: list[dict], target: Target, sched: dict | None = None) -> Resolved:
+    """The target's job and nodes from the master's list of agents and (``sched``, when not None) the
+    scheduler's answer about the job's nodes: a running job's nodes are the scheduler's; those without a
+    registered agent are :attr:`Resolved.missing` (``NO_AGENT``, or their agent is gone)."""
     if target.bare and not any(same_job(a, target.job) for a in listing):
         return _on_node(listing, target.job, target)
     ours, job = _of_cluster(listing, target)
     live = [a for a in ours if a["state"] != "gone"]
     gone = [a for a in ours if a["state"] == "gone"]
-    if not live:
+    state = (sched or {}).get("state")
+    # a running job's nodes, or a starting one's (Slurm's CONFIGURING, while its prologs start the agents)
+    listed = sort_hosts(str(n) for n in (sched or {}).get("nodes") or ()) if state in ("running", "pending") else []
+    if not live and not gone and (listed or state == "pending"):  # starting: no agent has registered yet
+        if target.nodes is None:
+            return Resolved(job, [], ((listed[0] if listed else "", NO_AGENT),))
+        if not listed:  # pending: no node to name yet
+            return Resolved(job, [], (("", NO_AGENT),))
+    elif not live:
         if gone:
             why = sorted({a.get("detail") or "stopped" for a in gone})
             raise NotFound(f"job {job} has ended: its agents on {fold(a['node'] for a in gone)} are gone "
@@ -213,15 +336,19 @@ def _resolve(listing: list[dict], target: Target) -> Resolved:
     have = sort_hosts(a["node"] for a in live)
     if target.nodes is None:
         return Resolved(job, [None])
-    if target.nodes == "all":
-        return Resolved(job, have)
-    wanted = node_set(target.nodes)
-    missing = [n for n in wanted if n not in have]
-    if missing:
-        ended = [n for n in missing if any(a["node"] == n for a in gone)]
+    if state == "pending" and not listed:  # an answer older than the agents: the job is starting, nodes unknown
+        wanted = have if target.nodes == "all" else [n for n in node_set(target.nodes) if n in have]
+        return Resolved(job, wanted, (("", NO_AGENT),))
+    nodes = listed or have  # the scheduler's list; the agents' where it cannot say
+    wanted = nodes if target.nodes == "all" else node_set(target.nodes)
+    foreign = [n for n in wanted if n not in nodes]
+    if foreign:
+        ended = [n for n in foreign if any(a["node"] == n for a in gone)]
         note = f" (its agent on {fold(ended)} is gone)" if ended else ""
-        raise NotFound(f"job {job} runs on {fold(have)}: {fold(missing)} is not one of its nodes{note}")
-    return Resolved(job, wanted)
+        raise NotFound(f"job {job} runs on {fold(nodes)}: {fold(foreign)} is not one of its nodes{note}")
+    ended_why = {a["node"]: f"its agent is gone ({a.get('detail') or 'stopped'})" for a in gone}
+    return Resolved(job, [n for n in wanted if n in have],
+                    tuple((n, ended_why.get(n, NO_AGENT)) for n in wanted if n not in have))
 
 
 def _on_node(listing: list[dict], node: str, target: Target) -> Resolved:

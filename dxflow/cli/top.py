@@ -29,7 +29,10 @@ LEAVE = "\x1b[?25h\x1b[?1049l"
 HOME = "\x1b[H"
 HOME_CLEAR = HOME + "\x1b[2J"
 BOLD, REVERSE, RESET = "\x1b[1m", "\x1b[7m", "\x1b[0m"
-STATE_COLOURS = {"ready": "\x1b[32m", "lost": "\x1b[31m", "starting": "\x1b[33m", "incompatible": "\x1b[31m"}
+STATE_COLOURS = {"ready": "\x1b[32m", "lost": "\x1b[31m", "starting": "\x1b[33m", "incompatible": "\x1b[31m",
+                 "no agent": "\x1b[31m"}
+#: the state of a node of the job that has no registered agent (a job starting, or its prolog failed there)
+NO_AGENT = "no agent"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -199,6 +202,19 @@ def _colour(lines: list[str]) -> list[str]:
     return out
 
 
+def with_missing(data: dict, job_nodes: list[str], why: dict[str, str]) -> dict:
+    """The master's answer with a row for each node of ``job_nodes`` it does not have (no agent registered
+    there, or it is gone): ``state`` "no agent" and why; the summary's node set is then the job's."""
+    from dxflow.schedulers.hostlist import fold
+
+    have = {r["node"] for r in data.get("nodes", ())}
+    extra = [{"node": n, "state": NO_AGENT, "error": why.get(n) or "no agent registered"}
+             for n in job_nodes if n not in have]
+    if not extra:
+        return data
+    return {**data, "nodes": [*data.get("nodes", ()), *extra], "node_set": fold([*have, *(r["node"] for r in extra)])}
+
+
 def records(data: dict) -> list[dict]:
     """``--json``: one record per node, in node order."""
     return [{"job": data.get("job"), **{k: v for k, v in r.items() if k != "_order"}}
@@ -221,22 +237,30 @@ def cmd_top(args: argparse.Namespace) -> int:
     if not 0 <= args.processes <= 50:
         raise UsageError(f"--processes must be from 0 to 50, not {args.processes}")
     target = targets.parse(args.target, command="top")
+    if target.nodes is None:  # `dxflow top JOB` is every node of the job
+        target = target._replace(nodes="all")
     client = service().ensure()
-    resolved = targets.resolve(client, target)
+    live = not (args.once or args.json) and sys.stdout.isatty() and sys.stdin.isatty()
+    # the live view does not wait for a starting job's agents: their nodes show as "no agent" until they come
+    resolved = targets.resolve(client, target, wait=0.0 if live else targets.WAIT)
     nodes = [n for n in resolved.nodes if n]
+    why = dict(resolved.missing)
+    job_nodes = [*nodes, *why]
     base = f"/api/top/{quote(resolved.job, safe='')}?processes={args.processes}"
     if nodes and target.nodes != "all":
         base += "&node=" + quote(",".join(nodes), safe=",")
 
     def fetch(sort: str) -> dict:
         by = "memory" if SORTS.get(sort, sort) == "memory" else "cpu"
-        return client.json("GET", f"{base}&sort={by}", timeout=30)
+        if not nodes:  # none of the nodes has an agent (yet): nothing to ask
+            return with_missing({"job": resolved.job, "time": time.time(), "nodes": []}, job_nodes, why)
+        return with_missing(client.json("GET", f"{base}&sort={by}", timeout=30), job_nodes, why)
 
     if args.json:
         for record in records(fetch(args.sort)):
             sys.stdout.write(json.dumps(record) + "\n")
         return 0
-    if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
+    if not live:
         sys.stdout.write("\n".join(render(fetch(args.sort), args.sort, args.processes)) + "\n")
         return 0
     return live_view(fetch, lambda data, sort, size, error: render(

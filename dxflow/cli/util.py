@@ -3,9 +3,35 @@ is the one parser), tables, JSON output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any, Iterable, Sequence
+
+#: seconds a command waits for the agents of a starting job's nodes (``--wait``): the agents of a 64-node
+#: job were all up 19 s after sbatch on the lab (issue #15)
+AGENT_WAIT = 30.0
+#: the longest --wait taken
+MAX_WAIT = 3600.0
+
+
+def wait_seconds(text: str) -> float:
+    """``--wait``'s value: seconds from 0 to MAX_WAIT."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
+    if not 0 <= value <= MAX_WAIT:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 to {MAX_WAIT:g} seconds")
+    return value
+
+
+def add_wait(parser: argparse.ArgumentParser) -> None:
+    """``--wait SECONDS``, for commands that take a node set (JOB:all)."""
+    parser.add_argument("--wait", type=wait_seconds, default=AGENT_WAIT, metavar="SECONDS",
+                        help=f"with nodes of the job whose agent has not registered yet (a job just started): "
+                             f"wait this long for them (default {AGENT_WAIT:g}; 0: not at all), then go on "
+                             "without them and report them as failed")
 
 
 def parse_target(text: str) -> tuple[str, str | None]:

@@ -26,7 +26,7 @@ CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024
 #: modules that add to the master's app: each has ``init_app(app, fleet)``.
 EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.console", "dxflow.master.openapi",
-              "dxflow.master.metrics", "dxflow.master.broadcast")
+              "dxflow.master.metrics", "dxflow.master.broadcast", "dxflow.master.jobnodes")
 #: those of them the site's app adds too, with its own fleet (its console is its own: dxflow.site.console)
 RELAY_EXTENSIONS = ("dxflow.master.websocket", "dxflow.master.forward", "dxflow.master.openapi",
                     "dxflow.master.metrics")

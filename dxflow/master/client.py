@@ -160,6 +160,11 @@ class JsonRequests:
         check(resp, raw)
         return json.loads(raw) if raw else None
 
+    def job_nodes(self, job: str) -> dict:
+        """The job's nodes as its scheduler lists them (``GET /api/jobs/JOB/nodes``, :mod:`dxflow.master.jobnodes`):
+        ``{"job", "state", "nodes", "node_set", "scheduler", "why"}``."""
+        return self.json("GET", f"/api/jobs/{quote(job, safe='')}/nodes", timeout=60)
+
 
 class MasterClient(JsonRequests):
     """The user's master on this host (``host``, default this one) for the ``~/.dxflow`` folder

@@ -104,6 +104,10 @@ class Fleet(AgentChecks):
         self.heartbeats = Heartbeats(self._heartbeat_ended)
 
     # -- lookup ---------------------------------------------------------------
+    def known_jobs(self) -> dict[str, dict[str, JobInfo]]:
+        """The scheduler's last answer on the user's jobs (scheduler -> job id -> info), as the watcher asked it."""
+        return dict(self._jobs)
+
     def find(self, job: str, node: str | None = None) -> Agent:
         """The agent of JOB on NODE, or of the job's first node when NODE is not given."""
         agents = [a for a in self.registry.of_job(job) if a.state != "gone"]

@@ -73,6 +73,12 @@ PATHS = {
                         "schema": {"type": "string", "enum": ["cpu", "memory"]}}],
         "responses": {"200": {"description": "one row per node; a node that did not answer says why", **_JSON_OBJECT},
                       "404": {"description": "no agent of that job, or nodes not of the job", **_ERR}}}},
+    "/api/jobs/{job}/nodes": {"get": {
+        "summary": "the job's nodes as the scheduler lists them among the user's jobs (JOB:all means these)",
+        "operationId": "jobNodes", "tags": ["fleet"], "parameters": [_JOB],
+        "responses": {"200": {"description": '{"job", "state" (running, pending, ended, unknown…), "nodes", '
+                                             '"node_set", "scheduler", "why"}', **_JSON_OBJECT},
+                      "400": {"description": "not a job id", **_ERR}}}},
     "/api/broadcast/{job}/peers": {"post": {
         "summary": "for a broadcast (dxflow cp FILE JOB:all:PATH): each node's agent address, port, public key and "
                    "a token minted for that agent alone, or why it cannot be reached",

@@ -9,6 +9,8 @@ and the master's extensions of :data:`~dxflow.master.app.RELAY_EXTENSIONS`, serv
   (:mod:`dxflow.site.users`, :mod:`dxflow.site.console`); ``/api/agents`` lists what that user may see;
 * ``/api/master`` describes this replica (its gateway, its database) instead of a user's master;
 * ``/api/shutdown`` is refused: the site's admin stops the service (systemd), no user;
+* ``/api/jobs/JOB/nodes`` (what ``JOB:all`` means) answers from the requesting user's jobs on each
+  cluster (:mod:`dxflow.site.jobnodes`), not the master's one scheduler;
 * ``/api/report/JOB`` answers from the job's live agents only: the reports an ended job left are in
   its user's home, which the service account does not read (``dxflow report`` reads them there).
 """
@@ -24,10 +26,12 @@ from flask import Flask, jsonify, request
 from dxflow import __version__
 from dxflow.edge import httperrors
 from dxflow.errors import AccessDenied, NotFound, UsageError
+from dxflow.master import jobnodes
 from dxflow.master.app import RELAY_EXTENSIONS, add_relay
 from dxflow.master.metrics import JOB_ID, _ask_all, job_agents
 from dxflow.metrics.report import merge
 from dxflow.site import console, users
+from dxflow.site import jobnodes as site_jobnodes
 from dxflow.site.fleet import SiteFleet
 
 
@@ -39,6 +43,7 @@ def create_app(fleet: SiteFleet) -> Flask:
     for name in RELAY_EXTENSIONS:
         importlib.import_module(name).init_app(app, fleet)
     app.view_functions["job_report"] = _live_report(fleet)
+    jobnodes.init_app(app, fleet, lookup=site_jobnodes.lookup(fleet))  # the requesting user's jobs on each cluster
 
     @app.get("/api/master")
     def site_status():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from dxflow.errors import ConfigError
@@ -83,9 +84,13 @@ def _ssh(config_file: str | None) -> list[str]:
     return [SSH, "-F", config_file] if config_file else [SSH]
 
 
-def master_argv(node: str, ctl: Path, config_file: str | None = None) -> list[str]:
-    """Start the node's ControlMaster without a terminal: it authenticates without asking, or fails."""
-    return [*_ssh(config_file), "-f", "-N", "-M", "-S", _s(ctl), *MASTER_OPTIONS, "-o", "BatchMode=yes", _node(node)]
+def master_argv(node: str, ctl: Path, config_file: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """Start the node's ControlMaster without a terminal: it authenticates without asking, or fails.
+
+    ``extra``: ``-o`` options of the caller's, placed first (ssh takes the first value it is given, so
+    they win over :data:`MASTER_OPTIONS` and over the user's ssh_config)."""
+    return [*_ssh(config_file), "-f", "-N", "-M", "-S", _s(ctl), *extra, *MASTER_OPTIONS, "-o", "BatchMode=yes",
+            _node(node)]
 
 
 def login_argv(node: str, ctl: Path, config_file: str | None = None) -> list[str]:

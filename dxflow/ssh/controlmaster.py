@@ -14,7 +14,7 @@ import os
 import select
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,13 +92,14 @@ class ControlMaster:
         return True
 
     def start(self, address: str, layout: UserLayout, config: str | None, numbers: Iterator[int],
-              known: Callable[[int], bool]) -> None:
-        """Log in on ``self.ctl`` without a terminal: it authenticates without asking, or fails."""
+              known: Callable[[int], bool], extra: Sequence[str] = ()) -> None:
+        """Log in on ``self.ctl`` without a terminal: it authenticates without asking, or fails (``extra``:
+        :func:`dxflow.ssh.control.master_argv`'s)."""
         try:
             control.ensure_control_dir(layout)
         except ConfigError as e:
             raise AgentUnreachable(f"{address}: {e}") from e
-        argv = control.master_argv(address, self.ctl, config)
+        argv = control.master_argv(address, self.ctl, config, extra)
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, timeout=CONNECT_TIMEOUT)

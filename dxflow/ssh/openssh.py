@@ -83,7 +83,12 @@ class OpenSSHPool(EndedJobs):
         return m.take(address, ctl, self.config, self._numbers, self._known(m))
 
     def _start(self, address: str, m: ControlMaster) -> None:
-        m.start(address, self._layout, self.config, self._numbers, self._known(m))
+        m.start(address, self._layout, self.config, self._numbers, self._known(m), self.master_options(address))
+
+    def master_options(self, address: str) -> tuple[str, ...]:
+        """``-o`` options a new ControlMaster to the node gets before dxflow's own (none here; the agents'
+        pool of a broadcast: :mod:`dxflow.agent.peers`)."""
+        return ()
 
     def _end(self, address: str, m: ControlMaster) -> None:
         m.end(address, self.config)

@@ -2,8 +2,9 @@
 JOB:all:PATH`` and ``cp -r`` put the same bytes on every node (read back on each node by sha256sum), a
 node set that is malformed or not the job's is refused before anything moves, bob can neither use
 alice's broadcast nor be sent a byte of it by squatting a port, nodes that cannot reach each other get
-the file from the login node (and the note says so), and a node whose agent is killed mid-broadcast is
-named while every other node (the one it was passing the file on to as well) completes.
+the file from the login node (and the note says so), the relay goes through alice's own OpenSSH
+ControlMasters inside the job, and a node whose agent is killed mid-broadcast is named while every other
+node (the one it was passing the file on to as well) completes.
 
 Where the lab's nodes have their own /tmp (dxflow.lab.mounts), the copies go there and each node's copy
 is its own; else to a job-private folder under alice's (shared) home: then every node still reads
@@ -235,6 +236,38 @@ def test_nodes_that_cannot_reach_each_other_get_it_from_the_login_node(job, lab)
                    for line in out.stderr.splitlines()), out.stderr
     for n in nodes:
         assert sums_on(n, f"{job['dest']}/detour.bin") == {f"{job['dest']}/detour.bin": sha256(src)}, n
+
+
+def test_the_relay_goes_through_alices_openssh_inside_the_job(job):
+    """The first node passes the file on through alice's own OpenSSH client: a ControlMaster per next node,
+    started by its agent, kept a minute (ControlPersist=60, ahead of dxflow's default), in the job's cgroup
+    (it ends with the job), and AES-GCM first only because alice's ssh_config chooses no ciphers."""
+    nodes = job["nodes"]
+    src = make(job, "relay.bin", 1024 * 1024)
+    dxflow("alice", "cp", str(src), f"{job['id']}:all:{job['dest']}/", timeout=120)
+    uid = job["uid"]
+    masters = {}
+    for pid in run(["pgrep", "-u", str(uid), "-f", "^ssh -f -N -M"], check=False).stdout.split():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+            cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+        except FileNotFoundError:
+            continue
+        if f"/.dxflow/hosts/{nodes[0]}/ssh/" in argv[argv.index("-S") + 1] and f"job_{job['id']}/" in cgroup:
+            masters[argv[-2]] = argv
+    # --fanout 2: the first node passes it to the next two (and, a minute after an earlier test's detour,
+    # may still hold one to the fourth, whose parent it stood in for)
+    assert set(nodes[1:3]) <= set(masters) <= set(nodes[1:]), masters
+    for argv in masters.values():
+        options = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+        assert options.index("ControlPersist=60") < options.index("ControlPersist=600")
+        user_ciphers = on_node(nodes[0], "alice", ["ssh", "-G", nodes[1]]).stdout
+        default = on_node(nodes[0], "alice", ["ssh", "-F", "/dev/null", "-G", nodes[1]]).stdout
+        chosen = [line for line in user_ciphers.splitlines() if line.startswith("ciphers ")]
+        if chosen == [line for line in default.splitlines() if line.startswith("ciphers ")]:
+            assert any(o.startswith("Ciphers=aes128-gcm@openssh.com,") for o in options), options
+        else:  # the lab's config chose: it stands
+            assert not any(o.startswith("Ciphers=") for o in options), options
 
 
 # -- last: it kills an agent of the job ---------------------------------------------------------------------

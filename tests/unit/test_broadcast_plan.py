@@ -152,37 +152,3 @@ def test_folders_are_made_and_a_body_of_another_length_is_refused(client, tree):
     r = put(client, {"op": "file", "path": "short.bin", "size": 10, "sha256": SHA}, b"abc")
     assert r.status_code == 400
     assert not (tree / "home/alice/job/short.bin").exists()
-
-
-# -- an agent's logins to other nodes ---------------------------------------------------------------------------
-
-class FakeLogin:
-    """Stands for a paramiko transport: only whether it is open matters to the keeping."""
-
-    def __init__(self) -> None:
-        self.open = True
-
-    def is_active(self) -> bool:
-        return self.open
-
-    def close(self) -> None:
-        self.open = False
-
-
-def test_a_login_is_kept_for_the_next_file_then_closed_when_idle(monkeypatch):
-    import time
-
-    from dxflow.agent import peers
-
-    monkeypatch.setattr(peers, "KEEP", 1.0)
-    logins = peers.Logins()
-    t = FakeLogin()
-    for _ in range(50):  # a cp -r of 50 files gives it back 50 times: one timer, not 50
-        logins.give_back("n2", t)
-        assert len(logins._timers) == 1
-    assert logins.take("n2") is t and t.open  # the next request reuses it
-    logins.give_back("n2", t)
-    deadline = time.monotonic() + 10
-    while t.open and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not t.open and not logins._kept and not logins._timers

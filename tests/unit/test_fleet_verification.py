@@ -43,11 +43,13 @@ def serve_agent(tmp: Path) -> None:
 
     from dxflow.agent import create_app
     from dxflow.agent.state import AgentState
+    from dxflow.auth import private_pem
+    from dxflow.signatures import load_private_key  # an agent signs with python-rsa
 
     key = new_key()
     pub = public_pem(key)
     state = AgentState(scheduler="local", cluster="test", job=JOB, node=NODE, user=getpass.getuser(),
-                       home=tmp, key=key, public_key=pub, audience=fingerprint(pub),
+                       home=tmp, key=load_private_key(private_pem(key)), public_key=pub, audience=fingerprint(pub),
                        user_public_key=user_public_key(tmp / "base"), work_dir=str(tmp), started=time.time())
     app = create_app(state)
 

@@ -47,7 +47,8 @@ def serve_agent(tmp: Path) -> None:
     import dxflow.agent.shell as shell_module
     from dxflow.agent import create_app
     from dxflow.agent.state import AgentState
-    from dxflow.auth import fingerprint, new_key, public_pem
+    from dxflow.auth import fingerprint, new_key, private_pem, public_pem
+    from dxflow.signatures import load_private_key  # an agent signs with python-rsa
 
     key = new_key()
     pub = public_pem(key)
@@ -57,7 +58,7 @@ def serve_agent(tmp: Path) -> None:
         "HOME": str(home), "USER": state.user, "LOGNAME": state.user, "SHELL": "/bin/bash",
         "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "DXFLOW_JOB": JOB, "DXFLOW_AGENT": "1"}
     state = AgentState(scheduler="local", cluster="test", job=JOB, node=NODE, user=getpass.getuser(), home=home,
-                       key=key, public_key=pub, audience=fingerprint(pub),
+                       key=load_private_key(private_pem(key)), public_key=pub, audience=fingerprint(pub),
                        user_public_key=(tmp / "user.pub").read_text(), work_dir=str(tmp / "work"))
 
     def ready(worker):
