@@ -36,7 +36,10 @@ if TYPE_CHECKING:  # imported when the site has gateways only (cryptography is n
 
 log = logging.getLogger("dxflow.hook")
 
+#: seconds between two looks for the job's cgroups: the first soon, then up to POLL_MAX (a 64-node job's
+#: launchers all wait at once, on the same cores as the slurmstepds they wait for)
 POLL = 0.01
+POLL_MAX = 0.05
 RECORD_LOCK_WAIT = 5.0
 
 
@@ -47,8 +50,10 @@ def join_job(spec: dict | None) -> list[str]:
     plan = jobcgroup.JobCgroups.from_dict(spec)
     deadline = time.monotonic() + plan.wait
     ready = plan.ready()
+    pause = POLL
     while ready is None and time.monotonic() < deadline:
-        time.sleep(POLL)
+        time.sleep(pause)
+        pause = min(pause * 1.5, POLL_MAX)
         ready = plan.ready()
     if ready is None:
         log.warning("agent pid %d: the job's cgroup %s did not appear within %.0f s: the agent runs "

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import ClientDisconnected
 
 from dxflow import audit
-from dxflow.agent.files import CHUNK, UPLOAD_PREFIX, _put_in_place, roots
+from dxflow.agent.files import UPLOAD_PREFIX, _put_in_place, roots
+from dxflow.edge.http import body_pieces
 from dxflow.errors import DxflowError, NotFound, UsageError
 
 if TYPE_CHECKING:  # the SSH pool is loaded by a broadcast that passes the file on, not by every agent
@@ -48,7 +48,7 @@ MAX_DEPTH = 64
 SPEC_KEYS = {"node": str, "address": str, "port": int, "public_key": str, "token": str, "children": list}
 #: a node that fails this way may get the file from the login node instead
 REROUTE = "reroute"
-#: chunks (of CHUNK bytes) waiting for one child at most
+#: chunks (of edge.http.BODY_PIECE bytes) waiting for one child at most
 QUEUED = 4
 
 
@@ -122,7 +122,7 @@ class LocalFile:
         self.digest = hashlib.sha256()
         self.written = 0
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self.out.write(chunk)
         self.digest.update(chunk)
         self.written += len(chunk)
@@ -211,7 +211,7 @@ class Branch:
     def __init__(self, peer: Peer, spec: dict[str, Any], relay: str) -> None:
         self.peer, self.spec, self.relay = peer, spec, relay
         self.error = ""
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED)
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(QUEUED)
         self._pumping: threading.Thread | None = None
 
     def start(self, plan: dict[str, Any], size: int) -> None:
@@ -220,7 +220,7 @@ class Branch:
         self._pumping = threading.Thread(target=self._pump, daemon=True, name=f"broadcast-to-{self.spec['node']}")
         self._pumping.start()
 
-    def send(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes | memoryview) -> None:
         if not self.error:
             self._queue.put(chunk)
 
@@ -273,7 +273,7 @@ def broadcast() -> Response:
     length = request.content_length
     if length is None:
         raise UsageError("a broadcast needs a Content-Length")
-    stream = request.stream
+    stream = request.environ["wsgi.input"]  # not werkzeug's wrapper: the bytes after the plan come by body_pieces
     head = stream.readline(PLAN_LIMIT + 1)
     if not head.endswith(b"\n"):
         raise UsageError("the broadcast's first line (its plan) is missing or over "
@@ -299,13 +299,7 @@ def broadcast() -> Response:
         mine = failed(state.node, node_error(e))
     received = 0
     try:
-        while received < size:
-            try:
-                chunk = stream.read(min(CHUNK, size - received))
-            except (OSError, ClientDisconnected):
-                chunk = b""
-            if not chunk:
-                break
+        for chunk in body_pieces(request.environ, size):
             received += len(chunk)
             if local is not None:
                 try:

@@ -200,21 +200,25 @@ def job_on_three(tmp_path, user_base, fake_fleet, fake_scheduler, node_agent, se
     fake_scheduler.add("7", nodes=("n1", "n2", "n3"))
     agents = [node_agent(user_base, "7", node=n, port=7000 + i) for i, n in enumerate(("n1", "n2", "n3"))]
     samplers = [agent_node.start_sampling(a.state, 0.2) for a in agents]
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass", "dxtop-unit-job"],
+    # it ends by itself after two minutes: a test run killed midway leaves no core burning
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 120\n"
+                             "while time.monotonic() < end: pass", "dxtop-unit-job"],
                             env={**os.environ, "SLURM_JOB_ID": "7"})
-    settle(fake_fleet, [a.reg.name for a in agents])
-    time.sleep(0.6)  # the samplers have found the job's process
     cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    fake_fleet.layout.master_sock.parent.mkdir(parents=True, exist_ok=True)
-    cli.bind(str(fake_fleet.layout.master_sock))
-    client = create_app(fake_fleet).test_client()
-    client.environ_base["gunicorn.socket"] = cli
-    yield client, agents
-    busy.kill()
-    busy.wait()
-    cli.close()
-    for s in samplers:
-        s.stopped.set()
+    try:
+        settle(fake_fleet, [a.reg.name for a in agents])
+        time.sleep(0.6)  # the samplers have found the job's process
+        fake_fleet.layout.master_sock.parent.mkdir(parents=True, exist_ok=True)
+        cli.bind(str(fake_fleet.layout.master_sock))
+        client = create_app(fake_fleet).test_client()
+        client.environ_base["gunicorn.socket"] = cli
+        yield client, agents
+    finally:
+        busy.kill()
+        busy.wait()
+        cli.close()
+        for s in samplers:
+            s.stopped.set()
 
 
 def test_master_asks_every_node_and_lists_the_jobs_processes(job_on_three):
