@@ -21,6 +21,7 @@ clush's ``n[1-8]!n3``. Several nodes are always printed folded (:func:`fold`).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import sys
 import time
@@ -49,6 +50,9 @@ ASK_PENDING = 3.0
 UNSURE = 12.0
 #: why a node of the job is missing when its agent never registered
 NO_AGENT = "no agent registered"
+#: seconds after its first agent started that a job counts as starting: later, a node still without an
+#: agent is reported at once, not waited for (its agent failed; waiting would only hold up every command)
+STARTING = 120.0
 FORMS = "JOB, JOB:NODE, JOB:NODESET (n[1-4,7]) or JOB:all"
 #: a cluster's name in ``CLUSTER/JOB`` (as the scheduler hooks report it: Slurm's ClusterName)
 CLUSTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -221,7 +225,12 @@ def resolve(client, target: Target, wait: float = WAIT) -> Resolved:
                 raise
         else:
             waiting = _waiting(found, sched)
-            if waiting is None or now - started >= wait:
+            if waiting is None or now - started >= wait or not _starting(listing, target.job):
+                said_nothing = sched or {}
+                if target.several and said_nothing.get("state") == "unknown":  # never silently fewer nodes
+                    print(f"dxflow: job {found.job}: the scheduler could not say which nodes it has "
+                          f"({said_nothing.get('why') or 'no answer'}): going by the nodes whose agent registered, "
+                          f"{fold(n for n in found.nodes if n)}", file=sys.stderr, flush=True)
                 return _final(target, found, wait if said else 0.0)
             if not said:
                 print(f"dxflow: waiting for agents on {waiting} (job {found.job} is starting; up to {wait:g} s)...",
@@ -252,6 +261,19 @@ def _api_job(listing: list[dict], target: Target) -> str:
     if target.cluster and API_SEP not in job:
         return f"{target.cluster}{API_SEP}{job}"
     return job
+
+
+def _starting(listing: list[dict], job: str) -> bool:
+    """Whether the job is still starting: no live agent of it yet, or its first one started less than
+    STARTING seconds ago (an agent listed without its start time counts as just started)."""
+    starts = []
+    for a in listing:
+        if same_job(a, job) and a["state"] != "gone":
+            try:
+                starts.append(dt.datetime.fromisoformat(str(a["started"]).replace("Z", "+00:00")).timestamp())
+            except (KeyError, ValueError):
+                return True
+    return not starts or time.time() - min(starts) < STARTING
 
 
 def _waiting(found: Resolved, sched: dict | None) -> str | None:

@@ -168,6 +168,7 @@ class Master:
         self.present, self.sched, self.arrivals = list(present), sched, dict(arrivals or {})
         self.looks = 0
         self.asked_nodes = 0
+        self.started = ""  # the agents' start time as the master lists it ("": not listed)
 
     def json(self, method, path, body=None, timeout=None):
         assert path.startswith("/api/agents?all=1")
@@ -176,7 +177,8 @@ class Master:
             if self.looks >= at:
                 self.present.append(node)
                 del self.arrivals[node]
-        return [{"job": "12", "node": n, "state": "ready", "detail": ""} for n in self.present]
+        extra = {"started": self.started} if self.started else {}
+        return [{"job": "12", "node": n, "state": "ready", "detail": "", **extra} for n in self.present]
 
     def job_nodes(self, job):
         self.asked_nodes += 1
@@ -217,6 +219,18 @@ def test_nodes_whose_agent_never_comes_are_missing_with_why_and_the_others_go_on
             resolve(client, parse("12:n3"), wait=0.2)
 
 
+def test_a_node_of_a_job_running_for_minutes_whose_agent_is_missing_is_not_waited_for(quick):
+    """Its agent failed: every command would wait for nothing; the node is reported at once."""
+    client = Master(["n1", "n2", "n3"], RUNNING, {"n4": 2})
+    long_ago = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 10 * 60))
+    client.started = long_ago
+    err = io.StringIO()
+    with redirect_stderr(err):
+        found = resolve(client, parse("12:all"), wait=30)
+    assert found == Resolved("12", ["n1", "n2", "n3"], (("n4", NO_AGENT),))
+    assert err.getvalue() == "" and client.looks == 1
+
+
 def test_wait_0_does_not_wait_nor_say_anything(quick):
     client = Master(["n1"], RUNNING, {"n2": 2})
     err = io.StringIO()
@@ -235,7 +249,12 @@ def test_a_set_naming_no_node_of_the_job_names_the_schedulers_nodes(quick):
 def test_without_the_schedulers_word_the_agents_are_the_jobs_nodes(quick):
     for sched in (None, {"state": "unknown", "nodes": [], "why": "cap spent"}, {"state": "ended", "nodes": []}):
         client = Master(["n1", "n2"], sched)
-        assert resolve(client, parse("12:all"), wait=30) == Resolved("12", ["n1", "n2"])
+        err = io.StringIO()
+        with redirect_stderr(err):
+            assert resolve(client, parse("12:all"), wait=30) == Resolved("12", ["n1", "n2"])
+        if sched and sched["state"] == "unknown":  # said, never silently fewer nodes
+            assert err.getvalue() == ("dxflow: job 12: the scheduler could not say which nodes it has (cap spent): "
+                                      "going by the nodes whose agent registered, n[1-2]\n")
         with pytest.raises(NotFound, match=r"job 12 runs on n\[1-2\]: n3 is not one of its nodes"):
             resolve(client, parse("12:n3"))
 
