@@ -68,11 +68,11 @@ def port(tmp_path_factory) -> Iterator[int]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while not (run / "port").exists():
+        # read once whole: write_text is not atomic, the file may be seen empty
+        while not ((run / "port").exists() and (run / "port").read_text().strip()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"gunicorn did not start: {(run / 'server.log').read_text()[-2000:]}")
             time.sleep(0.05)
-        time.sleep(0.05)
         yield int((run / "port").read_text())
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

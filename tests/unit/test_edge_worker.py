@@ -98,7 +98,8 @@ def start(run: Path, unix: str) -> Iterator[Server]:
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
-        while not (run / "ready.json").exists():
+        # read once whole: write_text is not atomic, the file may be seen empty
+        while not ((run / "ready.json").exists() and (run / "ready.json").read_text().strip()):
             assert proc.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
             time.sleep(0.05)
         [(_host, port)] = json.loads((run / "ready.json").read_text())

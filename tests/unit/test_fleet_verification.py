@@ -117,7 +117,9 @@ def agent(tmp_path):
     proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.err", "wb"))
     try:
-        _wait(lambda: (tmp_path / "agent.port").exists(), 20, "the agent")
+        # the port is written last, and read once whole (write_text is not atomic: it may be seen empty)
+        _wait(lambda: (tmp_path / "agent.port").exists() and (tmp_path / "agent.port").read_text().strip(), 20,
+              "the agent")
         reg = Registration(cluster="test", scheduler="local", job=JOB, node=NODE, address="localhost",
                            port=int((tmp_path / "agent.port").read_text()), pid=proc.pid,
                            user=getpass.getuser(), started="2024-01-01T00:00:00+00:00",

@@ -164,7 +164,9 @@ def servers(tmp_path_factory):
     agent = _start("agent", tmp)
     master = None
     try:
-        _wait(lambda: (tmp / "agent.port").exists(), 20, "the agent", tmp / "agent.log")
+        # read once whole: write_text is not atomic, the file may be seen empty
+        _wait(lambda: (tmp / "agent.port").exists() and (tmp / "agent.port").read_text().strip(), 20, "the agent",
+              tmp / "agent.log")
         master = _start("master", tmp)
         sock = UserLayout.of(tmp / "home").master_sock
         _wait(sock.exists, 20, "the master", tmp / "master.log")
