@@ -50,7 +50,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     rows = []
     for a in agents:
-        up = (now - dt.datetime.fromisoformat(a["started"])).total_seconds()
+        try:
+            up: str = human_duration((now - dt.datetime.fromisoformat(a.get("started") or "")).total_seconds())
+        except ValueError:  # a record without its start time (one the site keeps of an agent it never heard of)
+            up = "-"
         load = f"{a['load'][0]:.2f}" if a.get("load") else "-"
         cpu = f"{a['cpu_percent']:.0f}%" if a.get("cpu_percent") is not None else "-"
         mem = (f"{human_bytes(a['memory_total'] - a['memory_available'])}/{human_bytes(a['memory_total'])}"
@@ -62,7 +65,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             else:
                 age = f" ({human_duration(a['metrics_age'])} ago)"
                 load, cpu, mem = (v if v == "-" else v + age for v in (load, cpu, mem))
-        rows.append([a["job"], a["node"], a["state"], human_duration(up), load, cpu, mem,
+        rows.append([a["job"], a["node"], a["state"], up, load, cpu, mem,
                      a["detail"]])  # a ready agent's note: e.g. it goes through another job's SSH connection
     head = ["JOB", "NODE", "STATE", "UPTIME", "LOAD", "CPU", "MEMORY", "NOTE"]
     # a site service's fleet: which cluster where there are several; whose job, where some are not the

@@ -109,3 +109,11 @@ def test_ls_shows_cluster_and_user_columns_only_where_they_differ(capsys):
     assert admin.splitlines()[2].split()[:3] == ["pbslab", "bob", "7.pbslab"]
     one_user = ls_table([agent("dxlab", "12", "n1")], capsys, "dana")  # only alice's jobs run: still whose
     assert one_user.splitlines()[0].split()[:2] == ["USER", "JOB"]
+
+
+def test_ls_shows_a_record_without_its_start_time_with_no_uptime(capsys):
+    """A site keeps records of agents it knows only by name (an ended job's): ls shows them, UP as "-"."""
+    record = {**agent("dxlab", "12", "n1"), "started": "", "state": "gone"}
+    table = ls_table([agent("dxlab", "30", "n2"), record], capsys)
+    row = next(line.split() for line in table.splitlines() if line.split()[:2] == ["12", "n1"])
+    assert row[2:4] == ["gone", "-"]
