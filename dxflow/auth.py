@@ -11,15 +11,13 @@
 * An agent proves who it is by signing the master's random challenge with the
   key whose public half it put in its registration.
 
-Tokens and challenges are checked by :mod:`dxflow.signatures` (re-exported here), which the agent's
-worker uses without loading PyJWT or cryptography; minting and making keys stay here.
+Tokens and challenges are checked, and agents' keys named, by :mod:`dxflow.signatures` (re-exported
+here), which the agent's worker uses without loading PyJWT or cryptography; minting and making keys stay here.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
-import hashlib
 import os
 import secrets
 import time
@@ -31,9 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from dxflow import layout
 from dxflow.errors import ConfigError
-# checked without cryptography, by the one verifier the agent's worker uses too (dxflow.signatures)
+# checked without cryptography, by the one verifier the agent's worker uses too (dxflow.signatures);
+# an agent's key is named (fingerprint) there too, so the agent and the master name it alike
 from dxflow.signatures import (BEARER, CONSOLE_LOGIN, KEY_BITS, MAX_TOKEN_LIFETIME, TOKEN_LEEWAY,
-                               check_challenge, check_key_file, verify_token)
+                               check_challenge, check_key_file, fingerprint, verify_token)
 
 __all__ = ["BEARER", "CONSOLE_LOGIN", "MAX_TOKEN_LIFETIME", "TOKEN_LEEWAY", "DEFAULT_TOKEN_LIFETIME",
            "LOGIN_TOKEN_LIFETIME", "KEY_BITS", "new_key", "private_pem", "public_pem", "fingerprint", "user_key",
@@ -56,14 +55,6 @@ def public_pem(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> str:
     pub = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
     return pub.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
-
-@functools.lru_cache(maxsize=4096)  # the master asks for every relayed request
-def fingerprint(public_key_pem: str) -> str:
-    """``SHA256:<base64>`` of the DER public key: the name an agent's tokens are addressed to."""
-    pub = serialization.load_pem_public_key(public_key_pem.encode())
-    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> bool:

@@ -44,6 +44,8 @@ REQUIRED = ("exp", "iat", "sub", "aud")
 
 #: the object identifier of RSA keys (RFC 8017 appendix C)
 RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+#: DER of AlgorithmIdentifier{rsaEncryption, NULL} (RFC 8017 appendix A.1)
+_RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")
 #: DER of DigestInfo{sha256, NULL} up to the 32 hash bytes (RFC 8017 §9.2, note 1)
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
@@ -81,11 +83,35 @@ def load_private_key(pem: bytes) -> rsa.PrivateKey:
     return rsa.PrivateKey.load_pkcs1(bytes(info[2]), "DER")
 
 
+@functools.lru_cache(maxsize=4096)  # the master asks for every relayed request
 def fingerprint(public_key_pem: str) -> str:
-    """``SHA256:<base64>`` of the DER public key, as :func:`dxflow.auth.fingerprint` (for a
-    ``PUBLIC KEY`` PEM as cryptography writes it, which is what an agent's key is)."""
-    der = rsa.pem.load_pem(public_key_pem.encode(), "PUBLIC KEY")
+    """``SHA256:<base64>`` of the key's DER SubjectPublicKeyInfo: the name an agent's tokens are
+    addressed to. The PEM may be ``PUBLIC KEY`` or ``RSA PUBLIC KEY``: one key has one name either way.
+    ValueError if it is neither."""
+    der = _subject_public_key_info(load_public_key(public_key_pem))
     return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+def _subject_public_key_info(key: rsa.PublicKey) -> bytes:
+    """DER SubjectPublicKeyInfo of ``key`` (RFC 5280 §4.1, RFC 8017 appendix A.1.1), encoded afresh, so
+    that the name depends on the key and not on how its PEM was written. Written out here rather than
+    with pyasn1's encoder, which the agent's worker would load for this alone."""
+    rsa_public_key = _der(0x30, _der_integer(key.n) + _der_integer(key.e))
+    return _der(0x30, _RSA_ALGORITHM + _der(0x03, b"\x00" + rsa_public_key))  # BIT STRING: 0 unused bits
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    """One DER element (X.690 §8.1): tag, definite length in the fewest bytes, content."""
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = (n.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | size]) + n.to_bytes(size, "big") + content
+
+
+def _der_integer(value: int) -> bytes:
+    """A non-negative DER INTEGER: big-endian, with a leading zero byte where the top bit is set."""
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
 def check_key_file(path: Path) -> None:

@@ -11,24 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
+from gunicorn_proc import python, running
 
-ROOT = Path(__file__).resolve().parents[2]
 SERVE = textwrap.dedent("""
     import hashlib, json, sys
     from pathlib import Path
     from urllib.parse import parse_qs
-    from gunicorn.app.base import BaseApplication
     from dxflow.edge.http import body_pieces
+    from gunicorn_proc import serve
     run = Path(sys.argv[1])
     def app(environ, start_response):
         length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -44,39 +39,17 @@ SERVE = textwrap.dedent("""
                            "rest": len(rest)}).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
-    def ready(worker):
-        (run / "port").write_text(str(worker.sockets[0].getsockname()[1]))
-    class Server(BaseApplication):
-        def load_config(self):
-            for key, value in {"bind": ["127.0.0.1:0"], "workers": 1, "threads": 2,
-                               "worker_class": "dxflow.edge.worker.GuardedThreadWorker", "keepalive": 30,
-                               "errorlog": str(run / "server.log"), "accesslog": None,
-                               "control_socket_disable": True, "post_worker_init": ready}.items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
-        def load(self):
-            return app
-    Server().run()
+    serve(app, run / "ready.json", bind=["127.0.0.1:0"], threads=2,
+          worker_class="dxflow.edge.worker.GuardedThreadWorker", keepalive=30,
+          errorlog=str(run / "server.log"), accesslog=None)
 """)
 
 
 @pytest.fixture(scope="module")
 def port(tmp_path_factory) -> Iterator[int]:
     run = tmp_path_factory.mktemp("body")
-    (run / "serve.py").write_text(SERVE)
-    proc = subprocess.Popen([sys.executable, str(run / "serve.py"), str(run)], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        # read once whole: write_text is not atomic, the file may be seen empty
-        while not ((run / "port").exists() and (run / "port").read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gunicorn did not start: {(run / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield int((run / "port").read_text())
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+    with running(python(SERVE, str(run)), run / "ready.json", run / "server.log") as server:
+        yield server.port
 
 
 def put(body: bytes, query: str = "") -> bytes:

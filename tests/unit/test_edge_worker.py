@@ -12,7 +12,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,10 +23,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from gunicorn_proc import python, running
 
 from dxflow.edge import worker
 
-ROOT = Path(__file__).resolve().parents[2]
 THREADS = 4
 BOB = 1002
 PARTIAL_HEAD = b"GET / HTTP/1.1\r\n"
@@ -35,12 +34,11 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 ANSWER = 30.0  # generous: "answers at all"
 
 SERVE = textwrap.dedent("""
-    import json, os, sys, time, uuid
+    import sys, time, uuid
     from pathlib import Path
-    from gunicorn.app.base import BaseApplication
+    from gunicorn_proc import serve
 
     run = Path(sys.argv[1])
-    binds = sys.argv[2:]
 
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/hold":
@@ -52,25 +50,10 @@ SERVE = textwrap.dedent("""
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
 
-    def ready(worker):
-        names = [s.getsockname() for s in worker.sockets]
-        (run / "ready.json").write_text(json.dumps([n for n in names if isinstance(n, list | tuple)]))
-
-    class Server(BaseApplication):
-        def load_config(self):
-            settings = {"bind": binds, "workers": 1, "worker_class": "dxflow.edge.worker.GuardedThreadWorker",
-                        "threads": %(threads)d, "keepalive": 30, "timeout": 120, "graceful_timeout": 1,
-                        "errorlog": str(run / "server.log"), "accesslog": None, "loglevel": "info",
-                        "control_socket_disable": True, "post_worker_init": ready}
-            for key, value in settings.items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
-
-        def load(self):
-            return app
-
     (run / "held").mkdir()
-    Server().run()
+    serve(app, run / "ready.json", bind=sys.argv[2:], worker_class="dxflow.edge.worker.GuardedThreadWorker",
+          threads=%(threads)d, keepalive=30, timeout=120, graceful_timeout=1, errorlog=str(run / "server.log"),
+          accesslog=None, loglevel="info")
 """) % {"threads": THREADS}
 
 
@@ -91,28 +74,11 @@ class Server:
 
 
 def start(run: Path, unix: str) -> Iterator[Server]:
-    (run / "serve.py").write_text(SERVE)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(run / "serve.py"), str(run), "127.0.0.1:0", f"unix:{unix}"],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        # read once whole: write_text is not atomic, the file may be seen empty
-        while not ((run / "ready.json").exists() and (run / "ready.json").read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.05)
-        [(_host, port)] = json.loads((run / "ready.json").read_text())
-        server = Server(run, port, unix)
+    with running(python(SERVE, str(run), "127.0.0.1:0", f"unix:{unix}"), run / "ready.json",
+                 run / "server.log") as gunicorn:
+        server = Server(run, gunicorn.port, unix)
         yield server
         server.release()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture

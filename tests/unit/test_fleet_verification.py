@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gunicorn_proc import running, serve
 
 from dxflow.auth import fingerprint, new_key, public_pem, user_key, user_public_key
 from dxflow.edge import tcptable
@@ -32,15 +33,12 @@ from dxflow.master.heartbeat import Heartbeats
 from dxflow.master.tunnels import TunnelPool
 from dxflow.registration import Registration
 
-ROOT = Path(__file__).resolve().parents[2]
 JOB, NODE = "41", "n1"
 NOBODY = 65534
 
 
 # -- the agent (run in a subprocess) ------------------------------------------------------------------
 def serve_agent(tmp: Path) -> None:
-    from gunicorn.app.base import BaseApplication
-
     from dxflow.agent import create_app
     from dxflow.agent.state import AgentState
     from dxflow.auth import private_pem
@@ -56,20 +54,9 @@ def serve_agent(tmp: Path) -> None:
     def ready(worker):
         (tmp / "agent.pub").write_text(pub)
         (tmp / "agent.pid").write_text(str(os.getpid()))
-        (tmp / "agent.port").write_text(str(worker.sockets[0].getsockname()[1]))
 
-    class Server(BaseApplication):
-        def load_config(self):
-            for k, v in {"bind": ["127.0.0.1:0"], "workers": 1, "worker_class": "gthread", "threads": 8,
-                         "errorlog": str(tmp / "agent.log"), "graceful_timeout": 1, "keepalive": 30,
-                         "control_socket_disable": True, "post_worker_init": ready}.items():
-                if k in self.cfg.settings:
-                    self.cfg.set(k, v)
-
-        def load(self):
-            return app
-
-    Server().run()
+    serve(app, tmp / "agent.ready", ready, bind=["127.0.0.1:0"], worker_class="gthread", threads=8,
+          errorlog=str(tmp / "agent.log"), graceful_timeout=1, keepalive=30)
 
 
 # -- stand-ins and fixtures -----------------------------------------------------------------------------
@@ -113,24 +100,14 @@ def agent(tmp_path):
     base = tmp_path / "base"
     base.mkdir(mode=0o700)
     user_key(base)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.err", "wb"))
-    try:
-        # the port is written last, and read once whole (write_text is not atomic: it may be seen empty)
-        _wait(lambda: (tmp_path / "agent.port").exists() and (tmp_path / "agent.port").read_text().strip(), 20,
-              "the agent")
+    # stopped with SIGKILL, as tests kill it: an agent that dies, not one that shuts down
+    with running([sys.executable, __file__, str(tmp_path)], tmp_path / "agent.ready", tmp_path / "agent.log",
+                 stderr=tmp_path / "agent.err", stop_signal=signal.SIGKILL) as server:
         reg = Registration(cluster="test", scheduler="local", job=JOB, node=NODE, address="localhost",
-                           port=int((tmp_path / "agent.port").read_text()), pid=proc.pid,
+                           port=server.port, pid=server.proc.pid,
                            user=getpass.getuser(), started="2024-01-01T00:00:00+00:00",
                            public_key=(tmp_path / "agent.pub").read_text(), api_version=1, version="test")
-        yield {"reg": reg, "pgid": proc.pid, "base": base}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        yield {"reg": reg, "pgid": server.proc.pid, "base": base}
 
 
 def make_fleet(agent, pool: TunnelPool | None = None) -> Fleet:

@@ -7,9 +7,10 @@ Only the tunnel (the agent is on "localhost": a plain TCP connection) and the jo
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import getpass
 import json
-import gc
 import os
 import re
 import socket
@@ -20,27 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
+from gunicorn_proc import Gunicorn, running, serve, tcp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB, NODE = "7", "n1"
 
 
 # -- the servers (run in subprocesses) ----------------------------------------------------------
-def _gunicorn(app, bind: str, log: Path, on_ready) -> None:
-    from gunicorn.app.base import BaseApplication
-
-    class Server(BaseApplication):
-        def load_config(self):
-            for key, value in {"bind": [bind], "workers": 1, "worker_class": "gthread", "threads": 16,
-                               "errorlog": str(log), "loglevel": "debug", "graceful_timeout": 1,
-                               "control_socket_disable": True, "post_worker_init": on_ready}.items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
-
-        def load(self):
-            return app
-
-    Server().run()
+#: gunicorn's settings for both servers, as deployed: gthread
+SETTINGS = {"worker_class": "gthread", "threads": 16, "loglevel": "debug", "graceful_timeout": 1}
 
 
 def serve_agent(tmp: Path) -> None:
@@ -61,10 +50,7 @@ def serve_agent(tmp: Path) -> None:
                        key=load_private_key(private_pem(key)), public_key=pub, audience=fingerprint(pub),
                        user_public_key=(tmp / "user.pub").read_text(), work_dir=str(tmp / "work"))
 
-    def ready(worker):
-        (tmp / "agent.port").write_text(str(worker.sockets[0].getsockname()[1]))
-
-    _gunicorn(create_app(state), "127.0.0.1:0", tmp / "agent.log", ready)
+    serve(create_app(state), tmp / "agent.ready", bind=["127.0.0.1:0"], errorlog=str(tmp / "agent.log"), **SETTINGS)
 
 
 def serve_master(tmp: Path) -> None:
@@ -80,7 +66,7 @@ def serve_master(tmp: Path) -> None:
 
     user_key = serialization.load_pem_private_key((tmp / "user.pem").read_bytes(), None)
     agent_pub = (tmp / "agent.pub").read_text()
-    port = int((tmp / "agent.port").read_text())
+    port = tcp_port(json.loads((tmp / "agent.ready").read_text()))
 
     class FakeFleet:  # the registry and scheduler are someone else's: one known agent
         user = getpass.getuser()
@@ -119,40 +105,19 @@ def serve_master(tmp: Path) -> None:
     from dxflow.layout import UserLayout
 
     sock = UserLayout.of(tmp / "home").ensure().master_sock  # where the CLI (HOME=tmp/home) looks
-    _gunicorn(master_app.create_app(FakeFleet()), f"unix:{sock}", tmp / "master.log", lambda worker: None)
+    serve(master_app.create_app(FakeFleet()), tmp / "master.ready", bind=[f"unix:{sock}"],
+          errorlog=str(tmp / "master.log"), **SETTINGS)
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-def _wait(predicate, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not start:\n{log.read_text() if log.exists() else '(no log)'}")
-
-
-def _start(mode: str, tmp: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HOME=str(tmp / "home"))
-    return subprocess.Popen([sys.executable, __file__, mode, str(tmp)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{mode}.err", "wb"))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, 15)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+def _start(mode: str, tmp: Path) -> contextlib.AbstractContextManager[Gunicorn]:
+    return running([sys.executable, __file__, mode, str(tmp)], tmp / f"{mode}.ready", tmp / f"{mode}.log",
+                   env=dict(os.environ, HOME=str(tmp / "home")), stderr=tmp / f"{mode}.err")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    from dxflow.auth import new_key, private_pem, public_pem
+    from dxflow.auth import fingerprint, new_key, private_pem, public_pem
     from dxflow.layout import UserLayout
 
     tmp = tmp_path_factory.mktemp("shell")
@@ -161,22 +126,10 @@ def servers(tmp_path_factory):
     key = new_key()
     (tmp / "user.pem").write_bytes(private_pem(key))
     (tmp / "user.pub").write_text(public_pem(key))
-    agent = _start("agent", tmp)
-    master = None
-    try:
-        # read once whole: write_text is not atomic, the file may be seen empty
-        _wait(lambda: (tmp / "agent.port").exists() and (tmp / "agent.port").read_text().strip(), 20, "the agent",
-              tmp / "agent.log")
-        master = _start("master", tmp)
-        sock = UserLayout.of(tmp / "home").master_sock
-        _wait(sock.exists, 20, "the master", tmp / "master.log")
-        yield {"tmp": tmp, "key": key, "port": int((tmp / "agent.port").read_text()),
-               "aud": __import__("dxflow.auth", fromlist=["x"]).fingerprint((tmp / "agent.pub").read_text()),
-               "master": sock}
-    finally:
-        if master:
-            _stop(master)
-        _stop(agent)
+    # the master is started once the agent listens: it reads the agent's port and key
+    with _start("agent", tmp) as agent, _start("master", tmp):
+        yield {"tmp": tmp, "key": key, "port": agent.port, "aud": fingerprint((tmp / "agent.pub").read_text()),
+               "master": UserLayout.of(tmp / "home").master_sock}
 
 
 class Term:

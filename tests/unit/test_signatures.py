@@ -155,9 +155,29 @@ def test_keys_read_in_every_form_dxflow_writes():
                               serialization.NoEncryption())
     assert signatures.load_private_key(pkcs1) == signatures.load_private_key(auth.private_pem(key))
     pub = auth.public_pem(key)
-    assert signatures.fingerprint(pub) == auth.fingerprint(pub)
     rsa_pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1).decode()
     assert signatures.load_public_key(rsa_pub) == signatures.load_public_key(pub)
+
+
+def test_one_key_has_one_fingerprint_whichever_pem_form_it_comes_in():
+    """The name tokens are addressed to is SHA-256 of the DER SubjectPublicKeyInfo (as cryptography
+    encodes it, computed here independently), for a ``PUBLIC KEY`` and an ``RSA PUBLIC KEY`` PEM alike."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    public = auth.new_key().public_key()
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    expected = "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+    spki = auth.public_pem(public)
+    pkcs1 = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1).decode()
+    assert spki.startswith("-----BEGIN PUBLIC KEY-----") and pkcs1.startswith("-----BEGIN RSA PUBLIC KEY-----")
+    assert signatures.fingerprint(spki) == signatures.fingerprint(pkcs1) == expected
+    assert auth.fingerprint is signatures.fingerprint  # one function: the master and the agent name keys alike
+    assert signatures.fingerprint(auth.public_pem(auth.new_key())) != expected
+    for bad in ("not a key", spki.replace("PUBLIC KEY", "CERTIFICATE")):
+        with pytest.raises(ValueError):
+            signatures.fingerprint(bad)
 
 
 def test_the_agents_key_is_made_in_its_own_process(tmp_path):
