@@ -27,7 +27,9 @@ from dxflow.errors import ConfigError
 from dxflow.layout import UserLayout
 from dxflow.locks import locked
 from dxflow.procs import read_proc, stop_tree
+from dxflow.registration import JOB_NODES_ENV
 from dxflow.schedulers import HookJob, Scheduler, get_scheduler
+from dxflow.schedulers.hostlist import fold
 
 log = logging.getLogger("dxflow.hook")
 
@@ -103,6 +105,19 @@ def agent_env(pw: pwd.struct_passwd, passthrough: dict[str, str]) -> dict[str, s
     return env
 
 
+def agent_passthrough(sched: Scheduler, job: HookJob) -> dict[str, str]:
+    """What the agent's environment gets from the hook's: the scheduler's variables the agent needs
+    (:attr:`Scheduler.passthrough_env`), the site config's path when it is not the default one, and every
+    node of the job, folded (:data:`dxflow.registration.JOB_NODES_ENV`: into the agent's registration, so
+    that ``JOB:all`` is known without asking the controller)."""
+    passthrough = {k: v for k in sched.passthrough_env if (v := sched.environ.get(k))}
+    if config.SITE_CONFIG != config.DEFAULT_SITE_CONFIG:  # the agent reads the site config the hook read
+        passthrough["DXFLOW_SITE_CONFIG"] = str(config.SITE_CONFIG)
+    if job.nodes:
+        passthrough[JOB_NODES_ENV] = fold(job.nodes)
+    return passthrough
+
+
 def agent_argv(site: SiteConfig, job: HookJob) -> list[str]:
     python = site.python or sys.executable
     argv = [python, "-I", "-m", "dxflow.agent", "--scheduler", job.scheduler, "--cluster", job.cluster,
@@ -139,10 +154,7 @@ def start_agent(site: SiteConfig, sched: Scheduler, job: HookJob, pw: pwd.struct
     ``Popen(cwd=home, user=...)`` would enter it first. A hook run as the user (LSF's default) starts
     the agent directly (a user cannot move processes between cgroups either way).
     """
-    passthrough = {k: v for k in sched.passthrough_env if (v := sched.environ.get(k))}
-    if config.SITE_CONFIG != config.DEFAULT_SITE_CONFIG:  # the agent reads the site config the hook read
-        passthrough["DXFLOW_SITE_CONFIG"] = str(config.SITE_CONFIG)
-    env = agent_env(pw, passthrough)
+    env = agent_env(pw, agent_passthrough(sched, job))
     as_root = os.getuid() == 0
     own = join_own_cgroup(job)
     plan = sched.job_cgroups(job) if as_root else None

@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import secrets
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import Mapping
 
 from dxflow import API_VERSION, __version__
 
@@ -21,6 +22,14 @@ log = logging.getLogger(__name__)
 #: token) only with a new number; an agent of another number is shown as ``incompatible`` with the
 #: reason, never contacted (docs/install.md, "Upgrading while jobs run").
 COMPATIBLE_API = frozenset({API_VERSION})
+#: How the prolog hands the agent its job's nodes (folded, ``n[1-4]``): the hook sets it in the agent's
+#: environment (:func:`dxflow.hook.agent_passthrough`), the agent copies it into its registration
+#: (:func:`job_nodes_of`). The commands the agent runs for the user get the job's own environment
+#: (:mod:`dxflow.agent.jobenv`), not this.
+JOB_NODES_ENV = "DXFLOW_JOB_NODES"
+#: The longest ``job_nodes`` a registration may carry: a folded set is short (``n[1-4096]``); this
+#: bounds what a master reads for a record whatever is written in it.
+JOB_NODES_MAX = 65536
 
 
 @dataclass
@@ -37,6 +46,11 @@ class Registration:
     public_key: str   # PEM; the agent signs identity challenges with its private half
     api_version: int
     version: str
+    #: Every node of the job, folded (``n[1-4]``), as the scheduler told the prolog (Slurm's
+    #: SLURM_JOB_NODELIST, PBS's node file, LSF's LSB_MCPU_HOSTS): ``JOB:all`` without asking the
+    #: controller (:func:`dxflow.master.jobnodes.from_agents`). "": not known (an agent started by hand,
+    #: or by an older release: records without the field still load).
+    job_nodes: str = ""
 
     @property
     def name(self) -> str:
@@ -55,11 +69,24 @@ class Registration:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Registration":
+        """A record as written; fields added since (with a default) may be missing, unknown ones are
+        ignored (a newer release's record)."""
         names = {f.name for f in fields(cls)}
-        missing = names - set(data)
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = required - set(data)
         if missing:
             raise ValueError(f"registration lacks {', '.join(sorted(missing))}")
-        return cls(**{k: data[k] for k in names})
+        job_nodes = data.get("job_nodes", "")
+        if not isinstance(job_nodes, str) or len(job_nodes) > JOB_NODES_MAX:
+            raise ValueError(f"registration's job_nodes is not a node set of at most {JOB_NODES_MAX} characters")
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+def job_nodes_of(environ: Mapping[str, str]) -> str:
+    """The job's nodes the prolog handed the agent (:data:`JOB_NODES_ENV`), for its registration; ""
+    when none were (an agent started by hand, a hook of an older release) or the value is too long."""
+    value = environ.get(JOB_NODES_ENV, "").strip()
+    return value if len(value) <= JOB_NODES_MAX else ""
 
 
 def write(fleet_dir: Path, reg: Registration) -> Path:

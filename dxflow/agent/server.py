@@ -154,6 +154,7 @@ class AgentServer(BaseApplication):
             user=self.state.user,
             started=dt.datetime.fromtimestamp(self.state.started, dt.timezone.utc).isoformat(timespec="seconds"),
             public_key=self.state.public_key, api_version=API_VERSION, version=__version__,
+            job_nodes=registration.job_nodes_of(os.environ),
         )
         registration.write(self.fleet_dir, reg)
         log.info("registered %s on 127.0.0.1:%d", reg.name, self.state.port)

@@ -5,13 +5,15 @@ shell, forward, metrics, console), in two steps.
    one (``abc:n1``), a bad node set (``12:n[1-``) or a port out of range is a :class:`UsageError`
    (exit 2) before the master is asked anything.
 2. :func:`resolve` asks the master which nodes that means: ``all`` (or ``*``) is every node of the
-   job *as the scheduler lists it* (the master's ``/api/jobs/JOB/nodes``, :mod:`dxflow.master.jobnodes`),
-   not only those whose agent has registered so far, as ``srun``, ``pdsh`` and ``clush`` take it; a
-   node set must name nodes of the job. Nodes of the job whose agent is not registered yet (a job
+   job *as the scheduler allocated it* (the master's ``/api/jobs/JOB/nodes``, :mod:`dxflow.master.jobnodes`:
+   the node set the prolog gave each agent's registration, else the scheduler's list), not only those
+   whose agent has registered so far, as ``srun``, ``pdsh`` and ``clush`` take it; a node set must name
+   nodes of the job. Nodes of the job whose agent is not registered yet (a job
    just started) are waited for, up to ``wait`` seconds (:data:`WAIT`), with one line on stderr;
    those still without an agent then come back in :attr:`Resolved.missing`, with why, for the
-   command to report as failed while it runs on the others. Where the scheduler cannot say (no
-   controller, its query cap spent, an older master), the registered agents are the job's nodes.
+   command to report as failed while it runs on the others. Where neither a registration nor the
+   scheduler can say (agents of an older release and no controller, its query cap spent, an older
+   master), the registered agents are the job's nodes, and stderr says so.
    A job whose agents are gone is named as ended, one with no agent at all as not running; a bare
    node name (``dxflow shell n2``) is the one job of the user that runs there.
 
@@ -179,15 +181,13 @@ def agents(client, refresh: bool = False) -> list[dict]:
 
 
 def job_nodes(client, job: str) -> dict | None:
-    """The scheduler's word on the job's nodes (:meth:`dxflow.master.client.JsonRequests.job_nodes`); None
-    when the master cannot say (an older master without the route, the question failed)."""
+    """The master's word on the job's nodes (:meth:`dxflow.master.client.JsonRequests.job_nodes`: what its
+    registered agents say, else the scheduler); None when the master cannot say (an older master without
+    the route, the question failed)."""
     from dxflow.errors import DxflowError
 
-    ask = getattr(client, "job_nodes", None)
-    if ask is None:
-        return None
     try:
-        answer = ask(job)
+        answer = client.job_nodes(job)
     except DxflowError:
         return None
     return answer if isinstance(answer, dict) else None

@@ -2,7 +2,15 @@
 registered so far (``dxflow exec JOB:all`` right after ``sbatch`` means every node of the job, as
 ``srun``, ``pdsh -w`` and ``clush`` take it).
 
-The answer comes from the user's own job list, the one filtered question the master already asks
+The rule, in one place (:func:`answer`, for the master and the site service alike): registrations
+first, the controller second. Each agent's registration carries every node of its job as the
+scheduler told its prolog (:attr:`dxflow.registration.Registration.job_nodes`): the union of what the
+job's live agents say is the answer, with nothing asked of the controller, so a node whose agent never
+registers is still one of the job's nodes even when the controller query cap is spent. Only when no
+registered agent of the job carries the set (an agent of an older release, a job with no agent yet)
+is the scheduler asked.
+
+The scheduler's answer comes from the user's own job list, the one filtered question the master already asks
 (``squeue --user``, ``qstat``, ``bjobs -u``: :meth:`dxflow.schedulers.base.Scheduler.jobs`): first the
 fleet watcher's last answer, which has every running job of the user with its nodes (it asks on
 every new registration, so a job just started is usually there, and a lookup of a job whose agents
@@ -16,11 +24,12 @@ as a job that never was.
 The answer::
 
     {"job": "12", "state": "running", "nodes": ["n1", "n2"], "node_set": "n[1-2]",
-     "scheduler": "slurm", "why": ""}
+     "scheduler": "slurm", "why": "", "source": "agents"}
 
-``state`` is a :class:`~dxflow.schedulers.base.JobState` value: ``unknown`` (with ``why``) when no
-scheduler could be asked (none known, no controller, the cap spent, an error); the caller then goes
-by the registered agents alone. The site service answers the same route from its clusters' answers
+``source`` says who told: ``agents`` (their registrations) or ``scheduler``. ``state`` is a
+:class:`~dxflow.schedulers.base.JobState` value: ``unknown`` (with ``why``) when neither source knows (no
+agent carries the set, and no scheduler could be asked: none known, no controller, the cap spent, an
+error); the caller then goes by the registered agents alone. The site service answers the same route from its clusters' answers
 (:mod:`dxflow.site.jobnodes`).
 """
 
@@ -30,7 +39,7 @@ import logging
 import shutil
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from flask import Flask, jsonify
 
@@ -38,7 +47,10 @@ from dxflow.errors import DxflowError, UsageError
 from dxflow.master.metrics import JOB_ID
 from dxflow.schedulers import ADAPTERS, JobInfo, JobState, adapter_class, get_scheduler, has_controller
 from dxflow.schedulers.base import QUERY_BUDGET
-from dxflow.schedulers.hostlist import fold
+from dxflow.schedulers.hostlist import fold, node_set, sort_hosts
+
+if TYPE_CHECKING:
+    from dxflow.master.registry import Agent
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +77,58 @@ def found(job: str, scheduler: str, jobs: dict[str, JobInfo], user: str) -> dict
         return None
     info = jobs[job] if job in jobs else jobs[ids[0]]
     return {"job": info.job, "state": info.state.value, "nodes": list(info.nodes),
-            "node_set": fold(info.nodes) if info.nodes else "", "scheduler": scheduler, "why": ""}
+            "node_set": fold(info.nodes) if info.nodes else "", "scheduler": scheduler, "why": "",
+            "source": "scheduler"}
+
+
+def from_agents(job: str, agents: Iterable[Agent], cluster: str = "") -> dict | None:
+    """The answer from the job's registered agents (of ``cluster``, when named): the union of the job's
+    nodes their registrations carry, and of their own nodes; None when no live agent of the job carries
+    them (then the scheduler is asked). The agents are the caller's user's own: a master's, or those the
+    site service picked by the requesting user."""
+    mine = [a for a in agents if a.state != "gone" and same_job(a.reg.job, job)
+            and (not cluster or a.reg.cluster == cluster)]
+    nodes: set[str] = set()
+    told = []
+    for a in mine:
+        if not a.reg.job_nodes:
+            continue
+        try:
+            nodes.update(node_set(a.reg.job_nodes))
+        except UsageError as e:  # the user's own file, edited by hand: that agent says nothing
+            log.warning("agent %s: its registration's job_nodes is not a node set: %s", a.name, e)
+            continue
+        told.append(a)
+    if not told:
+        return None
+    nodes.update(a.reg.node for a in mine)
+    listed = sort_hosts(nodes)
+    first = told[0]
+    return {"job": first.reg.job, "state": JobState.RUNNING.value, "nodes": listed, "node_set": fold(listed),
+            "scheduler": first.reg.scheduler, "why": "", "source": "agents", "cluster": first.reg.cluster}
 
 
 def not_listed(job: str, schedulers: list[str]) -> dict:
     """The answer for a job none of the schedulers lists among the user's jobs."""
     return {"job": job, "state": JobState.ENDED.value, "nodes": [], "node_set": "",
-            "scheduler": ",".join(schedulers), "why": f"{' and '.join(schedulers)} lists no such job of yours"}
+            "scheduler": ",".join(schedulers), "why": f"{' and '.join(schedulers)} lists no such job of yours",
+            "source": "scheduler"}
 
 
 def unknown(job: str, why: str) -> dict:
-    return {"job": job, "state": JobState.UNKNOWN.value, "nodes": [], "node_set": "", "scheduler": "", "why": why}
+    return {"job": job, "state": JobState.UNKNOWN.value, "nodes": [], "node_set": "", "scheduler": "", "why": why,
+            "source": ""}
+
+
+def answer(job: str, agents: Iterable[Agent], ask: Callable[[], dict], cluster: str = "") -> dict:
+    """The rule "registrations first, the controller second": what the job's registered agents say its
+    nodes are (:func:`from_agents`), else ``ask()`` (the scheduler's answer)."""
+    return from_agents(job, agents, cluster) or ask()
 
 
 class MasterJobNodes:
-    """A user's master's lookup: the fleet watcher's last answer, else one question per scheduler."""
+    """A user's master's lookup: its agents' registrations (:func:`answer`), else the fleet watcher's last
+    answer, else one question per scheduler."""
 
     def __init__(self, fleet) -> None:
         self.fleet = fleet
@@ -116,6 +165,10 @@ class MasterJobNodes:
 
     def __call__(self, job: str) -> dict:
         cluster, _, job = job.rpartition("~")  # CLUSTER~JOB, as the CLI names a job of one cluster
+        return answer(job, self.fleet.registry.all(), lambda: self.ask_scheduler(job, cluster), cluster)
+
+    def ask_scheduler(self, job: str, cluster: str = "") -> dict:
+        """The scheduler's answer: the watcher's, else one question per scheduler within the query cap."""
         names = self.schedulers(job, cluster)
         if not names:
             return unknown(job, "no scheduler with a controller is known here")

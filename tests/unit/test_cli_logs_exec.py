@@ -48,6 +48,9 @@ class FakeClient:
         self.questions += 1
         return self.later if self.later is not None and self.questions > 1 else self.agents
 
+    def job_nodes(self, job):
+        return None  # an older master: the job's nodes are its registered agents'
+
 
 @pytest.fixture
 def fake(monkeypatch):

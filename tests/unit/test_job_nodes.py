@@ -328,3 +328,139 @@ def test_a_job_whose_agents_are_all_gone_has_ended_whatever_an_older_answer_says
         {"job": "12", "node": "n1", "state": "gone", "detail": "job ended"}]
     with pytest.raises(NotFound, match=r"job 12 has ended: its agents on n1 are gone \(job ended\)"):
         resolve(client, parse("12:all"), wait=30)
+
+
+# -- the job's nodes from its agents' registrations: registrations first, the controller second ---------------
+
+
+def test_a_registration_round_trips_the_jobs_nodes_and_an_older_record_without_them_loads(tmp_path):
+    from dataclasses import asdict, replace
+
+    from dxflow import registration as records
+
+    records.write(tmp_path, replace(registration("12", "n1"), job_nodes="n[1-4]"))
+    assert [r.job_nodes for r in records.read_all(tmp_path)] == ["n[1-4]"]
+    registry = Registry(tmp_path / "fleet.db")  # and through the master's registry (fleet.db)
+    registry.upsert(records.read_all(tmp_path)[0])
+    assert registry.all()[0].reg.job_nodes == "n[1-4]"
+    registry.close()
+    older = asdict(registration("12", "n2"))
+    del older["job_nodes"]  # a record of an older agent
+    assert Registration.from_dict(older).job_nodes == ""
+    assert Registration.from_dict({**older, "newer_field": 1}).node == "n2"  # a newer release's record loads too
+    for bad in (["n1", "n2"], "n" * (records.JOB_NODES_MAX + 1)):
+        with pytest.raises(ValueError, match="job_nodes"):
+            Registration.from_dict({**older, "job_nodes": bad})
+
+
+def test_the_prolog_hands_the_agent_the_jobs_nodes_folded_from_each_schedulers_own_source(tmp_path, monkeypatch):
+    from dxflow import hook, registration as records
+    from dxflow.schedulers import get_scheduler
+
+    monkeypatch.setattr("dxflow.config.SITE_CONFIG", tmp_path / "no-site.toml")
+    # Slurm 22.05 gives the prolog SLURM_NODELIST; 23.02.6 and later SLURM_JOB_NODELIST (taken first)
+    for env in ({"SLURM_NODELIST": "n[1-3],n7"}, {"SLURM_JOB_NODELIST": "n[1-3,7]", "SLURM_NODELIST": "x1"}):
+        sched = get_scheduler("slurm", {"SLURM_JOB_ID": "12", "SLURM_JOB_USER": USER, "SLURMD_NODENAME": "n1", **env})
+        assert hook.agent_passthrough(sched, sched.hook_job())[records.JOB_NODES_ENV] == "n[1-3,7]"
+    nodefile = tmp_path / "nodefile"  # PBS: one line per slot
+    nodefile.write_text("m2.cluster\nm1.cluster\nm1.cluster\n")
+    pbs = get_scheduler("pbs", {"PBS_NODEFILE": str(nodefile), "PBS_HOME": str(tmp_path)})
+    assert hook.agent_passthrough(pbs, pbs.hook_job(["17.server", USER]))[records.JOB_NODES_ENV] == "m[1-2]"
+    bare = get_scheduler("slurm", {"SLURM_JOB_ID": "12", "SLURM_JOB_USER": USER, "SLURMD_NODENAME": "n1"})
+    assert records.JOB_NODES_ENV not in hook.agent_passthrough(bare, bare.hook_job())  # not known: not passed
+    assert records.job_nodes_of({records.JOB_NODES_ENV: "n[1-4]"}) == "n[1-4]"
+    assert records.job_nodes_of({}) == ""
+
+
+@pytest.fixture
+def four_node_job(fake_fleet, fake_scheduler, node_agent, user_base, settle):
+    """Job 12 of four nodes: agents on n1-n3 registered on a real master's Fleet, each carrying the job's
+    nodes from its prolog; n4's agent never registers. The controller lists the job without its nodes."""
+    from dataclasses import replace
+
+    from dxflow import registration as records
+
+    fake_scheduler.add("12", ())
+    for i, node in enumerate(("n1", "n2", "n3")):
+        agent = node_agent(user_base, "12", node, port=7000 + i, write=False, cluster="dxlab")
+        records.write(user_base / "fleet", replace(agent.reg, job_nodes="n[1-4]"))
+    settle(fake_fleet, [f"dxlab.12.{n}" for n in ("n1", "n2", "n3")])
+    return fake_fleet
+
+
+def test_the_master_answers_a_jobs_nodes_from_its_agents_registrations_without_asking_the_controller(
+        four_node_job, fake_scheduler):
+    lookup = jobnodes.MasterJobNodes(four_node_job)
+    asked = fake_scheduler.asked
+    QUERY_BUDGET.resize(1)
+    assert QUERY_BUDGET.take()  # the cap is spent: the controller could not be asked now
+    answer = lookup("12")
+    assert (answer["state"], answer["nodes"], answer["node_set"], answer["source"]) == (
+        "running", ["n1", "n2", "n3", "n4"], "n[1-4]", "agents")
+    assert lookup("dxlab~12")["nodes"] == ["n1", "n2", "n3", "n4"]
+    assert lookup("other~12")["source"] != "agents"  # another cluster's job 12: not these agents'
+    assert fake_scheduler.asked == asked
+
+
+def test_agents_that_carry_no_node_set_leave_the_answer_to_the_controller(fake_fleet, fake_scheduler, node_agent,
+                                                                         user_base, settle):
+    """Agents of an older release: the scheduler's list, as before; asked within the cap."""
+    fake_scheduler.add("12", ("n1", "n2"))
+    node_agent(user_base, "12", "n1", cluster="dxlab")
+    settle(fake_fleet, ["dxlab.12.n1"])
+    answer = jobnodes.MasterJobNodes(fake_fleet)("12")
+    assert (answer["nodes"], answer["source"]) == (["n1", "n2"], "scheduler")
+
+
+def test_a_node_set_a_registration_garbles_is_not_taken(fake_fleet, fake_scheduler, node_agent, user_base, settle):
+    from dataclasses import replace
+
+    from dxflow import registration as records
+
+    fake_scheduler.add("12", ("n1", "n2"))
+    agent = node_agent(user_base, "12", "n1", write=False, cluster="dxlab")
+    records.write(user_base / "fleet", replace(agent.reg, job_nodes="n[1-"))
+    settle(fake_fleet, ["dxlab.12.n1"])
+    assert jobnodes.MasterJobNodes(fake_fleet)("12")["source"] == "scheduler"
+
+
+class FleetClient:
+    """The CLI's two questions, answered by a real master's Fleet and lookup (what its routes return)."""
+
+    def __init__(self, fleet):
+        self.fleet, self.lookup = fleet, jobnodes.MasterJobNodes(fleet)
+
+    def json(self, method, path, body=None, timeout=None):
+        assert path.startswith("/api/agents?all=1")
+        return [a.to_dict() for a in self.fleet.registry.all()]
+
+    def job_nodes(self, job):
+        return self.lookup(job)
+
+
+def test_all_names_the_node_whose_agent_never_registered_as_failed_with_the_query_cap_spent(four_node_job, quick):
+    QUERY_BUDGET.resize(1)
+    assert QUERY_BUDGET.take()
+    err = io.StringIO()
+    with redirect_stderr(err):
+        found = resolve(FleetClient(four_node_job), parse("12:all"), wait=0)
+    assert found == Resolved("12", ["n1", "n2", "n3"], (("n4", NO_AGENT),))
+    assert "could not say" not in err.getvalue()  # the scheduler was not needed
+
+
+def test_the_site_answers_from_the_requesting_users_own_registrations_first(tmp_path):
+    from dataclasses import replace
+
+    from dxflow.master.registry import Agent
+
+    config = SiteServiceConfig(state_dir=str(tmp_path), replica="r1", clusters={
+        "c1": ClusterConfig(name="c1", scheduler="slurm", scheduler_bin=str(tmp_path / "no-bin"))})
+    mine = Agent(replace(registration("42", "n1"), cluster="c1", job_nodes="n[1-3]"), "ready")
+    bobs = Agent(replace(registration("42", "n9"), cluster="c1", user="bob", job_nodes="n[9-12]"), "ready")
+    fleet = SimpleNamespace(config=config, jobs=ClusterJobs(config), current_user=lambda: SimpleNamespace(name=USER),
+                            registry=SimpleNamespace(of_job=lambda job: [mine, bobs]))  # an admin sees bob's too
+    ask = site_jobnodes.lookup(fleet)
+    answer = ask("c1~42")
+    assert (answer["job"], answer["nodes"], answer["source"]) == ("c1~42", ["n1", "n2", "n3"], "agents")
+    fleet.current_user = lambda: SimpleNamespace(name="carol")  # neither agent is carol's: the scheduler is asked
+    assert ask("42")["source"] != "agents"

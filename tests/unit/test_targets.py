@@ -80,7 +80,7 @@ def test_node_sets_fold_and_expand():
 
 
 class FakeClient:
-    """The master's ``/api/agents?all=1`` answer, nothing else (resolution asks nothing more)."""
+    """The master's ``/api/agents?all=1`` answer; it cannot say more of a job's nodes (an older master)."""
 
     def __init__(self, agents):
         self.agents = agents
@@ -90,6 +90,9 @@ class FakeClient:
         assert path.startswith("/api/agents?all=1")
         self.asked += 1
         return self.agents
+
+    def job_nodes(self, job):
+        return None
 
 
 def agent(job, node, state="ready", detail=""):

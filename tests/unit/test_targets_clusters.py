@@ -24,10 +24,13 @@ LISTING = [agent("dxlab", "12", "n1"), agent("dxlab", "12", "n2"), agent("pbslab
 
 
 class Listing:
-    """The client's one call targets.resolve makes: the list of agents."""
+    """The list of agents; nothing more of a job's nodes (an older master)."""
 
     def json(self, method: str, path: str, timeout: float = 0) -> list[dict]:
         return LISTING
+
+    def job_nodes(self, job: str) -> None:
+        return None
 
 
 @pytest.mark.parametrize("text, cluster, job, nodes", [
