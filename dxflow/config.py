@@ -122,13 +122,9 @@ class SiteConfig:
     @classmethod
     def load(cls, path: Path | None = None) -> "SiteConfig":
         path = path or SITE_CONFIG
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
+        data = read_toml(path, "site config")
+        if data is None:
             return cls()
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read site config {path}: {e}; fix or remove the file") from e
         known = {f.name: f for f in fields(cls)}
         data = data.get("dxflow", data)
         unknown = sorted(set(data) - set(known))
@@ -141,6 +137,17 @@ class SiteConfig:
             elif not isinstance(value, type(default)):
                 raise ConfigError(f"{path}: {key} must be {type(default).__name__}, not {value!r}")
         return cls(**data)
+
+
+def read_toml(path: Path, what: str) -> dict | None:
+    """The TOML file ``path``; None when there is none; ConfigError naming ``what`` when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}; fix or remove the file") from e
 
 
 def agent_name(cluster: str, job: str, node: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import ipaddress
 import json
 import logging
 import socket
@@ -31,6 +30,7 @@ from urllib.parse import quote, unquote, urlsplit
 from dxflow import munge
 from dxflow.errors import ConfigError, DxflowError, MasterUnavailable
 from dxflow.master.client import JsonRequests
+from dxflow.site.config import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ def request_payload(method: str, target: str) -> bytes:
 def request_credential(method: str, target: str) -> str:
     """A fresh MUNGE credential of this user for one request (MungeError when munged cannot make one)."""
     return munge.encode(request_payload(method, target), ttl=CREDENTIAL_TTL)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Replica:

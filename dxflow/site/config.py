@@ -21,11 +21,10 @@ import os
 import re
 import socket
 import sys
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dxflow.config import _toml, field_docs
+from dxflow.config import _toml, field_docs, read_toml
 from dxflow.errors import ConfigError
 from dxflow.schedulers import adapters
 from dxflow.schedulers.base import SAFE_NAME
@@ -64,6 +63,16 @@ def host_port(text: str, key: str = "address") -> tuple[str, int]:
         except ValueError as e:
             raise ConfigError(f"{key} = {text!r}: {e}") from e
     return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback: ``localhost``, 127.0.0.0/8, ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -160,14 +169,8 @@ class SiteServiceConfig:
     @classmethod
     def load(cls, path: Path | None = None) -> "SiteServiceConfig":
         path = path or config_path()
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            return cls()
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read the site service config {path}: {e}; fix or remove the file") from e
-        return cls.from_dict(data, str(path))
+        data = read_toml(path, "the site service config")
+        return cls() if data is None else cls.from_dict(data, str(path))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "site.toml") -> "SiteServiceConfig":

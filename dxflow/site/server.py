@@ -14,7 +14,6 @@ itself (MUNGE or a console session, :mod:`dxflow.site.users`).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sys
@@ -25,7 +24,7 @@ from gunicorn.app.base import BaseApplication
 from dxflow.edge.worker import GuardedConn, GuardedThreadWorker
 from dxflow.errors import ConfigError, UsageError
 from dxflow.schedulers.base import QUERY_BUDGET
-from dxflow.site.config import SiteServiceConfig, host_port
+from dxflow.site.config import SiteServiceConfig, host_port, is_loopback
 from dxflow.site.fleet import SiteFleet, load_token_key
 from dxflow.site.store import Store, open_store
 
@@ -86,13 +85,7 @@ def _port(address: Any) -> int | None:
 
 
 def on_loopback(address: str) -> bool:
-    host, _ = host_port(address)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host_port(address)[0])
 
 
 class SiteServer(BaseApplication):
