@@ -35,6 +35,7 @@ import ctypes
 import json
 import os
 import pwd
+import resource
 import shutil
 import statistics
 import subprocess
@@ -192,6 +193,23 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's waited-for children so far (the hook scripts and what they wait for)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def process_cpu(pid: int, waited: bool = True) -> float:
+    """CPU seconds of a live process (with ``waited``: and of the children it has waited for, such as the
+    worker's key maker), from /proc/PID/stat (utime, stime, cutime, cstime)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if waited else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def answering(reg_path: Path, key, user: str, deadline: float) -> bool:
     from dxflow.auth import fingerprint, mint_token
 
@@ -245,6 +263,8 @@ def main() -> int:
     noop.chmod(0o755)
 
     base_t, pro_t, ans_t, epi_t, orphans, rss, pss, uss, split, distinct = [], [], [], [], 0, [], [], [], [], []
+    cpu: list[float] = []
+    cpu_split: list[tuple[float, float, float]] = []
     for i in range(args.rounds):
         job = args.first_job + int(time.time()) % 100000 * 100 + i
         env = hook_env(job, args.node, pw)
@@ -255,7 +275,9 @@ def main() -> int:
         step = ExternStep(env["SLURM_CONF"], args.node, pw.pw_uid, job)
         try:
             t0 = time.perf_counter()
+            cpu0 = children_cpu()
             pro_t.append(timed([PROLOG], env))
+            hook_cpu = children_cpu() - cpu0
             if not answering(reg, key, args.user, t0 + 10):
                 print(f"round {i}: agent of job {job} did not answer within 10 s", file=sys.stderr)
                 return 1
@@ -268,6 +290,12 @@ def main() -> int:
             uss.append(sum(uss_kib(p) for p in before) / 1024)
             distinct.append(distinct_kib(before) / 1024)
             split.append((rss_kib(record["pid"]) / 1024, sum(rss_kib(p) for p in before - {record["pid"]}) / 1024))
+            # the launcher (dxflow.adopt) execs the arbiter: its CPU is in the arbiter's own; the worker's key
+            # maker is waited for by the worker (its cutime); the worker is the arbiter's live child
+            parts = (hook_cpu, process_cpu(record["pid"], waited=False),
+                     sum(process_cpu(p) for p in before - {record["pid"]}))
+            cpu.append(sum(parts))
+            cpu_split.append(parts)
             env["SLURM_SCRIPT_CONTEXT"] = "epilog_slurmd"
             epi_t.append(timed([EPILOG], env))
             left = before & set(all_procs())
@@ -281,6 +309,10 @@ def main() -> int:
     print(f"{'  ratio to no-op prolog':<38} {statistics.median(pro_t) / statistics.median(base_t):.1f}x "
           f"(+{(statistics.median(pro_t) - statistics.median(base_t)) * 1000:.1f} ms)")
     print(summary("prolog start -> agent answering", ans_t, 0.500))
+    print(f"{'CPU to start one agent (all processes)':<38} median {statistics.median(cpu) * 1000:7.1f} ms   "
+          "(what bounds 'all agents ready' when many nodes share few cores, as on the lab)")
+    print(f"{'  hook, launcher + arbiter, worker + key':<38} median "
+          + ", ".join(f"{statistics.median(p[i] for p in cpu_split) * 1000:.0f}" for i in range(3)) + " ms")
     print(summary("epilog start -> agent and children gone", epi_t, 1.0))
     print(f"{'orphans left after epilogs':<38} {orphans}")
     print(f"{'agent memory (arbiter + worker RSS)':<38} median {statistics.median(rss):7.1f} MiB   target ≤ 50 MiB: "

@@ -33,6 +33,7 @@ from flask import Blueprint, Response, current_app, request
 
 from dxflow import audit
 from dxflow.agent.files import UPLOAD_PREFIX, _put_in_place, roots
+from dxflow.agent.writeback import Writeback, write_all
 from dxflow.edge.http import body_pieces
 from dxflow.errors import DxflowError, NotFound, UsageError
 
@@ -115,24 +116,24 @@ class LocalFile:
         self.mode = (stat.S_IMODE(target.stat().st_mode) if self.existing
                      else 0o666 & ~current_app.config["FILE_UMASK"])
         self.size, self.sha256, self.overwrite = size, sha256, overwrite
-        fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=target.parent)
+        self.fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=target.parent)
         self.tmp = Path(name)
-        self.out = os.fdopen(fd, "wb")
-        os.fchmod(fd, self.mode)
+        os.fchmod(self.fd, self.mode)
+        self.writeback = Writeback(self.fd)
         self.digest = hashlib.sha256()
         self.written = 0
 
     def write(self, chunk: bytes | memoryview) -> None:
-        self.out.write(chunk)
+        write_all(self.fd, chunk)
         self.digest.update(chunk)
         self.written += len(chunk)
+        self.writeback.written(self.written)
 
     def finish(self) -> dict[str, Any]:
         """Make it the target if it is whole and has the plan's sha256; the node's line of the answer."""
         try:
-            self.out.flush()
-            os.fsync(self.out.fileno())
-            self.out.close()
+            os.fsync(self.fd)
+            self.close()
             got = self.digest.hexdigest()
             if self.written != self.size or got != self.sha256:
                 raise DxflowError(f"{self.written} of {self.size} bytes arrived with sha256 {got[:16]}…, not "
@@ -143,9 +144,13 @@ class LocalFile:
             raise
         return {"path": str(self.target), "size": self.written, "sha256": got}
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def abort(self) -> None:
-        if not self.out.closed:
-            self.out.close()
+        self.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -301,14 +306,14 @@ def broadcast() -> Response:
     try:
         for chunk in body_pieces(request.environ, size):
             received += len(chunk)
+            for b in branches:  # on its way down the tree first: the children need not wait for this disk
+                b.send(chunk)
             if local is not None:
                 try:
                     local.write(chunk)
                 except OSError as e:  # this node's disk: the others go on
                     local.abort()
                     local, mine = None, failed(state.node, node_error(e))
-            for b in branches:
-                b.send(chunk)
         if received < size:  # the sender went away: nothing takes the name anywhere below
             raise UsageError(f"the broadcast broke off after {received} of {size} bytes")
         if local is not None:

@@ -108,6 +108,7 @@ class PeerPool(OpenSSHPool):
         self._settings: dict[str, tuple[ssh_options.HostOptions, float]] = {}
         self._settings_lock = threading.Lock()
         self._aes: bool | None = None
+        self._default_ciphers: str | None = None
         sweep(control.control_dir(self._layout))
 
     def settings(self, address: str) -> ssh_options.HostOptions:
@@ -132,7 +133,9 @@ class PeerPool(OpenSSHPool):
         extra = ["-o", f"ControlPersist={KEEP}"]
         try:
             resolved = self.settings(address).get("ciphers")
-            default = ssh_options.resolve(address, config_file=os.devnull).get("ciphers")
+            if self._default_ciphers is None:  # OpenSSH's built-in list: the same for every node
+                self._default_ciphers = ssh_options.resolve(address, config_file=os.devnull).get("ciphers")
+            default = self._default_ciphers
         except (ConfigError, AgentUnreachable) as e:
             log.info("%s: OpenSSH's ciphers left as they are (%s)", address, e)
             return tuple(extra)
@@ -268,16 +271,21 @@ class Peer:
             resp = conn.getresponse()
             raw = resp.read()
         except (OSError, http.client.HTTPException, AgentUnreachable) as e:
-            raise PeerUnreachable(f"{self.node}: its agent did not answer ({e})") from e
-        finally:
             conn.close()
+            raise PeerUnreachable(f"{self.node}: its agent did not answer ({e})") from e
         try:
             signature = json.loads(raw).get("signature", "") if resp.status == 200 else ""
         except (ValueError, AttributeError):
             signature = ""
         if not check_challenge(self.public_key, challenge, signature):
+            conn.close()
             raise AccessDenied(f"{self.node}: port {self.port} did not prove to be the job's agent "
                                f"(HTTP {resp.status}): nothing was sent to it")
+        # kept open: the broadcast goes over the very channel that proved the agent (one `ssh -W` less per hop)
+        conn.timeout = TIMEOUT
+        if conn.sock is not None:
+            conn.sock.settimeout(TIMEOUT)
+        self.conn = conn
 
     def connection(self, timeout: float = TIMEOUT) -> TunnelHTTPConnection:
         """HTTP to the peer's agent through the ControlMaster :meth:`open` proved (never another one)."""
@@ -289,7 +297,7 @@ class Peer:
     # -- one broadcast request -----------------------------------------------------------------------
     def start(self, head: bytes, size: int) -> None:
         """Begin the PUT of a broadcast: its plan line ``head``, then ``size`` bytes by :meth:`send`."""
-        self.conn = conn = self.connection()
+        self.conn = conn = self.conn or self.connection()
         conn.putrequest("PUT", "/api/broadcast", skip_accept_encoding=True)
         for k, v in {**self._auth(), "Content-Type": "application/octet-stream",
                      "Content-Length": str(len(head) + size)}.items():
