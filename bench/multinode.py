@@ -7,8 +7,11 @@ job of ``--nodes`` nodes as ``--user`` and measures, each dxflow figure next to 
 * fan-out: ``dxflow exec JOB:all -- hostname`` against ``srun --jobid J --overlap -N N hostname``
   (median of ``--repeat`` runs each);
 * broadcast: ``dxflow cp FILE JOB:all:DEST`` against ``sbcast --jobid J FILE DEST`` for a file of
-  ``--size`` MiB (median of ``--repeat``); every node's copy is checked by sha256 by dxflow itself;
-  and the same file to the first node alone (the first hop: login node, master, that node's agent);
+  ``--size`` MiB (median of ``--repeat``, the two alternating, each run from the same clean slate: the
+  last run's copies removed and ``sync`` done first, untimed); every node's copy is checked by sha256 by
+  dxflow itself and fsynced before it takes its name, while sbcast leaves its copies in the page cache,
+  so sbcast is also timed until its copies are on disk (``sync`` after it); and the same file to the
+  first node alone (the first hop: login node, master, that node's agent);
 * the user's master: resident memory (arbiter + worker) and threads, before the job and once its agents
   are ready, per agent of the job;
 * ``dxflow ls`` latency (median of 5).
@@ -164,16 +167,36 @@ def main() -> int:
         os.chown(local, pw.pw_uid, pw.pw_gid)
         figures["file_sha256"] = hashlib.sha256(local.read_bytes()).hexdigest()
         dest = f"{args.dest.rstrip('/')}/{tag}"
-        figures["cp_all_s"] = timed(user, [DXFLOW, "cp", "-q", "--fanout", str(args.fanout), str(local),
-                                           f"{job}:all:{dest}.dxflow"], args.repeat)
+        copies = [f"{dest}.dxflow", f"{dest}.sbcast", f"{dest}.one"]
+        remove = ["srun", f"--jobid={job}", "--overlap", f"-N{n}", f"-n{n}", "rm", "-f", *copies]
+        cp_all = [DXFLOW, "cp", "-q", "--fanout", str(args.fanout), str(local), f"{job}:all:{dest}.dxflow"]
+        sbcast = ["sbcast", f"--jobid={job}", str(local), f"{dest}.sbcast"]
+        cp_t, sb_t, sb_sync_t = [], [], []
+        for _ in range(args.repeat):
+            # the two alternate, each from the same clean slate: no copy of an earlier run on the nodes
+            # (sbcast -f over its own last copy would drop that copy's unwritten pages instead of writing
+            # them) and nothing of an earlier run left for the disk to write
+            for run in ("dxflow", "sbcast"):
+                as_user(user, remove)
+                os.sync()
+                t = time.monotonic()
+                as_user(user, cp_all if run == "dxflow" else sbcast)
+                took = time.monotonic() - t
+                if run == "dxflow":
+                    cp_t.append(took)  # each copy fsynced before it takes its name: on the disk at the end
+                else:
+                    sb_t.append(took)
+                    os.sync()  # sbcast leaves its copies to the page cache: the time until they are on disk too
+                    sb_sync_t.append(time.monotonic() - t)
+        figures["cp_all_s"] = statistics.median(cp_t)
+        figures["sbcast_s"] = statistics.median(sb_t)
+        figures["sbcast_sync_s"] = statistics.median(sb_sync_t)
+        figures["cp_all_runs_s"], figures["sbcast_runs_s"] = cp_t, sb_t
         # the first hop alone (login node -> master -> the first node's agent): the broadcast's floor
         first = sorted(a["node"] for a in agents(user) if a["job"] == job)[0]
         figures["cp_first_node_s"] = timed(user, [DXFLOW, "cp", "-q", str(local), f"{job}:{first}:{dest}.one"],
                                            args.repeat)
-        figures["sbcast_s"] = timed(user, ["sbcast", "-f", f"--jobid={job}", str(local), f"{dest}.sbcast"],
-                                    args.repeat)
-        as_user(user, ["srun", f"--jobid={job}", "--overlap", f"-N{n}", f"-n{n}", "rm", "-f", f"{dest}.dxflow",
-                       f"{dest}.sbcast", f"{dest}.one"])
+        as_user(user, remove)
 
         ls = []
         for _ in range(5):
@@ -200,6 +223,10 @@ def main() -> int:
          f"{f['exec_vs_srun']:.2f} x srun ({f['srun_s']:.2f} s)"),
         (f"dxflow cp {args.size} MiB {job}:all", f"{f['cp_all_s']:.2f} s",
          f"{f['cp_vs_sbcast']:.2f} x sbcast ({f['sbcast_s']:.2f} s)"),
+        ("  sbcast, then its copies on disk", f"{f['sbcast_sync_s']:.2f} s",
+         f"dxflow's copies are fsynced: {f['cp_all_s'] / f['sbcast_sync_s']:.2f} x this"),
+        ("  runs: dxflow / sbcast", " ".join(f"{t:.1f}" for t in f["cp_all_runs_s"]),
+         " ".join(f"{t:.1f}" for t in f["sbcast_runs_s"])),
         (f"dxflow cp {args.size} MiB to one node", f"{f['cp_first_node_s']:.2f} s", "the first hop alone"),
         ("master memory / threads", f"{f['master_rss_mib']:.0f} MiB / {f['master_threads']}",
          f"{f['master_rss_per_agent_mib']:.2f} MiB, {f['master_threads_per_agent']:.1f} threads per agent "

@@ -13,6 +13,7 @@ import time
 
 import jwt
 import pytest
+import rsa
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -145,6 +146,22 @@ def test_challenges_cross_between_the_two_libraries():
     assert not signatures.check_challenge(auth.public_pem(auth.new_key()), "nonce", by_agent)
     assert not signatures.check_challenge(pem, "nonce", "not base64!")
     assert not signatures.check_challenge("not a key", "nonce", by_agent)
+
+
+def test_a_signature_is_the_same_bytes_as_python_rsas_and_as_cryptographys():
+    crypto_key = auth.new_key()
+    agent_key = signatures.load_private_key(auth.private_pem(crypto_key))
+    for message in (b"", b"nonce", os.urandom(300)):
+        ours = signatures.sign(agent_key, message)
+        assert ours == rsa.sign(message, agent_key, "SHA-256")  # PKCS#1 v1.5 signatures are deterministic
+        assert ours == crypto_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_a_faulty_private_operation_is_not_sent(monkeypatch):
+    agent_key = signatures.load_private_key(auth.private_pem(auth.new_key()))
+    monkeypatch.setattr(type(agent_key), "blinded_decrypt", lambda self, m: (m + 1) % self.n)  # a CRT half gone wrong
+    with pytest.raises(ValueError, match="did not check out"):
+        signatures.sign(agent_key, b"nonce")
 
 
 def test_keys_read_in_every_form_dxflow_writes():
