@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pwd
+import select
 import signal
 import subprocess
 import sys
@@ -262,20 +263,42 @@ def as_user(uid: int, gid: int, groups: list[int], work: Callable[[], bool], tim
             code = 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status) == 0
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.01)
+    status = wait_child(pid, timeout)
+    if status is not None:
+        return os.waitstatus_to_exitcode(status) == 0
     os.kill(pid, signal.SIGKILL)
     # A child stuck in the kernel (a hard NFS mount) dies only when its call returns: not waited for.
     time.sleep(0.05)
     os.waitpid(pid, os.WNOHANG)
     log.error("%s took over %.0f s: child %d killed (it ran as uid %d)", what, timeout, pid, uid)
     return None
+
+
+def wait_child(pid: int, timeout: float) -> int | None:
+    """The wait status of child ``pid`` once it exits within ``timeout`` seconds, else None (still running).
+
+    Woken by the child's exit itself (a pidfd, Linux 5.3): a home looked at in 2 ms costs the prolog
+    2 ms, not a polling interval. Without pidfds, polled every 10 ms."""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = -1
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if fd >= 0:
+                select.select([fd], [], [], left)  # readable when the child has exited
+            else:
+                time.sleep(min(0.01, left))
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def user_groups(user: str, gid: int) -> list[int]:

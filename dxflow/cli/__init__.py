@@ -36,8 +36,12 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole CLI; also used by argparse-manpage to write the man pages."""
+#: what a scheduler's hook runs (``dxflow hook prolog|epilog``): its parser is built alone (below)
+HOOK_COMMAND, HOOK_MODULE = "hook", "dxflow.cli.hook"
+
+
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The whole CLI (or the commands of ``modules`` only); also used by argparse-manpage to write the man pages."""
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -48,13 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dxflow {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def modules_for(argv: list[str]) -> tuple[str, ...]:
+    """The command modules a command line needs: the hook's alone for ``dxflow [-v] hook ...`` (every
+    prolog and epilog runs it, and registering the other commands' parsers costs ~15 ms of each), else all."""
+    words = [a for a in argv if not a.startswith("-")]
+    return (HOOK_MODULE,) if words[:1] == [HOOK_COMMAND] else COMMAND_MODULES
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),

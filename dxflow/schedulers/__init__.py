@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 import logging
 from typing import Mapping
 
@@ -54,6 +53,8 @@ ENTRY_POINTS = "dxflow.schedulers"
 def site_adapters() -> dict[str, str]:
     """name -> "module:Class" of the adapters installed distributions declare in :data:`ENTRY_POINTS`
     (read once per process; ``site_adapters.cache_clear()`` reads again)."""
+    import importlib.metadata  # here: the prolog imports this module, and ~9 ms of its start-up is this
+
     out: dict[str, str] = {}
     for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
         if entry.name in ADAPTERS:

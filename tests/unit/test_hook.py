@@ -68,3 +68,14 @@ def test_broken_site_config_exits_0(site, monkeypatch):
 def test_epilog_without_record_is_fine(site, monkeypatch):
     assert run_hook("epilog", {"DXFLOW_JOB": "6", "DXFLOW_USER": "nobody", "DXFLOW_NODE": "n1"}, monkeypatch) == 0
     assert "nothing to stop" in (site / "hooks.log").read_text()
+
+
+def test_a_hook_command_line_builds_the_hook_parser_alone_and_parses_as_the_whole_cli_does():
+    from dxflow.cli import COMMAND_MODULES, HOOK_MODULE, build_parser, modules_for
+
+    for argv in (["hook", "prolog", "--scheduler", "slurm"], ["-v", "hook", "epilog", "--scheduler", "pbs", "1.srv"]):
+        assert modules_for(argv) == (HOOK_MODULE,)
+        alone, whole = build_parser(modules_for(argv)).parse_args(argv), build_parser().parse_args(argv)
+        assert {k: v for k, v in vars(alone).items()} == {k: v for k, v in vars(whole).items()}
+    for argv in (["ls"], ["exec", "12:all", "--", "hook"], [], ["--version"]):
+        assert modules_for(argv) == COMMAND_MODULES
