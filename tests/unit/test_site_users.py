@@ -6,7 +6,10 @@ replicas. The bob-attacks-alice matrix on the lab is tests/lab/test_site_securit
 from __future__ import annotations
 
 import dataclasses
+import grp
 import json
+import os
+import pwd
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +30,10 @@ pytestmark = pytest.mark.skipif(not Path("/run/munge/munge.socket.2").exists() o
                                 reason="needs a running munged (the lab's)")
 
 CONSOLE = {"dxflow.site.listener": "console"}
+#: who runs the tests (root under the README's test command, a developer's own account otherwise): the
+#: user every credential made here names, and that user's own primary group, of which it is a member
+ME = pwd.getpwuid(os.getuid()).pw_name
+MY_GROUP = grp.getgrgid(os.getgid()).gr_name
 CONSOLE_HOST = "http://127.0.0.1:8472"
 
 
@@ -36,7 +43,7 @@ def make_config(tmp_path: Path, **kw) -> SiteServiceConfig:
 
 @pytest.fixture
 def replicas(tmp_path):
-    """Two site apps (replicas) on one store; this test's user (root) is no admin there."""
+    """Two site apps (replicas) on one store; this test's user (ME) is no admin there."""
     config = make_config(tmp_path, admin_group="dxflow-test-no-such-group")
     apps = []
     for _ in range(2):
@@ -55,7 +62,7 @@ def test_a_fresh_credential_for_this_request_names_its_user(replicas):
     app = replicas[0]
     resp = app.test_client().get("/api/master", headers=signed("GET", "/api/master"))
     assert resp.status_code == 200, resp.get_json()
-    assert resp.get_json()["user"] == "root" and resp.get_json()["admin"] is False
+    assert resp.get_json()["user"] == ME and resp.get_json()["admin"] is False
 
 
 @pytest.mark.parametrize("why, headers", [
@@ -105,7 +112,7 @@ def test_an_old_credential_is_refused_whatever_ttl_its_maker_chose(tmp_path):
     with pytest.raises(AuthError, match="s ago"):
         u.authenticate(f"MUNGE {request_credential('GET', '/api/master')}", "GET", "/api/master")
     fresh = users.Users(make_config(tmp_path), Store(str(tmp_path / "site.db")))
-    assert fresh.authenticate(f"MUNGE {request_credential('GET', '/x?a=1')}", "GET", "/x?a=1").name == "root"
+    assert fresh.authenticate(f"MUNGE {request_credential('GET', '/x?a=1')}", "GET", "/x?a=1").name == ME
 
 
 # -- the policy ---------------------------------------------------------------------------------------
@@ -146,16 +153,16 @@ def test_admins_may_act_only_where_the_site_says_so():
 
 def test_admins_are_the_members_of_admin_group(tmp_path):
     store = Store(str(tmp_path / "site.db"))
-    assert users.Users(make_config(tmp_path, admin_group="root"), store).is_admin("root")
-    assert not users.Users(make_config(tmp_path, admin_group="root"), store).is_admin("nobody")
-    assert not users.Users(make_config(tmp_path, admin_group="dxflow-test-no-such-group"), store).is_admin("root")
+    assert users.Users(make_config(tmp_path, admin_group=MY_GROUP), store).is_admin(ME)
+    assert not users.Users(make_config(tmp_path, admin_group=MY_GROUP), store).is_admin("nobody")
+    assert not users.Users(make_config(tmp_path, admin_group="dxflow-test-no-such-group"), store).is_admin(ME)
 
 
 def test_another_users_job_is_no_such_job_and_an_admin_only_reads(tmp_path):
-    """Through the real app: alice's agent in the store; root asks, first as a plain user (404 for
+    """Through the real app: alice's agent in the store; ME asks, first as a plain user (404 for
     anything, as for a job that never was), then as an admin (a read goes on to the agent: 502 here,
     where no gateway connects it; an act is refused, 403, saying what admins may do)."""
-    for group, read_status, act_status in (("dxflow-test-no-such-group", 404, 404), ("root", 502, 403)):
+    for group, read_status, act_status in (("dxflow-test-no-such-group", 404, 404), (MY_GROUP, 502, 403)):
         store = Store(str(tmp_path / f"{group}.db"))
         store.enroll("dxlab", "41", "n1", "alice", 1001, "SHA256:x")
         client = create_app(SiteFleet(make_config(tmp_path, admin_group=group), store)).test_client()
@@ -199,7 +206,7 @@ def test_a_console_login_link_is_the_asking_users_once_and_valid_on_every_replic
         other = app.test_client()
         other.set_cookie("dxflow_site_console", cookie.value, domain="127.0.0.1")
         conf = other.get("/console/config.json", base_url=CONSOLE_HOST, environ_base=CONSOLE)
-        assert conf.status_code == 200 and conf.get_json()["user"] == "root"
+        assert conf.status_code == 200 and conf.get_json()["user"] == ME
 
     csrf = browser.get("/console/config.json", base_url=CONSOLE_HOST, environ_base=CONSOLE).get_json()["csrf"]
     out = browser.post("/logout", base_url=CONSOLE_HOST, environ_base=CONSOLE,
@@ -264,7 +271,7 @@ def test_audit_records_name_the_user_the_site_proved(tmp_path, monkeypatch, repl
 
     assert app.test_client().post("/test-act", headers=signed("POST", "/test-act")).status_code == 200
     line = sock.recv(4096).decode()
-    assert "action=relay" in line and "asked_by=root" in line.rstrip("\x00\n ").split(), line
+    assert "action=relay" in line and f"asked_by={ME}" in line.rstrip("\x00\n ").split(), line
     sock.close()
 
 
