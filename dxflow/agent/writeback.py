@@ -13,6 +13,7 @@ nothing and the final fsync does it all, as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 #: bytes per range handed to the disk
@@ -25,6 +26,7 @@ SYNC_FILE_RANGE_WAIT_AFTER = 4
 WAIT = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
 
 
+@functools.cache  # looked up on the first broadcast, not at every agent's start
 def _sync_file_range():
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
@@ -35,8 +37,6 @@ def _sync_file_range():
     return fn
 
 
-_CALL = _sync_file_range()
-
 
 class Writeback:
     """Call :meth:`written` with the file's size so far (bytes already handed to ``write(2)``, not buffered)."""
@@ -44,7 +44,7 @@ class Writeback:
     def __init__(self, fd: int, step: int = STEP, ahead: int = AHEAD) -> None:
         self.fd, self.step, self.ahead = fd, step, ahead
         self.started = 0  # writeback has been started for [0, started)
-        self.enabled = _CALL is not None
+        self.enabled = _sync_file_range() is not None
 
     def written(self, size: int) -> None:
         while self.enabled and size - self.started >= self.step:
@@ -55,7 +55,8 @@ class Writeback:
             self.started += self.step
 
     def _call(self, offset: int, length: int, flags: int) -> None:
-        if _CALL is None or _CALL(self.fd, offset, length, flags) != 0:
+        call = _sync_file_range()
+        if call is None or call(self.fd, offset, length, flags) != 0:
             # EINVAL/ESPIPE (a pipe, an odd file system), ENOSYS: leave it all to the final fsync; an I/O
             # error shows again there, where the writer learns of it
             self.enabled = False
