@@ -33,7 +33,7 @@ from flask import Blueprint, Response, current_app, request
 
 from dxflow import audit
 from dxflow.agent.files import UPLOAD_PREFIX, _put_in_place, roots
-from dxflow.agent.writeback import Writeback, write_all
+from dxflow.agent.writeback import DiskWriter
 from dxflow.edge.http import body_pieces
 from dxflow.errors import DxflowError, NotFound, UsageError
 
@@ -119,19 +119,19 @@ class LocalFile:
         self.fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=target.parent)
         self.tmp = Path(name)
         os.fchmod(self.fd, self.mode)
-        self.writeback = Writeback(self.fd)
+        self.disk = DiskWriter(self.fd)
         self.digest = hashlib.sha256()
         self.written = 0
 
     def write(self, chunk: bytes | memoryview) -> None:
-        write_all(self.fd, chunk)
+        self.disk.write(chunk)
         self.digest.update(chunk)
         self.written += len(chunk)
-        self.writeback.written(self.written)
 
     def finish(self) -> dict[str, Any]:
         """Make it the target if it is whole and has the plan's sha256; the node's line of the answer."""
         try:
+            self.disk.finish()
             os.fsync(self.fd)
             self.close()
             got = self.digest.hexdigest()
