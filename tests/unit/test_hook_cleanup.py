@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dxflow import adopt, hook
+from dxflow import adopt, asuser, hook
 from dxflow.jobcgroup import JobCgroups
 from dxflow.procs import read_proc, stop_tree
 
@@ -101,10 +101,10 @@ def test_a_home_closed_to_others_is_looked_at_as_its_user(home: Path) -> None:
     os.chown(mine, pw.pw_uid, pw.pw_gid)
     theirs = home / "roots"
     theirs.mkdir(mode=0o700)
-    groups = hook.user_groups(pw.pw_name, pw.pw_gid)
-    assert hook.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: hook.home_reachable(str(mine)), 10) is True
-    assert hook.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: hook.home_reachable(str(theirs)), 10) is False
-    assert hook.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: os.getuid() == pw.pw_uid, 10) is True
+    groups = asuser.user_groups(pw.pw_name, pw.pw_gid)
+    assert asuser.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: asuser.home_reachable(str(mine)), 10) is True
+    assert asuser.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: asuser.home_reachable(str(theirs)), 10) is False
+    assert asuser.as_user(pw.pw_uid, pw.pw_gid, groups, lambda: os.getuid() == pw.pw_uid, 10) is True
 
 
 @root_only
@@ -115,7 +115,7 @@ def test_a_hanging_registration_cleanup_is_killed_at_its_deadline(home: Path) ->
     t0 = time.monotonic()
     assert hook.clean_home(_record(home, pw), timeout=1) is False
     assert time.monotonic() - t0 < 5
-    assert hook.as_user(pw.pw_uid, pw.pw_gid, [pw.pw_gid], lambda: time.sleep(30) or True, 0.5) is None
+    assert asuser.as_user(pw.pw_uid, pw.pw_gid, [pw.pw_gid], lambda: time.sleep(30) or True, 0.5) is None
 
 
 @root_only
