@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import werkzeug.wrappers
 from flask import Flask, Response, abort, jsonify, redirect, request, send_from_directory
@@ -190,25 +190,20 @@ def add_pages(app: Flask, sessions: Sessions, cookie: str, log_in: Callable[[str
         return static_file(web_root(), name)
 
 
-def init_app(app: Flask, fleet) -> None:
-    sessions = Sessions()  # in memory: a restarted master has no sessions
-    services = ServiceTable()
-    app.config["CONSOLE_SESSIONS"] = sessions
-    policy = ConsolePolicy(cookie=COOKIE, public_paths=PUBLIC_PATHS, proxy_prefix=PROXY_PATHS,
-                           service_prefix=services.prefix, trusted=cli_socket_request(fleet.layout.master_sock))
-    app.wsgi_app = ConsoleGuard(app.wsgi_app, sessions, policy)  # type: ignore[method-assign]
+def add_fleet_routes(app: Flask, sessions: Any, who: Callable[[], dict[str, Any]],
+                     target: Callable[[str, str | None], Any], ask: Callable[[Any, str], tuple[int, Any]],
+                     label_for: Callable[[Any, int], str]) -> None:
+    """The routes a fleet console (the master's, the site's) has beyond :func:`add_pages`: its
+    ``config.json`` (``who()``: the user's fields) and the Services tab's Open button.
 
-    def trusted() -> bool:
-        return bool(request.environ.get("dxflow.console.trusted"))
-
-    add_pages(app, sessions, COOKIE, lambda token: sessions.start() if sessions.redeem(token) else None,
-              "This token is not valid: it expired, was already used, or belongs to a master that has "
-              "restarted. Run `dxflow console` for a new link.")
+    ``target(job, node)`` is the agent the console may reach for that job and node (a DxflowError when
+    it may not), ``ask(agent, path)`` asks that agent, and ``label_for(agent, port)`` registers the
+    service's own origin for this session's user: the service opens there, never on the console's."""
 
     @app.get("/console/config.json")
     def console_config():
         session = request.environ.get("dxflow.console.session")
-        resp = jsonify(mode="fleet", user=fleet.user, version=__version__,
+        resp = jsonify(mode="fleet", **who(), version=__version__,
                        csrf=sessions.csrf(session) if session else None, csrf_header=CSRF_HEADER)
         resp.headers["Cache-Control"] = "no-store"
         return resp
@@ -224,19 +219,38 @@ def init_app(app: Flask, fleet) -> None:
             return html_page("dxflow — bad port", "Not a port", alert(f"{port!r} is not a port number (1-65535)."),
                              400)
         try:
-            agent = fleet.relay_target(job, node or None)
-            status, info = fleet.ask(agent, f"/api/ports/{int(port)}")
+            agent = target(job, node or None)
+            status, info = ask(agent, f"/api/ports/{int(port)}")
         except DxflowError as e:
             return html_page("dxflow — cannot open", "Cannot open this service", alert(str(e)),
                              getattr(e, "http_status", 502))
         if status != 200:
             return html_page("dxflow — cannot open", "Cannot open this service",
                              alert(str(info.get("message") or info)), status)
-        label = services.add(agent.reg.job, agent.reg.node, int(port))
+        label = label_for(agent, int(port))
         ticket = sessions.new_ticket(sid, label)
         resp = redirect(service_url(label, hostname(request.host)[1] or "80", ticket), code=303)
         resp.headers["Cache-Control"] = "no-store"
         return resp
+
+
+def init_app(app: Flask, fleet) -> None:
+    sessions = Sessions()  # in memory: a restarted master has no sessions
+    services = ServiceTable()
+    app.config["CONSOLE_SESSIONS"] = sessions
+    policy = ConsolePolicy(cookie=COOKIE, public_paths=PUBLIC_PATHS, proxy_prefix=PROXY_PATHS,
+                           service_prefix=services.prefix, trusted=cli_socket_request(fleet.layout.master_sock))
+    app.wsgi_app = ConsoleGuard(app.wsgi_app, sessions, policy)  # type: ignore[method-assign]
+
+    def trusted() -> bool:
+        return bool(request.environ.get("dxflow.console.trusted"))
+
+    add_pages(app, sessions, COOKIE, lambda token: sessions.start() if sessions.redeem(token) else None,
+              "This token is not valid: it expired, was already used, or belongs to a master that has "
+              "restarted. Run `dxflow console` for a new link.")
+
+    add_fleet_routes(app, sessions, lambda: {"user": fleet.user}, fleet.relay_target, fleet.ask,
+                     lambda agent, port: services.add(agent.reg.job, agent.reg.node, port))
 
     @app.post("/api/console/token")
     def console_token():

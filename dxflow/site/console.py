@@ -19,13 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable
 
-from flask import Flask, abort, jsonify, redirect, request
+from flask import Flask, abort, jsonify, request
 
-from dxflow import __version__
-from dxflow.edge.session import (CSRF_HEADER, ConsoleGuard, ConsolePolicy, alert, hostname, html_page,
-                                 service_url)
-from dxflow.errors import AccessDenied, DxflowError
-from dxflow.master.console import LOGIN_TOKEN_LIFETIME, PROXY_PATHS, PUBLIC_PATHS, add_pages
+from dxflow.edge.session import ConsoleGuard, ConsolePolicy
+from dxflow.errors import AccessDenied
+from dxflow.master.console import LOGIN_TOKEN_LIFETIME, PROXY_PATHS, PUBLIC_PATHS, add_fleet_routes, add_pages
 from dxflow.site import users
 from dxflow.site.client import CLUSTER_SEP
 from dxflow.site.config import SiteServiceConfig, host_port
@@ -88,44 +86,22 @@ def init_app(app: Flask, fleet: Any) -> SiteSessions:
     add_pages(app, sessions, COOKIE, log_in, "This token is not valid: it expired or was already used. "
                                              "Run `dxflow console` for a new link.")
 
-    @app.get("/console/config.json")
-    def console_config():
-        session = request.environ.get("dxflow.console.session")
+    def who() -> dict[str, Any]:
         user = users.current()
-        resp = jsonify(mode="fleet", user=user.name, admin=user.admin, version=__version__,
-                       csrf=sessions.csrf(session) if session else None, csrf_header=CSRF_HEADER)
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
+        return {"user": user.name, "admin": user.admin}
 
-    @app.get("/console/open")
-    def open_service():
-        """The Services tab's Open button: the service's own origin, with a one-time ticket."""
-        sid = request.environ.get("dxflow.console.session")
-        if not sid:
-            abort(401, "open services from a logged-in console")
+    def target(job: str, node: str | None) -> Any:
+        agent = fleet.relay_target(job, node)  # the policy: the user's own job only
         user = users.current()
-        job, node, port = (request.args.get(k, "") for k in ("job", "node", "port"))
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            return html_page("dxflow — bad port", "Not a port", alert(f"{port!r} is not a port number (1-65535)."),
-                             400)
-        try:
-            agent = fleet.relay_target(job, node or None)  # the policy: the user's own job only
-            if agent.reg.user != user.name:  # an admin's read access opens no service
-                raise AccessDenied(users.ADMIN_REFUSED.format(job=job, owner=agent.reg.user))
-            status, info = fleet.ask(agent, f"/api/ports/{int(port)}")
-        except DxflowError as e:
-            return html_page("dxflow — cannot open", "Cannot open this service", alert(str(e)),
-                             getattr(e, "http_status", 502))
-        if status != 200:
-            return html_page("dxflow — cannot open", "Cannot open this service",
-                             alert(str(info.get("message") or info)), status)
-        path = f"/api/fleet/{job_id(agent.reg)}/{agent.reg.node}/proxy/{int(port)}"
-        label = sessions.add_service(user.name, getattr(agent.reg, "cluster", ""), agent.reg.job, agent.reg.node,
-                                     int(port), path)
-        ticket = sessions.new_ticket(sid, label)
-        resp = redirect(service_url(label, hostname(request.host)[1] or "80", ticket), code=303)
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
+        if agent.reg.user != user.name:  # an admin's read access opens no service
+            raise AccessDenied(users.ADMIN_REFUSED.format(job=job, owner=agent.reg.user))
+        return agent
+
+    def label_for(agent: Any, port: int) -> str:
+        return sessions.add_service(users.current().name, getattr(agent.reg, "cluster", ""), agent.reg.job,
+                                    agent.reg.node, port, f"/api/fleet/{job_id(agent.reg)}/{agent.reg.node}/proxy/{port}")
+
+    add_fleet_routes(app, sessions, who, target, fleet.ask, label_for)
 
     @app.post("/api/console/token")
     def console_token():
