@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pwd
 import queue
 import re
 import shlex
@@ -53,6 +54,15 @@ def run(argv: Sequence[str], *, timeout: float = 60, check: bool = True, input: 
         raise AssertionError(f"{shlex.join(argv)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
                              f"stderr: {proc.stderr}")
     return proc
+
+
+def uid(user: str) -> int:
+    """The lab user's uid as this machine numbers it (``dxflow lab up`` takes the first free ones)."""
+    return pwd.getpwnam(user).pw_uid
+
+
+def gid(user: str) -> int:
+    return pwd.getpwnam(user).pw_gid
 
 
 def as_user(user: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DXFLOW, Jobs, Lines, as_user, popen_as, stop, wait_agents, wait_for
+from conftest import DXFLOW, Jobs, Lines, as_user, popen_as, stop, uid, wait_agents, wait_for
 
 PYTHON = "/opt/dxflow/venv/bin/python"
 REQUEST_LINE = re.compile(r'"[A-Z]+ \S* HTTP/1\.[01]"')  # http.server's log: 127.0.0.1 - - [..] "GET / HTTP/1.1" 200 -
@@ -149,7 +149,7 @@ def test_bob_gets_nothing_from_alices_forwarded_port(job, mode):
         assert len(after) == len(before) + 1 and "alice-tcp" in after[-1]
     finally:
         err = stderr_of(proc)
-    assert "refused a connection from uid 1002 (bob)" in err
+    assert f"refused a connection from uid {uid('bob')} (bob)" in err
 
 
 def kill_forward(job: dict) -> None:
@@ -199,7 +199,7 @@ def test_bob_cannot_open_alices_unix_forward_and_is_refused_even_if_he_could(job
         assert len(after) == len(before) + 1 and "alice-unix" in after[-1]
     finally:
         err = stderr_of(proc)
-    assert "refused a connection from uid 1002 (bob)" in err
+    assert f"refused a connection from uid {uid('bob')} (bob)" in err
     assert not path.exists(), "the forward left its socket behind"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DXFLOW, agent_pids, as_user, dxflow, job_state, run, wait_agents, wait_for
+from conftest import DXFLOW, agent_pids, as_user, dxflow, gid, job_state, run, uid, wait_agents, wait_for
 
 RUNDIR = Path("/run/dxflow")
 HOOK_LOG = Path("/var/log/dxflow/hooks.log")
@@ -109,7 +109,7 @@ def test_slurm_tracks_and_limits_jobs_by_cgroup_each_node_in_its_own(jobs):
     for node in ("n1", "n2"):
         cg = cgroups_of(record(job, node)["pid"])  # the agent, joined to the job's extern step
         for controller in ("freezer", "memory", "cpuset"):
-            assert cg[controller].endswith(f"/dxlab/{node}/slurm_{node}/uid_1001/job_{job}/step_extern"), cg
+            assert cg[controller].endswith(f"/dxlab/{node}/slurm_{node}/uid_{uid('alice')}/job_{job}/step_extern"), cg
         seen[node] = cg["freezer"]
     assert seen["n1"] != seen["n2"]  # two slurmd on one host, each with its own job cgroups
 
@@ -124,7 +124,7 @@ def test_exec_and_shell_run_inside_the_jobs_memory_and_cpu_limits(jobs):
     assert dxflow("alice", "exec", job, "--", "nproc").stdout.strip() == "1"  # one core of two
     lines = dxflow("alice", "exec", job, "--", "cat", "/proc/self/cgroup").stdout
     for controller in ("memory", "cpuset", "freezer"):  # as the node sees it: its own cgroup namespace
-        assert re.search(rf":{controller}:/slurm_n1/uid_1001/job_{job}/step_extern$", lines, re.M), lines
+        assert re.search(rf":{controller}:/slurm_n1/uid_{uid('alice')}/job_{job}/step_extern$", lines, re.M), lines
     fits = dxflow("alice", "exec", job, "--", "python3", "-c", "b = bytearray(40 << 20); print(len(b))")
     assert fits.stdout.strip() == str(40 << 20)
     # 1 GiB: the machine has it (the same allocation on the login node succeeds); the job's 200 MB do not
@@ -136,7 +136,7 @@ def test_exec_and_shell_run_inside_the_jobs_memory_and_cpu_limits(jobs):
     shell = as_user("alice", [DXFLOW, "shell", job], timeout=60,
                     input="nproc; grep memory /proc/self/cgroup; exit 0\n")
     assert re.search(r"^1\r?$", shell.stdout, re.M), shell.stdout
-    assert f"memory:/slurm_n1/uid_1001/job_{job}/step_extern" in shell.stdout
+    assert f"memory:/slurm_n1/uid_{uid('alice')}/job_{job}/step_extern" in shell.stdout
 
     # the agent itself is one of the job's processes, as Slurm sees them
     agent = record(job)["pid"]
@@ -155,7 +155,7 @@ class Hopper:
         self.script.write_text(HOPPER)
         self.script.chmod(0o644)
         self.beat.touch()
-        os.chown(self.beat, 1001, 1001)
+        os.chown(self.beat, uid('alice'), gid('alice'))
         dxflow("alice", "exec", job, "--", "sh", "-c",
                f"setsid python3 {self.script} {self.beat} </dev/null >/dev/null 2>&1 & echo ok")
         wait_for(self.beating, 10, what="the fork-hopper running")
@@ -223,7 +223,7 @@ def test_an_epilog_whose_cleanup_child_hangs_returns_and_the_node_is_not_drained
     fleet.mkdir(parents=True)
     os.mkfifo(fleet / f"dxlab.{job}.n2.json")
     for folder in (home, home / ".dxflow", fleet):
-        os.chown(folder, 1001, 1001)
+        os.chown(folder, uid('alice'), gid('alice'))
         folder.chmod(0o755)
     path = RUNDIR / f"dxlab.{job}.n2.json"
     rec = json.loads(path.read_text())
@@ -257,7 +257,7 @@ def test_a_recorded_pid_reused_by_an_unrelated_process_is_not_signalled():
         start = int(stat[19])
         RUNDIR.mkdir(mode=0o700, exist_ok=True)
         (RUNDIR / f"dxlab.{job}.n1.json").write_text(json.dumps({
-            "pid": leader, "start": start - 1, "uid": 1001, "gid": 1001, "user": "alice", "job": job,
+            "pid": leader, "start": start - 1, "uid": uid('alice'), "gid": gid('alice'), "user": "alice", "job": job,
             "node": "n1", "cluster": "dxlab", "scheduler": "slurm", "home": "/home/alice",
             "own_cgroup": None, "job_cgroups": []}))
         hook("epilog", job, "alice")
@@ -281,7 +281,7 @@ def test_concurrent_prologs_for_one_job_and_node_start_one_agent():
     try:
         procs = [subprocess.Popen([DXFLOW, "hook", "prolog", "--scheduler", "slurm"],
                                   env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": job, "SLURM_JOB_USER": "bob",
-                                       "SLURM_JOB_UID": "1002", "SLURM_JOB_GID": "1002", "SLURMD_NODENAME": "n1",
+                                       "SLURM_JOB_UID": str(uid('bob')), "SLURM_JOB_GID": str(gid('bob')), "SLURMD_NODENAME": "n1",
                                        "SLURM_CLUSTER_NAME": "dxlab", **env},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(6)]
         for p in procs:

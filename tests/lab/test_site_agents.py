@@ -257,7 +257,7 @@ def test_bob_cannot_enroll_as_alices_agent(site, agent, jobs):
     folder, config, ports = site
     job, name = agent
     private, public = write_key_pair(folder)
-    # his own credential (uid 1002, not root's), naming alice's agent and a key he holds
+    # his own credential (bob's uid, not root's), naming alice's agent and a key he holds
     payload = enroll.payload(CLUSTER, job, "n1", "alice", public).decode()
     own = run([*node_nsenter("n2"), "runuser", "-u", "bob", "--", "munge", "-s", payload]).stdout.strip()
     assert attack(site, name, own, private).startswith("OUT")
