@@ -51,6 +51,11 @@ SPEC_KEYS = {"node": str, "address": str, "port": int, "public_key": str, "token
 REROUTE = "reroute"
 #: chunks (of edge.http.BODY_PIECE bytes) waiting for one child at most
 QUEUED = 4
+#: seconds the bytes from upstream may pause before this node gives up on them (and its copy): a parent
+#: waits ``peers.TIMEOUT`` (30 s) for a stuck child before it names it lost, so a few such on the way stay
+#: under this; a relay that froze (stopped, cut off without a reset) would else hold this node's request
+#: and its partial copy until the job ends. The node's parent names it lost, and the login node re-sends.
+IDLE = 120.0
 
 
 # -- the plan ----------------------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ def broadcast() -> Response:
         mine = failed(state.node, node_error(e))
     received = 0
     try:
-        for chunk in body_pieces(request.environ, size):
+        for chunk in body_pieces(request.environ, size, idle=IDLE):
             received += len(chunk)
             for b in branches:  # on its way down the tree first: the children need not wait for this disk
                 b.send(chunk)

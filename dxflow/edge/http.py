@@ -5,6 +5,8 @@ response heads read from a raw socket, and the response that says "this connecti
 from __future__ import annotations
 
 import io
+import socket
+import struct
 from typing import Callable, Iterable, Iterator
 from urllib.parse import quote
 
@@ -142,9 +144,13 @@ def buffered_after_head(environ: dict) -> bytes:
         return b""
 
 
-def body_pieces(environ: dict, size: int, piece: int = BODY_PIECE) -> Iterator[bytes | memoryview]:
+def body_pieces(environ: dict, size: int, piece: int = BODY_PIECE,
+                idle: float | None = None) -> Iterator[bytes | memoryview]:
     """The next ``size`` bytes of the request body (fewer if the client stops sending), in pieces of up
     to ``piece`` bytes, each a buffer of its own that the caller may keep (queue, hand to threads).
+    ``idle``: seconds to wait for the next bytes at most (on gunicorn's connection); a client silent that
+    long is taken as gone: the pieces end short and the connection is cut both ways (no answer goes back,
+    and nothing it sends later is read as a request).
 
     Read straight from gunicorn's connection: its body reader passes each byte through several BytesIO
     buffers (about seven copies), which a broadcast of GiBs pays on every node of the tree. Bytes
@@ -176,23 +182,52 @@ def body_pieces(environ: dict, size: int, piece: int = BODY_PIECE) -> Iterator[b
     for at in range(0, len(held), piece):
         yield held[at:at + piece]
     left = min(size - len(held), reader.length)
-    while left > 0:
-        buf = bytearray(min(piece, left))
-        view, got = memoryview(buf), 0
-        while got < len(buf):
-            try:
-                n = sock.recv_into(view[got:])
-            except OSError:
-                n = 0
-            if not n:
-                break
-            got += n
-        reader.length -= got
-        left -= got
-        if got:
-            yield view[:got]
-        if got < len(buf):
-            return
+    timed = idle is not None and sock.gettimeout() is None and _receive_timeout(sock, idle)
+    try:
+        while left > 0:
+            buf = bytearray(min(piece, left))
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                try:
+                    n = sock.recv_into(view[got:])
+                except (BlockingIOError, TimeoutError):  # silent for ``idle`` seconds: taken as gone
+                    _cut(sock)
+                    n = 0
+                except OSError:
+                    n = 0
+                if not n:
+                    break
+                got += n
+            reader.length -= got
+            left -= got
+            if got:
+                yield view[:got]
+            if got < len(buf):
+                return
+    finally:
+        if timed:
+            _receive_timeout(sock, 0)  # none, as gunicorn had it
+
+
+def _receive_timeout(sock, seconds: float) -> bool:
+    """``SO_RCVTIMEO`` (0: none): a blocking receive then fails with EAGAIN after that long without a byte.
+    Not Python's own socket timeout, which would add a ``poll`` before every receive of a large body."""
+    whole = int(seconds)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
+    except (OSError, struct.error):
+        return False
+    return True
+
+
+def _cut(sock) -> None:
+    """End the connection both ways (gunicorn keeps a connection open after an answer whatever the app's
+    ``Connection`` header says, and reads on after a ``SHUT_RD``): its answer is lost, as the client is."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _read_through(body, size: int, piece: int) -> Iterator[bytes | memoryview]:

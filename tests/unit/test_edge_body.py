@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import textwrap
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -28,12 +29,16 @@ SERVE = textwrap.dedent("""
     def app(environ, start_response):
         length = int(environ.get("CONTENT_LENGTH") or 0)
         line = environ["wsgi.input"].readline(1 << 20) if length else b""
-        take = int(parse_qs(environ.get("QUERY_STRING", "")).get("take", [length - len(line)])[0])
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        take = int(query.get("take", [length - len(line)])[0])
+        idle = float(query["idle"][0]) if "idle" in query else None
         digest, got, pieces = hashlib.sha256(), 0, 0
-        for piece in body_pieces(environ, take, piece=4096):
+        for piece in body_pieces(environ, take, piece=4096, idle=idle):
             digest.update(piece)
             got += len(piece)
             pieces += 1
+        if idle is not None:  # what the app saw, for a client that will get no answer
+            (run / "idle-got").write_text(str(got))
         rest = environ["wsgi.input"].read()  # what the app did not take, through gunicorn
         body = json.dumps({"line": line.decode(), "got": got, "pieces": pieces, "sha256": digest.hexdigest(),
                            "rest": len(rest)}).encode()
@@ -46,10 +51,15 @@ SERVE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def port(tmp_path_factory) -> Iterator[int]:
+def server(tmp_path_factory) -> Iterator[tuple[int, Path]]:
     run = tmp_path_factory.mktemp("body")
-    with running(python(SERVE, str(run)), run / "ready.json", run / "server.log") as server:
-        yield server.port
+    with running(python(SERVE, str(run)), run / "ready.json", run / "server.log") as proc:
+        yield proc.port, run
+
+
+@pytest.fixture(scope="module")
+def port(server) -> int:
+    return server[0]
 
 
 def put(body: bytes, query: str = "") -> bytes:
@@ -113,3 +123,22 @@ def test_a_client_that_stops_sending_ends_the_pieces_short(port):
             data += chunk
     # gunicorn answers what the app saw of a body cut short: fewer bytes than announced, and no hang
     assert b"\"got\": 50000" in data, data[:300]
+
+
+def test_a_client_silent_past_idle_ends_the_pieces_short_and_its_connection_is_cut(server):
+    """A sender that stops mid-body but keeps its connection open (a relay that froze): after ``idle``
+    seconds the reader has what came and the connection is cut: no answer, and the bytes the client sends
+    later are never taken for a request."""
+    port, run = server
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # 30 s: a guard, not a measure
+        sock.sendall(put(b"s\n" + b"a" * 100_000, "?idle=1")[:-60_000])
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+            sock.sendall(put(b"late\n"))  # the rest would be this: never answered
+            data += sock.recv(65536)
+        except ConnectionError:  # the cut, seen as a reset or a broken pipe: as good as an end here
+            pass
+    assert b"HTTP/1.1" not in data, data[:500]
+    assert (run / "idle-got").read_text() == "40000"  # the pieces ended with what had come
