@@ -164,8 +164,9 @@ class AgentChecks(AgentRequests):
             with self._lock:
                 self._verified[agent.name] = (ident(agent), gen)
             # "" but where the agent borrows another job's connection, which ends with that job
-            self.registry.set_state(agent.name, "ready", self.pool.note(agent.reg.address, agent.reg.job, gen),
-                                    node_info=info)
+            if not self.registry.set_state(agent.name, "ready", self.pool.note(agent.reg.address, agent.reg.job, gen),
+                                           node_info=info, unless="gone"):
+                self.forget(agent)  # its registration went while it was checked: nothing proven stays
         except DxflowError as e:
             self.lose(agent, str(e))
         except Exception as e:  # noqa: BLE001

@@ -117,19 +117,23 @@ class Registry:
                 "VALUES (?, ?, 'starting', '', 0, ?, '{}')", (reg.name, json.dumps(asdict(reg)), now))
         return True
 
-    def set_state(self, name: str, state: str, detail: str = "", node_info: dict | None = None) -> None:
+    def set_state(self, name: str, state: str, detail: str = "", node_info: dict | None = None,
+                  unless: str | None = None) -> bool:
+        """Set the agent's state; with ``unless``, not when it is in that state now (checked and set at once:
+        a check that ends after its agent was found gone must not make it ready again). True when set."""
         assert state in STATES, state
         now = time.time()
         with self._lock:
             cur = self._db.execute("SELECT state FROM agents WHERE name = ?", (name,)).fetchone()
-            if not cur:
-                return
+            if not cur or (unless is not None and cur[0] == unless):
+                return False
             changed = now if cur[0] != state else None
             self._db.execute(
                 "UPDATE agents SET state = ?, detail = ?, checked = ?, changed = COALESCE(?, changed), "
                 "node_info = COALESCE(?, node_info), metrics_at = COALESCE(?, metrics_at) WHERE name = ?",
                 (state, detail, now, changed, json.dumps(node_info) if node_info is not None else None,
                  now if node_info is not None else None, name))
+        return True
 
     def set_metrics(self, name: str, node_info: dict, at: float | None = None) -> None:
         """New node metrics of an agent (read at ``at``, default now), its state unchanged."""

@@ -108,6 +108,24 @@ def test_a_gone_row_is_forgotten_after_a_while(fleet, base, fake_scheduler, node
     assert fleet.registry.get(a.reg.name) is None
 
 
+def test_a_check_that_ends_after_its_agent_went_leaves_it_gone_and_unproven(fleet, base, fake_scheduler,
+                                                                          node_agent):
+    """A check runs in a thread: its agent's registration may go while it asks (seen as a flaky
+    test_a_gone_row_is_forgotten_after_a_while on a busy CI machine). Its success must not make the gone
+    agent ready again, nor leave its proof behind."""
+    fake_scheduler.add("7")
+    a = node_agent(base, "7")
+    fleet.cycle()
+    handed = fleet.registry.get(a.reg.name)  # what a check started now was handed
+    registration.remove(base / "fleet", a.reg.name)
+    fleet.cycle()
+    assert state(fleet, a.reg.name)[0] == "gone"
+    with fleet._agent_lock(a.reg.name):
+        fleet._check_locked(handed)  # the late check, run to its end: the agent itself still answers
+    assert state(fleet, a.reg.name)[0] == "gone"
+    assert fleet.verified(handed) is None
+
+
 def test_an_ended_job_makes_its_agents_gone_and_removes_their_files(fleet, base, fake_scheduler, node_agent):
     fake_scheduler.add("7", nodes=("n1", "n2"))
     a1, a2 = node_agent(base, "7", "n1"), node_agent(base, "7", "n2")

@@ -130,6 +130,17 @@ def test_state_changes_keep_when_they_changed_and_metrics_their_time(open_store)
     assert store.agents() == []
 
 
+def test_a_gone_agent_is_not_made_ready_by_a_check_that_ends_late(open_store):
+    store = open_store()
+    store.enroll("c1", "12", "n1", "alice", 1001, "SHA256:key1", registration())
+    store.set_state("c1.12.n1", "gone", "job ended")
+    assert not store.set_state("c1.12.n1", "ready", "", node_info={"load": 1.0}, unless="gone")
+    assert (store.agent("c1.12.n1").state, store.agent("c1.12.n1").detail) == ("gone", "job ended")
+    assert store.set_state("c1.12.n1", "starting", "enrolled again")  # without unless: as before
+    assert store.set_state("c1.12.n1", "ready", "", unless="gone")
+    assert store.agent("c1.12.n1").state == "ready"
+
+
 def test_a_claim_is_granted_once_across_replicas_until_it_expires(open_store):
     a, b = open_store(), open_store()
     assert a.claim("credential", "abc", time.time() + 60) is True
