@@ -165,7 +165,7 @@ class AgentChecks(AgentRequests):
                 self._verified[agent.name] = (ident(agent), gen)
             # "" but where the agent borrows another job's connection, which ends with that job
             if not self.registry.set_state(agent.name, "ready", self.pool.note(agent.reg.address, agent.reg.job, gen),
-                                           node_info=info, unless="gone"):
+                                           node_info=info):
                 self.forget(agent)  # its registration went while it was checked: nothing proven stays
         except DxflowError as e:
             self.lose(agent, str(e))

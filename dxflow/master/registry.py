@@ -117,15 +117,15 @@ class Registry:
                 "VALUES (?, ?, 'starting', '', 0, ?, '{}')", (reg.name, json.dumps(asdict(reg)), now))
         return True
 
-    def set_state(self, name: str, state: str, detail: str = "", node_info: dict | None = None,
-                  unless: str | None = None) -> bool:
-        """Set the agent's state; with ``unless``, not when it is in that state now (checked and set at once:
-        a check that ends after its agent was found gone must not make it ready again). True when set."""
+    def set_state(self, name: str, state: str, detail: str = "", node_info: dict | None = None) -> bool:
+        """Set the agent's state; True when set. A gone agent stays gone (checked and set at once: a check
+        that ends after its agent was found gone must not make it ready again): only a new registration
+        (:meth:`upsert`) brings the name back."""
         assert state in STATES, state
         now = time.time()
         with self._lock:
             cur = self._db.execute("SELECT state FROM agents WHERE name = ?", (name,)).fetchone()
-            if not cur or (unless is not None and cur[0] == unless):
+            if not cur or (cur[0] == "gone" and state != "gone"):
                 return False
             changed = now if cur[0] != state else None
             self._db.execute(

@@ -327,7 +327,7 @@ class SiteFleet(AgentRequests):
             return
         with self._lock:
             self._verified[agent.name] = (_ident(agent), gen)
-        if not self.store.set_state(agent.name, "ready", "", node_info=info, unless="gone"):
+        if not self.store.set_state(agent.name, "ready", "", node_info=info):
             self._forget(agent.name)  # found gone while it was checked: nothing proven stays
 
     def _check(self, agent: SiteAgent) -> None:

@@ -265,10 +265,10 @@ class Store:
             found = [a for a in found if a.reg.job == job_number or a.reg.job.split(".")[0] == job_number]
         return found
 
-    def set_state(self, name: str, state: str, detail: str = "", node_info: dict | None = None,
-                  unless: str | None = None) -> bool:
-        """Set the agent's state; with ``unless``, not when it is in that state now (in the same statement:
-        a check that ends after its agent was found gone must not make it ready again). True when set."""
+    def set_state(self, name: str, state: str, detail: str = "", node_info: dict | None = None) -> bool:
+        """Set the agent's state; True when set. A gone agent stays gone (in the same statement: a check that
+        ends after its agent was found gone must not make it ready again): only enrolling again brings the
+        name back."""
         if state not in STATES:
             raise ValueError(f"unknown agent state {state!r}")
         now = time.time()
@@ -276,9 +276,8 @@ class Store:
         return self.execute(
             "UPDATE site_agents SET changed = CASE WHEN state = ? THEN changed ELSE ? END, state = ?, detail = ?, "
             "checked = ?, node_info = COALESCE(?, node_info), metrics_at = COALESCE(?, metrics_at) "
-            "WHERE name = ? AND state <> ?",
-            (state, now, state, detail, now, info, now if info is not None else None, name,
-             "" if unless is None else unless)) > 0
+            "WHERE name = ? AND (state <> 'gone' OR ? = 'gone')",
+            (state, now, state, detail, now, info, now if info is not None else None, name, state)) > 0
 
     def set_metrics(self, name: str, node_info: dict, at: float | None = None) -> None:
         self.execute("UPDATE site_agents SET node_info = ?, metrics_at = ? WHERE name = ?",

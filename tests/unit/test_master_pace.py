@@ -260,8 +260,7 @@ def test_a_client_in_flight_keeps_it(fleet):
 def test_a_live_agent_keeps_it(fleet):
     f, sched, _ = fleet
     object.__setattr__(f.site, "master_idle_exit", 0.3)
-    register(f, "7")
-    f.cycle()
+    f.registry.upsert(register(f, "7"))       # read in, as a look would (job 7 is no job of the fake scheduler)
     f.registry.set_state("t.7.n1", "ready")
     f.cycle = lambda: None                   # keep it ready (no node to check it on here)
     assert not start_idle_watch(f).wait(1.0)

@@ -285,7 +285,7 @@ def test_replicas_take_turns_at_the_periodic_question_to_the_scheduler(site, enr
     try:
         other._ask_schedulers(other.store.agents(), shared=True)  # r2's turn this interval: it finds the end
         assert site.store.agent(ended.name).state == "gone"
-        site.store.set_state(ended.name, "starting")
+        site.store.execute("UPDATE site_agents SET state = 'starting' WHERE name = ?", (ended.name,))  # back
         site.fleet._ask_schedulers(site.store.agents(), shared=True)  # r1 leaves this interval's question to r2
         assert site.store.agent(ended.name).state == "starting"
         site.fleet._ask_schedulers(site.store.agents(), shared=False)  # news (a drop) is asked about at once

@@ -134,10 +134,11 @@ def test_a_gone_agent_is_not_made_ready_by_a_check_that_ends_late(open_store):
     store = open_store()
     store.enroll("c1", "12", "n1", "alice", 1001, "SHA256:key1", registration())
     store.set_state("c1.12.n1", "gone", "job ended")
-    assert not store.set_state("c1.12.n1", "ready", "", node_info={"load": 1.0}, unless="gone")
+    assert not store.set_state("c1.12.n1", "ready", "", node_info={"load": 1.0})
+    assert not store.set_state("c1.12.n1", "lost", "no answer")
     assert (store.agent("c1.12.n1").state, store.agent("c1.12.n1").detail) == ("gone", "job ended")
-    assert store.set_state("c1.12.n1", "starting", "enrolled again")  # without unless: as before
-    assert store.set_state("c1.12.n1", "ready", "", unless="gone")
+    store.enroll("c1", "12", "n1", "alice", 1001, "SHA256:key2", registration(pid=2))  # enrolled again
+    assert store.set_state("c1.12.n1", "ready", "")
     assert store.agent("c1.12.n1").state == "ready"
 
 
