@@ -124,7 +124,7 @@ class LocalFile:
         self.fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=target.parent)
         self.tmp = Path(name)
         os.fchmod(self.fd, self.mode)
-        self.disk = DiskWriter(self.fd)
+        self.disk = DiskWriter(self.fd, size)
         self.digest = hashlib.sha256()
         self.written = 0
 

@@ -92,12 +92,16 @@ ALIGN = mmap.PAGESIZE
 
 class DiskWriter:
     """Write a file's bytes in order to ``fd`` (opened for writing at offset 0); call :meth:`finish` before
-    the fsync that makes the file last. ``direct``: whether the bytes still bypass the page cache."""
+    the fsync that makes the file last. ``direct``: whether the bytes still bypass the page cache.
+    ``size``, when known: a file under a page goes through the page cache at once (a ``cp -r`` of many
+    small files pays no buffer and no ``fcntl`` for them), a larger one gathers no more than it holds."""
 
-    def __init__(self, fd: int, gather: int = GATHER, try_direct: bool = True) -> None:
+    def __init__(self, fd: int, size: int | None = None, gather: int = GATHER, try_direct: bool = True) -> None:
         self.fd = fd
         self.offset = 0  # bytes handed to write(2) so far
-        self.direct = try_direct and _set_direct(fd, True)
+        if size is not None:
+            gather = min(gather, -(-size // ALIGN) * ALIGN)
+        self.direct = try_direct and gather >= ALIGN and _set_direct(fd, True)
         self._buf = mmap.mmap(-1, gather) if self.direct else None  # page-aligned
         self._held = 0  # bytes gathered in _buf, not written yet
         self._writeback = None if self.direct else Writeback(fd)

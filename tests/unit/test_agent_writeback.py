@@ -124,3 +124,24 @@ def test_disk_writer_passes_other_errors_on(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         _write_in_pieces(tmp_path / "f", b"x" * (3 * 1024 * 1024), [], gather=1024 * 1024)
     assert e.value.errno == errno.ENOSPC
+
+
+def test_disk_writer_sends_a_file_under_a_page_through_the_page_cache_at_once(tmp_path):
+    data = os.urandom(mmap.PAGESIZE - 1)
+    w = _write_in_pieces(tmp_path / "f", data, [10, 100], size=len(data))
+    assert not w.direct and w.offset == len(data)
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_disk_writer_given_the_size_gathers_no_more_than_the_file_holds(tmp_path):
+    data = os.urandom(3 * mmap.PAGESIZE + 5)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        w = DiskWriter(fd, size=len(data))
+        if w.direct:  # a file system with direct I/O: a buffer of 4 pages, not GATHER
+            assert w._buf is not None and len(w._buf) == 4 * mmap.PAGESIZE
+        w.write(data)
+        w.finish()
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == data
