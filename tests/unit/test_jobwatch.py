@@ -412,6 +412,6 @@ def test_lsf_job_folder_made_by_another_user_does_not_count(lsf_job):
     env, tmp, _ = lsf_job
     made = tmp / "31.tmpdir"
     made.mkdir()
-    os.chown(made, pwd.getpwnam("bob").pw_uid, -1)
-    assert LSF(env).job_here("31", "n1") is Presence.ABSENT  # looked at as root: owned by bob, not root
+    os.chown(made, pwd.getpwnam("nobody").pw_uid, -1)  # another user (no lab needed: bob exists only with it)
+    assert LSF(env).job_here("31", "n1") is Presence.ABSENT  # looked at as root: owned by another, not root
 
