@@ -164,8 +164,8 @@ class FakeNode:
 class FakeNodes:
     """The master's :class:`~dxflow.master.tunnels.TunnelPool`, with nodes that exist only in this process.
 
-    Same interface: ``connect``, ``generation``, ``note``, ``channel``, ``read_file``, ``status``, ``close``
-(one connection per node here, whatever the job: no pam_slurm_adopt on these nodes);
+    Same interface: ``connect``, ``generation``, ``ended``, ``note``, ``channel``, ``read_file``, ``status``,
+    ``close`` (one connection per node here, whatever the job: no pam_slurm_adopt on these nodes);
     ``log`` records, in order, every file read (``"n1 read /proc/net/tcp"``) and channel opened
     (``"n1 open 7000"``) on a node.
     """
@@ -200,6 +200,9 @@ class FakeNodes:
 
     def note(self, address: str, job: str | None, generation: int) -> str:
         return ""  # the connection is never another job's (no pam_slurm_adopt here)
+
+    def ended(self, address: str, generation: int, wait: float = 0.0) -> bool:
+        return self.generation(address) != generation
 
     def _on(self, address: str, generation: int | None) -> FakeNode:
         if generation is None:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: how long a ControlMaster whose channels all ended may take to be seen gone (its process exits just after)
+TUNNEL_END_WAIT = 2.0
+
 #: what a passed check proved: this registration (pid, key) at this listener, on this transport generation.
 Ident = tuple[str, int, int, str]
 
@@ -91,9 +94,11 @@ class AgentChecks(AgentRequests):
         if current is not None and current.state != "gone" and current.reg.pid == agent.reg.pid:
             self.registry.set_state(agent.name, "lost", why)
 
-    def _heartbeat_ended(self, key: Key, why: str, dead: bool) -> None:
+    def _heartbeat_ended(self, key: Key, generation: int, why: str, dead: bool | None) -> None:
+        """What ends with a heartbeat stream: the proofs it backed (those on its generation; a newer check's
+        stand). A socket's end (``dead`` None) is judged by its tunnel, off this thread (:meth:`judge_end`)."""
         with self._lock:
-            names = [name for name, (proven, _) in self._verified.items() if proven[:2] == key]
+            names = [name for name, (proven, gen) in self._verified.items() if proven[:2] == key and gen == generation]
         for name in names:
             agent = self.registry.get(name)
             if agent is None:
@@ -102,12 +107,29 @@ class AgentChecks(AgentRequests):
                 self.lose(agent, why)
             else:
                 log.info("agent %s must be checked again: %s", name, why)
-                self.forget(agent)
+                self.forget(agent)   # at once: nothing is sent to it until a check proves it again
+                if dead is None:
+                    try:
+                        self._checks.submit(self.judge_end, agent, generation, why)
+                    except RuntimeError:  # the fleet is stopping
+                        pass
         if names:  # news: an agent's end is often its job's, whose epilog removes the registration now
             self._scan.reset()
             for policy in self._asks.values():
                 policy.want()
         self._wake.set()
+
+    def judge_end(self, agent: Agent, generation: int, why: str) -> None:
+        """A heartbeat socket on ``generation`` ended: the agent is lost unless the tunnel ended with it (an
+        OpenSSH ControlMaster's end, e.g. that of the job whose connection the agent borrowed, ends every
+        channel through it), or a check has proven the agent again meanwhile."""
+        if self.pool.ended(agent.reg.address, generation, wait=TUNNEL_END_WAIT):
+            log.info("agent %s: its heartbeat ended with the tunnel to its node (generation %d)", agent.name,
+                     generation)
+            return
+        with self._agent_lock(agent.name):
+            if self.verified(agent) is None:
+                self.lose(agent, why)
 
     def _agent_lock(self, name: str) -> threading.Lock:
         with self._lock:

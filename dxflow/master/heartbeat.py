@@ -5,10 +5,15 @@ writes a short line every few seconds and never ends the answer. When the agent'
 its kernel closes the socket, sshd on the node sends the channel's EOF, and the stream ends here
 within milliseconds, before anyone could bind the freed port and be sent a user's request.
 
-* The far side ended the stream while the tunnel is up (a channel EOF, a socket EOF or reset):
-  the agent is gone (``dead``).
-* The stream was cut because the node's tunnel closed, or it stayed silent for :data:`SILENT`:
-  that proves nothing either way; the agent must be checked again before it is used.
+* A paramiko channel's far side ended the stream (the channel's EOF): the agent is gone (``dead``).
+* A paramiko channel was cut because its transport closed, or any stream stayed silent for
+  :data:`SILENT`: that proves nothing either way; the agent must be checked again before it is used.
+* A socket ended (EOF or reset): through an OpenSSH ControlMaster that is what both the agent's end
+  and the ControlMaster's look like, so the end is reported as undecided (``dead=None``) and the
+  fleet asks the tunnel which it was (:meth:`dxflow.master.agentcheck.AgentChecks.judge_end`).
+
+Every end is reported with the tunnel generation its stream was opened on: a check may have proven the
+agent again on a newer one meanwhile, and what ends with an old stream is only what that stream proved.
 
 One thread serves every stream through a selector, not a thread per agent: a master holds
 hundreds of agents. A paramiko channel offers ``fileno()`` for that: a pipe, readable while data
@@ -27,7 +32,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import paramiko
 
@@ -73,10 +78,15 @@ class _Watched:
     last: float
 
 
-class Heartbeats:
-    """The open heartbeat streams; ``on_end(key, why, dead)`` is called (from their thread) when one ends."""
+#: ``on_end(key, generation, why, dead)``: dead is True (the agent ended), False (unknown: check it again)
+#: or None (a socket's end: the agent's or its tunnel's; the tunnel says which).
+OnEnd = Callable[[Key, int, str, Optional[bool]], None]
 
-    def __init__(self, on_end: Callable[[Key, str, bool], None]) -> None:
+
+class Heartbeats:
+    """The open heartbeat streams; ``on_end`` (:data:`OnEnd`) is called from their thread when one ends."""
+
+    def __init__(self, on_end: OnEnd) -> None:
         self._on_end = on_end
         self._lock = threading.Lock()
         self._watched: dict[Key, _Watched] = {}
@@ -194,18 +204,18 @@ class Heartbeats:
             except (socket.timeout, BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                self._end(w, f"agent stopped: its connection broke ({e})", dead=True)
+                self._end(w, f"agent stopped: its connection broke ({e})", dead=_dead(w.stream))
                 return
             if not data:
                 if isinstance(w.stream, paramiko.Channel) and not w.stream.eof_received:
                     # closed by our side of the tunnel (the transport went down), not by the agent's end
                     self._end(w, "the tunnel to its node closed", dead=False)
                 else:
-                    self._end(w, "agent stopped: its connection closed", dead=True)
+                    self._end(w, "agent stopped: its connection closed", dead=_dead(w.stream))
                 return
             w.last = time.monotonic()
 
-    def _end(self, w: _Watched, why: str, dead: bool) -> None:
+    def _end(self, w: _Watched, why: str, dead: bool | None) -> None:
         with self._lock:
             mine = self._watched.get(w.key) is w
             if mine:
@@ -215,7 +225,7 @@ class Heartbeats:
             return
         log.info("heartbeat of %s:%d ended: %s", w.key[0], w.key[1], why)
         try:
-            self._on_end(w.key, why, dead)
+            self._on_end(w.key, w.generation, why, dead)
         except Exception:  # noqa: BLE001 - the thread serves every other agent too
             log.exception("handling the end of the heartbeat of %s:%d", *w.key)
 
@@ -226,6 +236,12 @@ class Heartbeats:
         except (KeyError, ValueError, OSError):
             pass
         _close(w.stream)
+
+
+def _dead(stream: Stream) -> bool | None:
+    """What the far end of STREAM ending says: a paramiko channel's EOF comes from the agent's end (True); a
+    socket's (a ControlMaster's forwarding) may be the agent's or the ControlMaster's (None: undecided)."""
+    return True if isinstance(stream, paramiko.Channel) else None
 
 
 def _close(stream: Stream) -> None:

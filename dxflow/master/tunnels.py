@@ -185,6 +185,18 @@ class TunnelPool(EndedJobs):
             return self.openssh.generation(address, job)
         return self.adoption.pick(address, job, self._live, self._any_live, self._by_generation)
 
+    def ended(self, address: str, generation: int, wait: float = 0.0) -> bool:
+        """Whether the node's connection of that generation has ended, or ends within WAIT seconds (an
+        OpenSSH ControlMaster's end reaches its channels a moment before its process is seen gone);
+        never for this very host, which is reached without one."""
+        if address in self.local_names:
+            return False
+        with self._lock:
+            paramikos = generation in self._gens
+        if paramikos:
+            return self._by_generation(address, generation) is None
+        return self.openssh.ended(address, generation, wait)
+
     def _live(self, slot: Slot) -> int | None:
         """The generation of the slot's connection if it is up."""
         with self._lock:

@@ -59,6 +59,20 @@ class ControlMaster:
         """It was up, and its process is gone (not: it failed to start, or was ended by dxflow)."""
         return self.pidfd >= 0 and not self.alive()
 
+    def ends_within(self, timeout: float) -> bool:
+        """Whether its process has ended or ends within TIMEOUT seconds (True when none is watched)."""
+        try:
+            fd = os.dup(self.pidfd) if self.pidfd >= 0 else -1   # forget() may close it meanwhile
+        except OSError:
+            return True
+        if fd < 0:
+            return True
+        try:
+            readable, _, _ = select.select([fd], [], [], timeout)
+            return bool(readable)
+        finally:
+            os.close(fd)
+
     def forget(self) -> None:
         if self.pidfd >= 0:
             os.close(self.pidfd)

@@ -230,6 +230,16 @@ class OpenSSHPool(EndedJobs):
             m = self._masters.get(slot) if slot is not None and slot[0] == address else None
         return m if m is not None and m.generation == generation and m.alive() else None
 
+    def ended(self, address: str, generation: int, wait: float = 0.0) -> bool:
+        """Whether the node's ControlMaster of that generation has ended, or ends within WAIT seconds: a
+        channel through it that ended may have ended with it (its socket cannot say)."""
+        with self._lock:
+            slot = self._gens.get(generation)
+            m = self._masters.get(slot) if slot is not None and slot[0] == address else None
+        if m is None or m.generation != generation:
+            return True
+        return m.ends_within(wait)
+
     def _on(self, address: str, generation: int | None) -> ControlMaster:
         """The ControlMaster of that generation (the node's, for a caller that proved nothing);
         AgentUnreachable if it is gone (no other is used for it)."""

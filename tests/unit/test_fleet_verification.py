@@ -67,6 +67,12 @@ class GenerationPool(TunnelPool):
         super().__init__(config=None)
         self.gen = 1
         self.reads: list[str] = []
+        self.ended_gens: set[int] = set()   # the generations whose connection ended (a ControlMaster's end)
+        self.asked_ended: list[int] = []
+
+    def ended(self, address: str, generation: int, wait: float = 0.0) -> bool:
+        self.asked_ended.append(generation)
+        return generation in self.ended_gens
 
     def generation(self, address: str, job: str | None = None) -> int | None:
         return self.gen
@@ -306,6 +312,64 @@ def test_a_process_of_the_user_that_is_not_the_agent_fails_the_identity_check(ag
         fleet.stop()
 
 
+def end_heartbeat_stream(fleet: Fleet, key) -> None:
+    """The master's end of the agent's heartbeat socket reads EOF, as when the ControlMaster it went through
+    exits (or the agent closed it): the socket cannot say which."""
+    with fleet.heartbeats._lock:
+        w = fleet.heartbeats._watched[key]
+    w.stream.shutdown(socket.SHUT_RD)
+
+
+def test_a_heartbeat_socket_that_ends_with_its_tunnel_asks_for_a_check_and_the_agent_stays_ready(agent):
+    fleet = make_fleet(agent)
+    try:
+        a = fleet.relay_target(JOB, NODE)
+        key = ("localhost", a.reg.port)
+        fleet.pool.ended_gens.add(1)
+        fleet.pool.gen = 2   # the job whose connection the agent borrowed ended; the next is its own
+        end_heartbeat_stream(fleet, key)
+        _wait(lambda: fleet.pool.asked_ended == [1], 10, "the tunnel asked whether it ended")
+        time.sleep(0.2)
+        assert state_of(fleet, a.reg) == ("ready", "")
+        assert fleet.verified(a) is None     # nothing goes to it before it is proven again
+        assert fleet.relay_target(JOB, NODE).state == "ready"
+        assert fleet.verified(a) == 2 and fleet.heartbeats.generation(key) == 2
+    finally:
+        fleet.stop()
+
+
+def test_a_heartbeat_socket_that_ends_while_its_tunnel_lives_loses_the_agent(agent):
+    fleet = make_fleet(agent)
+    try:
+        a = fleet.relay_target(JOB, NODE)
+        end_heartbeat_stream(fleet, ("localhost", a.reg.port))
+        _wait(lambda: state_of(fleet, a.reg)[0] == "lost", 10, "the agent lost")
+        assert fleet.pool.asked_ended == [1]
+        assert state_of(fleet, a.reg)[1] == "agent stopped: its connection closed"
+        assert fleet.verified(a) is None
+    finally:
+        fleet.stop()
+
+
+def test_the_late_end_of_an_older_heartbeat_leaves_the_agents_newer_proof(agent):
+    """A stream's end reported after a check proved the agent again on a newer tunnel (the heartbeat thread
+    and the check ran at once) takes back what that stream proved, not the newer check's."""
+    fleet = make_fleet(agent)
+    try:
+        a = fleet.relay_target(JOB, NODE)
+        key = ("localhost", a.reg.port)
+        fleet.pool.gen = 2
+        assert fleet.relay_target(JOB, NODE).state == "ready" and fleet.verified(a) == 2
+        for dead in (True, False, None):
+            fleet.heartbeats._on_end(key, 1, "agent stopped: its connection closed", dead)
+        time.sleep(0.2)
+        assert state_of(fleet, a.reg) == ("ready", "")
+        assert fleet.verified(a) == 2 and fleet.heartbeats.generation(key) == 2
+        assert fleet.pool.asked_ended == []
+    finally:
+        fleet.stop()
+
+
 def test_a_relay_that_cannot_connect_marks_the_agent_lost(agent):
     fleet = make_fleet(agent)
     try:
@@ -328,8 +392,8 @@ def test_one_thread_watches_hundreds_of_heartbeats_and_names_the_one_that_ended(
     ended: list[tuple] = []
     done = threading.Event()
 
-    def on_end(key, why, dead):
-        ended.append((key, why, dead))
+    def on_end(key, generation, why, dead):
+        ended.append((key, generation, why, dead))
         done.set()
 
     beats = Heartbeats(on_end)
@@ -343,7 +407,8 @@ def test_one_thread_watches_hundreds_of_heartbeats_and_names_the_one_that_ended(
             theirs.sendall(b": beat\n\n")
         pairs[123][1].close()  # that agent's end of the stream
         assert done.wait(10)
-        assert ended == [(("n1", 10123), "agent stopped: its connection closed", True)]
+        # a socket: the agent's end or its ControlMaster's, which the fleet asks the tunnel about
+        assert ended == [(("n1", 10123), 1, "agent stopped: its connection closed", None)]
         assert beats.generation(("n1", 10123)) is None and beats.generation(("n1", 10124)) == 1
         assert len(beats) == 499
     finally:
@@ -356,7 +421,7 @@ def test_a_silent_heartbeat_asks_for_a_check_without_calling_the_agent_dead(monk
     monkeypatch.setattr(heartbeat, "SILENT", 0.2)
     monkeypatch.setattr(heartbeat, "SCAN_EVERY", 0.1)
     ended: list[tuple] = []
-    beats = Heartbeats(lambda key, why, dead: ended.append((key, dead)))
+    beats = Heartbeats(lambda key, generation, why, dead: ended.append((key, dead)))
     ours, theirs = socket.socketpair()
     try:
         beats.add(("n1", 1), ours, 1)

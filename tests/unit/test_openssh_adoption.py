@@ -195,3 +195,18 @@ def test_a_channel_on_a_controlmaster_that_ended_is_refused_not_rerouted(pool, n
     node.logins[0].end()
     with pytest.raises(AgentUnreachable, match="closed since the agent was checked"):
         pool.channel("n1", 7000, generation=seven)
+
+
+def test_the_pool_says_which_controlmaster_ended_and_waits_a_moment_for_one_ending(pool, node):
+    """A heartbeat socket through a ControlMaster ends a moment before its process is seen gone: the pool
+    waits up to ``wait`` for that end, and says no for one that lives on."""
+    seven = pool.connect("n1", job="7")
+    node.newest = "8"
+    eight = pool.connect("n1", job="8")
+    assert not pool.ended("n1", seven) and not pool.ended("n1", eight, wait=0.2)
+    login = node.by_job("8")[0]
+    login.proc.terminate()                    # not waited for: its end is seen through the pidfd alone
+    assert pool.ended("n1", eight, wait=10)
+    assert not pool.ended("n1", seven, wait=0.1)
+    assert pool.ended("n1", 999)              # a generation the pool never had, or has forgotten
+    login.proc.wait()
