@@ -4,6 +4,9 @@ The terminal is put in cbreak mode (keys come one at a time, unechoed; Ctrl-C st
 the alternate screen with the cursor hidden, and given back exactly as it was however the view ends:
 ``q``, Ctrl-C, SIGTERM or SIGHUP, or an error. The master is asked from a thread, so that a slow
 answer never holds up a key: ``q`` quits at once, a new sort key redraws at once (and asks again).
+A signal may be delivered to that thread rather than the one drawing, and Python runs its handler in
+the drawing thread only once it wakes: every signal also writes to the pipe it waits on
+(``signal.set_wakeup_fd``), so Ctrl-C ends the view at once even while an answer is late.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def live_view(fetch: Callable[[str], dict], draw: Callable[[dict, str, os.termin
     fd_in, out = sys.stdin.fileno(), sys.stdout
     saved = termios.tcgetattr(fd_in)
     wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)   # as set_wakeup_fd needs; a full pipe wakes the view anyway
     shared: dict[str, Any] = {"sort": SORTS.get(sort, sort), "data": None, "error": ""}
     lock = threading.Lock()
     again, stopped = threading.Event(), threading.Event()
@@ -66,6 +70,7 @@ def live_view(fetch: Callable[[str], dict], draw: Callable[[dict, str, os.termin
 
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     old_handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, wake)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
     try:
         tty.setcbreak(fd_in, termios.TCSANOW)
         out.write(ENTER + HOME_CLEAR + "dxflow top: asking the job's nodes…")
@@ -100,6 +105,7 @@ def live_view(fetch: Callable[[str], dict], draw: Callable[[dict, str, os.termin
     finally:
         stopped.set()
         again.set()
+        signal.set_wakeup_fd(old_wakeup)
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
         out.write(LEAVE)

@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: how long a ControlMaster whose channels all ended may take to be seen gone (its process exits just after)
-TUNNEL_END_WAIT = 2.0
-
 #: what a passed check proved: this registration (pid, key) at this listener, on this transport generation.
 Ident = tuple[str, int, int, str]
 
@@ -123,7 +120,7 @@ class AgentChecks(AgentRequests):
         """A heartbeat socket on ``generation`` ended: the agent is lost unless the tunnel ended with it (an
         OpenSSH ControlMaster's end, e.g. that of the job whose connection the agent borrowed, ends every
         channel through it), or a check has proven the agent again meanwhile."""
-        if self.pool.ended(agent.reg.address, generation, wait=TUNNEL_END_WAIT):
+        if self.pool.ended(agent.reg.address, generation):
             log.info("agent %s: its heartbeat ended with the tunnel to its node (generation %d)", agent.name,
                      generation)
             return
@@ -160,6 +157,7 @@ class AgentChecks(AgentRequests):
             self.forget(agent)
             self.registry.set_state(agent.name, "incompatible", why)
             return
+        gen: int | None = None
         try:
             proven = gen = self.verified(agent)
             if gen is None:
@@ -190,7 +188,13 @@ class AgentChecks(AgentRequests):
                                            node_info=info):
                 self.forget(agent)  # its registration went while it was checked: nothing proven stays
         except DxflowError as e:
-            self.lose(agent, str(e))
+            if gen is not None and self.pool.ended(agent.reg.address, gen):
+                # the connection ended under the check (a borrowed one, with its job): proves nothing of the agent
+                log.info("agent %s must be checked again: the tunnel to its node closed during its check (%s)",
+                         agent.name, e)
+                self.forget(agent)
+            else:
+                self.lose(agent, str(e))
         except Exception as e:  # noqa: BLE001
             log.exception("checking %s", agent.name)
             self.lose(agent, f"{type(e).__name__}: {e}")

@@ -43,12 +43,16 @@ class AgentConnection(TunnelHTTPConnection):
         try:
             super().connect()
         except AgentUnreachable as e:
-            if self._fleet.pool.generation(self._agent.reg.address, job=self._agent.reg.job) == self.generation:
-                # the tunnel is fine
-                self._fleet.lose(self._agent, f"agent stopped: its port refused the connection ({e})")
-            else:
-                self._fleet.forget(self._agent)
+            self._failed(f"agent stopped: its port refused the connection ({e})")
             raise
+
+    def _failed(self, why: str) -> None:
+        """The agent is lost, unless its tunnel ended (then it must only be checked again): through an OpenSSH
+        ControlMaster that is ending, a channel fails the same way as to a port nobody holds."""
+        if self.generation is not None and self._fleet.pool.ended(self._agent.reg.address, self.generation):
+            self._fleet.forget(self._agent)
+        else:
+            self._fleet.lose(self._agent, why)
 
     def send(self, data) -> None:
         try:
@@ -63,7 +67,7 @@ class AgentConnection(TunnelHTTPConnection):
             raise
         except (OSError, http.client.HTTPException) as e:
             if not self.answered:
-                self._fleet.lose(self._agent, f"agent stopped: it closed a connection without answering ({e})")
+                self._failed(f"agent stopped: it closed a connection without answering ({e})")
             raise
         self.answered = True
         return resp

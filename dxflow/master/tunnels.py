@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
 MAX_HOPS = 8
+#: how long an OpenSSH ControlMaster whose channels ended may take to be seen gone (its process exits just after)
+END_SEEN_WITHIN = 2.0
 
 
 def _setting() -> str:
@@ -185,10 +187,11 @@ class TunnelPool(EndedJobs):
             return self.openssh.generation(address, job)
         return self.adoption.pick(address, job, self._live, self._any_live, self._by_generation)
 
-    def ended(self, address: str, generation: int, wait: float = 0.0) -> bool:
+    def ended(self, address: str, generation: int, wait: float = END_SEEN_WITHIN) -> bool:
         """Whether the node's connection of that generation has ended, or ends within WAIT seconds (an
         OpenSSH ControlMaster's end reaches its channels a moment before its process is seen gone);
-        never for this very host, which is reached without one."""
+        never for this very host, which is reached without one. Asked when something failed through it:
+        the agent's end and the tunnel's look alike there."""
         if address in self.local_names:
             return False
         with self._lock:
