@@ -4,9 +4,10 @@ The terminal is put in cbreak mode (keys come one at a time, unechoed; Ctrl-C st
 the alternate screen with the cursor hidden, and given back exactly as it was however the view ends:
 ``q``, Ctrl-C, SIGTERM or SIGHUP, or an error. The master is asked from a thread, so that a slow
 answer never holds up a key: ``q`` quits at once, a new sort key redraws at once (and asks again).
-A signal may be delivered to that thread rather than the one drawing, and Python runs its handler in
-the drawing thread only once it wakes: every signal also writes to the pipe it waits on
-(``signal.set_wakeup_fd``), so Ctrl-C ends the view at once even while an answer is late.
+A signal the kernel delivers to that thread rather than the one drawing has its handler run only once
+the drawing thread wakes, which a late answer may not do for a long while: the asking thread blocks the
+view's signals, and every signal also writes to the pipe the view waits on (``signal.set_wakeup_fd``),
+so Ctrl-C ends the view at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dxflow.cli.top import ENTER, HOME, HOME_CLEAR, LEAVE, SORTS
 from dxflow.errors import DxflowError
 
 QUIT_KEYS = ("q", "Q")  # not Escape: arrow keys send it first
+#: the signals the view answers: blocked in the asking thread, so that the kernel hands them to the drawing one
+SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH}
 
 
 class _Stop(Exception):
@@ -50,6 +53,7 @@ def live_view(fetch: Callable[[str], dict], draw: Callable[[dict, str, os.termin
             pass  # the view has ended
 
     def fetcher() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)   # the drawing thread's to take
         while not stopped.is_set():
             with lock:
                 sort_now = shared["sort"]
