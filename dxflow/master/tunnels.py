@@ -31,7 +31,7 @@ from dxflow.errors import AgentUnreachable, ConfigError
 from dxflow.ssh import options as ssh_options
 from dxflow.ssh import paramiko_login
 from dxflow.ssh.paramiko_login import CONNECT_TIMEOUT
-from dxflow.ssh.adoption import Adoption, EndedJobs, Slot
+from dxflow.ssh.adoption import Adoption, EndedJobs, Slot, refused_pause
 from dxflow.ssh.openssh import OpenSSHPool
 from dxflow.ssh.transport import UseOpenSSH, transport_setting
 
@@ -132,7 +132,7 @@ class TunnelPool(EndedJobs):
         self.adoption.forget(generation)
         node.error = (f"the login landed in job {landed}, whose connection ended (the job is ending): "
                       "closed at once, so that the job can end")
-        node.retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** refusals)
+        node.retry_at = time.monotonic() + refused_pause(refusals)
         raise AgentUnreachable(f"{slot[0]}: {node.error}")
 
     def file(self, old: Slot, new: Slot, generation: int) -> int:

@@ -38,6 +38,16 @@ Slot = tuple[str, str | None]
 #: the other job is newer, every login lands there (and is closed again as a duplicate)
 BORROW_RETRY = 60.0
 
+#: the longest pause before a login is tried again after logins landed in an ending job: that job ends within
+#: Slurm's KillWait (30 s by default) plus its epilog, and a copy waiting on the node resumes at most this long
+#: after; each try costs the node one login
+REFUSED_RETRY_MAX = 4.0
+
+
+def refused_pause(refusals: int) -> float:
+    """Seconds before the next login after ``refusals`` logins in a row landed in an ending job: 1, 2, 4, 4…"""
+    return min(REFUSED_RETRY_MAX, 0.5 * 2 ** refusals)
+
 
 class EndedJobs:
     """The part of :class:`Connections` both pools share: the per-job slots whose connection ended,

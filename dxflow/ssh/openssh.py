@@ -33,7 +33,7 @@ from typing import NoReturn
 from dxflow.errors import AgentUnreachable, ConfigError
 from dxflow.layout import UserLayout
 from dxflow.ssh import control, mux
-from dxflow.ssh.adoption import Adoption, EndedJobs, Slot
+from dxflow.ssh.adoption import Adoption, EndedJobs, Slot, refused_pause
 from dxflow.ssh.controlmaster import COMMAND_TIMEOUT, CONNECT_TIMEOUT, ControlMaster, LoginNeeded
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class OpenSSHPool(EndedJobs):
                 self._end(slot[0], m)
             m.refusals += 1
             m.error = f"{slot[0]}: {why}"
-            m.retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** m.refusals)
+            m.retry_at = time.monotonic() + refused_pause(m.refusals)
         with self._lock:
             self._gens.pop(generation, None)
         self.adoption.forget(generation)

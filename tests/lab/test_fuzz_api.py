@@ -36,7 +36,7 @@ ST = "/opt/dxflow/venv/bin/st"
 USER = "alice"
 EXCLUDE = r"^/api/exec$|/follow$|^/api/shell$|^/api/heartbeat$|^/proxy/"
 #: the time budget of each API's run: every operation is reached in a few seconds; the rest is more fuzzing
-SECONDS = 25
+SECONDS = 15
 
 
 @pytest.fixture

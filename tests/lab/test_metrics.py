@@ -29,7 +29,7 @@ from conftest import DXFLOW, as_user, dxflow, dxflow_json, job_state, on_node, w
 ALICE_HOME = Path(pwd.getpwnam("alice").pw_dir)
 #: one core busy for BUSY seconds in a job given two (a shell loop: no Python in the job's way); the
 #: batch shell then prints, with `times`, the CPU its children used: the kernel's own count
-BUSY = 40
+BUSY = 20
 BUSY_JOB = f"timeout {BUSY} sh -c 'while :; do :; done'; times"
 
 

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import DXFLOW, node_nsenter, run, wait_for
+from conftest import DXFLOW, Jobs, node_nsenter, run, wait_for
 
 from dxflow import enroll
 
@@ -194,21 +194,26 @@ def hook(kind: str, config: Path, job: str, user: str, node: str) -> None:
          "--scheduler", "slurm"], timeout=60)
 
 
-@pytest.fixture
-def agent(site, jobs):
+@pytest.fixture(scope="module")
+def agent(site):
     """alice's running job on n1 and its qlab agent, started by the prolog with the site config; the
-    agent's name. Stopped by the epilog afterwards."""
+    agent's name. One for the module's tests, which only look at it and attack it; stopped by the epilog
+    afterwards."""
     folder, config, ports = site
-    job = jobs.submit("alice", "sleep 300", "-w", "n1", "--mem=64M")
-    jobs.wait_running(job, BUSY_LAB)
-    hook("prolog", config, job, "alice", "n1")
-    name = f"{CLUSTER}.{job}.n1"
+    jobs = Jobs()
     try:
-        wait_for(lambda: control(ports, "/connected", name=name).get("connected"), 60,
-                 what=f"{name} connected to the gateway (hook log: {folder}/hooks.log)")
-        yield job, name
+        job = jobs.submit("alice", "sleep 600", "-w", "n1", "--mem=64M")
+        jobs.wait_running(job, BUSY_LAB)
+        hook("prolog", config, job, "alice", "n1")
+        name = f"{CLUSTER}.{job}.n1"
+        try:
+            wait_for(lambda: control(ports, "/connected", name=name).get("connected"), 60,
+                     what=f"{name} connected to the gateway (hook log: {folder}/hooks.log)")
+            yield job, name
+        finally:
+            hook("epilog", config, job, "alice", "n1")
     finally:
-        hook("epilog", config, job, "alice", "n1")
+        jobs.cancel_all()
 
 
 def attack(site, username: str, credential: str, private_key: str, node: str = "n2") -> str:

@@ -15,6 +15,7 @@ import json
 import re
 import shlex
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -164,7 +165,8 @@ GET = ("import sys, urllib.request\n"
     ("metrics", "{job}"),
 ])
 def test_bob_gets_no_such_job_for_alices(job, args):
-    mine, never = refused(BOB, args, job), refused(BOB, args, NEVER)
+    with ThreadPoolExecutor(2) as both:   # at once: each waits the same few seconds for an agent that never comes
+        mine, never = both.map(lambda j: refused(BOB, args, j), (job, NEVER))
     expected = WAITING if args[0] == "forward" else 5  # NotFound; forward waits for an agent of the job
     assert mine.returncode == never.returncode == expected, (mine, never)
     assert refusal(mine) == refusal(never), (mine.stdout, mine.stderr, never.stdout, never.stderr)

@@ -154,6 +154,23 @@ def test_a_login_landing_in_an_ending_job_is_closed_at_once_and_tried_again_late
     assert pool.generation("n1", job="7") == own and pool.note("n1", "7", own) == ""
 
 
+def test_logins_landing_in_an_ending_job_again_and_again_pause_1_2_then_4_s_at_most(pool):
+    """A job may take Slurm's KillWait (30 s) and its epilog to end: the pause stops growing at 4 s, so that a
+    copy waiting for the node resumes soon after, at the cost of a login every 4 s meanwhile."""
+    node = AdoptingNode(pool, newest="8")
+    pool.connect("n1", job="8")
+    pool.connect("n1", job="7")
+    node.logins[0].close()                   # job 8 is ending, for a long while
+    pauses = []
+    for _ in range(6):
+        for n in pool._nodes.values():       # the pause is over (not waited for here)
+            n.retry_at = 0.0
+        with pytest.raises(AgentUnreachable, match="landed in job 8, whose connection ended"):
+            pool.connect("n1", job="7")
+        pauses.append(round(max(n.retry_at for n in pool._nodes.values()) - time.monotonic()))
+    assert pauses == [1, 2, 4, 4, 4, 4]
+
+
 def test_a_job_whose_connection_broke_may_log_in_to_itself_again(pool):
     """A connection that ended without its job (a network failure) is opened again into the same job."""
     node = AdoptingNode(pool, newest="7")
