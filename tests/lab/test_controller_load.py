@@ -81,7 +81,7 @@ ALONE = 65
 
 
 @pytest.fixture(scope="module", autouse=True)
-def left_alone(tmp_path_factory):
+def left_alone(lab, tmp_path_factory):
     """A 2-node job's agents, as the prolog started them, traced from this module's start; the module's last
     test reads what they asked while the other tests ran (the minute it takes is then not spent waiting).
     Yields (job, trace, when the trace started)."""
@@ -101,7 +101,7 @@ def left_alone(tmp_path_factory):
 def test_an_agent_sees_its_job_end_on_its_node_without_asking(jobs, tmp_path, agent_log):
     """The look at the node every second (the lab tests' interval) finds the job's step there, then
     gone: the agent stops and has asked slurmctld nothing. Before: `squeue --json` every second."""
-    job = jobs.submit("alice", "sleep 15", "--nodelist=n1")
+    job = jobs.submit("alice", "sleep 10", "--nodelist=n1")
     jobs.wait_running(job)
     cluster = f"dxload{os.getpid()}"
     agent_log(cluster, job, "n1")
@@ -147,7 +147,7 @@ def test_logs_follow_learns_the_end_from_the_agent_not_from_slurmctld(jobs, tmp_
     out = Path(ALICE.pw_dir) / f"dxload-{os.getpid()}.out"
     # the last line a few seconds before the end: with PrologFlags=Contain Slurm kills the agent with the
     # job's extern step at once, and a line written in the job's last milliseconds may never be sent
-    job = jobs.submit("alice", "echo first; sleep 20; echo last; sleep 3", "--nodelist=n1", f"--output={out}")
+    job = jobs.submit("alice", "echo first; sleep 10; echo last; sleep 3", "--nodelist=n1", f"--output={out}")
     try:
         wait_for(lambda: registered(job, 1), 60, what=f"the agent of job {job}")
         trace = Trace(tmp_path / "agent.strace", pids=agent_pids(job), syscalls="execve")

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from gunicorn_proc import running, serve
@@ -120,6 +121,14 @@ def make_fleet(agent, pool: TunnelPool | None = None) -> Fleet:
     fleet = Fleet(agent["base"], getpass.getuser(), pool=pool or GenerationPool())
     fleet.registry.upsert(agent["reg"])
     return fleet
+
+
+@pytest.fixture
+def fleet(agent) -> Iterator[Fleet]:
+    """A fleet of the test's user holding the running agent, on a :class:`GenerationPool`; stopped after."""
+    f = make_fleet(agent)
+    yield f
+    f.stop()
 
 
 def state_of(fleet: Fleet, reg: Registration) -> tuple[str, str]:
@@ -320,54 +329,42 @@ def end_heartbeat_stream(fleet: Fleet, key) -> None:
     w.stream.shutdown(socket.SHUT_RD)
 
 
-def test_a_heartbeat_socket_that_ends_with_its_tunnel_asks_for_a_check_and_the_agent_stays_ready(agent):
-    fleet = make_fleet(agent)
-    try:
-        a = fleet.relay_target(JOB, NODE)
-        key = ("localhost", a.reg.port)
-        fleet.pool.ended_gens.add(1)
-        fleet.pool.gen = 2   # the job whose connection the agent borrowed ended; the next is its own
-        end_heartbeat_stream(fleet, key)
-        _wait(lambda: fleet.pool.asked_ended == [1], 10, "the tunnel asked whether it ended")
-        time.sleep(0.2)
-        assert state_of(fleet, a.reg) == ("ready", "")
-        assert fleet.verified(a) is None     # nothing goes to it before it is proven again
-        assert fleet.relay_target(JOB, NODE).state == "ready"
-        assert fleet.verified(a) == 2 and fleet.heartbeats.generation(key) == 2
-    finally:
-        fleet.stop()
+def test_a_heartbeat_socket_that_ends_with_its_tunnel_asks_for_a_check_and_the_agent_stays_ready(fleet):
+    a = fleet.relay_target(JOB, NODE)
+    key = ("localhost", a.reg.port)
+    fleet.pool.ended_gens.add(1)
+    fleet.pool.gen = 2   # the job whose connection the agent borrowed ended; the next is its own
+    end_heartbeat_stream(fleet, key)
+    _wait(lambda: fleet.pool.asked_ended == [1], 10, "the tunnel asked whether it ended")
+    time.sleep(0.2)
+    assert state_of(fleet, a.reg) == ("ready", "")
+    assert fleet.verified(a) is None     # nothing goes to it before it is proven again
+    assert fleet.relay_target(JOB, NODE).state == "ready"
+    assert fleet.verified(a) == 2 and fleet.heartbeats.generation(key) == 2
 
 
-def test_a_heartbeat_socket_that_ends_while_its_tunnel_lives_loses_the_agent(agent):
-    fleet = make_fleet(agent)
-    try:
-        a = fleet.relay_target(JOB, NODE)
-        end_heartbeat_stream(fleet, ("localhost", a.reg.port))
-        _wait(lambda: state_of(fleet, a.reg)[0] == "lost", 10, "the agent lost")
-        assert fleet.pool.asked_ended == [1]
-        assert state_of(fleet, a.reg)[1] == "agent stopped: its connection closed"
-        assert fleet.verified(a) is None
-    finally:
-        fleet.stop()
+def test_a_heartbeat_socket_that_ends_while_its_tunnel_lives_loses_the_agent(fleet):
+    a = fleet.relay_target(JOB, NODE)
+    end_heartbeat_stream(fleet, ("localhost", a.reg.port))
+    _wait(lambda: state_of(fleet, a.reg)[0] == "lost", 10, "the agent lost")
+    assert fleet.pool.asked_ended == [1]
+    assert state_of(fleet, a.reg)[1] == "agent stopped: its connection closed"
+    assert fleet.verified(a) is None
 
 
-def test_the_late_end_of_an_older_heartbeat_leaves_the_agents_newer_proof(agent):
+def test_the_late_end_of_an_older_heartbeat_leaves_the_agents_newer_proof(fleet):
     """A stream's end reported after a check proved the agent again on a newer tunnel (the heartbeat thread
     and the check ran at once) takes back what that stream proved, not the newer check's."""
-    fleet = make_fleet(agent)
-    try:
-        a = fleet.relay_target(JOB, NODE)
-        key = ("localhost", a.reg.port)
-        fleet.pool.gen = 2
-        assert fleet.relay_target(JOB, NODE).state == "ready" and fleet.verified(a) == 2
-        for dead in (True, False, None):
-            fleet.heartbeats._on_end(key, 1, "agent stopped: its connection closed", dead)
-        time.sleep(0.2)
-        assert state_of(fleet, a.reg) == ("ready", "")
-        assert fleet.verified(a) == 2 and fleet.heartbeats.generation(key) == 2
-        assert fleet.pool.asked_ended == []
-    finally:
-        fleet.stop()
+    a = fleet.relay_target(JOB, NODE)
+    key = ("localhost", a.reg.port)
+    fleet.pool.gen = 2
+    assert fleet.relay_target(JOB, NODE).state == "ready" and fleet.verified(a) == 2
+    for dead in (True, False, None):
+        fleet.heartbeats._on_end(key, 1, "agent stopped: its connection closed", dead)
+    time.sleep(0.2)
+    assert state_of(fleet, a.reg) == ("ready", "")
+    assert fleet.verified(a) == 2 and fleet.heartbeats.generation(key) == 2
+    assert fleet.pool.asked_ended == []
 
 
 def test_a_relay_that_cannot_connect_marks_the_agent_lost(agent):

@@ -3,6 +3,7 @@ is late, and gives the terminal back as it was (the view against a real job: tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -67,11 +68,9 @@ def child():
         return started[-1]
     yield start
     for pid, master in started:
-        try:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):   # ended already, and reaped
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
         os.close(master)
 
 
