@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,11 @@ def test_pidfile_and_liveness(tmp_path: Path) -> None:
     assert procs.read_pidfile(pidfile) is None
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
+        # until the child has exec'd, its command line is this process's, and empty during the exec itself
+        # (seen on a loaded CI machine): what a pid file's reader sees of a daemon still starting
+        deadline = time.monotonic() + 10
+        while "time.sleep(30)" not in " ".join(procs.cmdline(child.pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
         pidfile.write_text(f"{child.pid}\n")
         assert procs.read_pidfile(pidfile) == child.pid
         assert procs.alive(child.pid)
