@@ -144,17 +144,23 @@ class Heartbeats:
         _raise_fd_limit()
         self._selector = selectors.DefaultSelector()
         self._wake = os.pipe()
-        os.set_blocking(self._wake[0], False)
+        for fd in self._wake:   # the thread drains without waiting; a poke to a full pipe is not needed
+            os.set_blocking(fd, False)
         self._selector.register(self._wake[0], selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
         self._thread.start()
 
     def _poke(self) -> None:
-        if self._wake is not None:
+        # under the lock: the thread closes the pipe under it, and a closed number may be another file's next
+        with self._lock:
+            if self._wake is None:
+                return
             try:
                 os.write(self._wake[1], b"x")
             except BlockingIOError:  # the pipe is full: the thread is awake anyway
                 pass
+            except OSError as e:  # closed under us: the thread still looks within SCAN_EVERY
+                log.warning("cannot wake the heartbeat thread: %s", e)
 
     def _run(self) -> None:
         assert self._selector is not None and self._wake is not None
@@ -175,7 +181,9 @@ class Heartbeats:
                 for w in silent:
                     self._end(w, f"its heartbeat was silent for {SILENT:.0f} s", dead=False)
         self._selector.close()
-        for fd in self._wake:
+        with self._lock:
+            wake, self._wake = self._wake, None
+        for fd in wake:
             os.close(fd)
 
     def _apply(self) -> bool:

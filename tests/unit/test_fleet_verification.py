@@ -414,6 +414,28 @@ def test_one_thread_watches_hundreds_of_heartbeats_and_names_the_one_that_ended(
             theirs.close()
 
 
+def test_a_stopped_heartbeat_thread_leaves_no_descriptor_behind_to_write_to():
+    """Its wake pipe closed with the thread; a later stop or drop (a fleet stopped twice, a check ending after
+    the stop) writes nowhere: not to a closed descriptor, nor to whatever file took its number since."""
+    beats = Heartbeats(lambda *args: None)
+    ours, theirs = socket.socketpair()
+    beats.add(("n1", 1), ours, 1)
+    beats.stop()
+    assert beats._thread is not None
+    beats._thread.join(10)
+    r, w = os.pipe()   # likely the numbers the thread closed
+    try:
+        beats.stop()
+        beats.drop(("n1", 1))
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        theirs.close()
+
+
 def test_a_silent_heartbeat_asks_for_a_check_without_calling_the_agent_dead(monkeypatch):
     monkeypatch.setattr(heartbeat, "SILENT", 0.2)
     monkeypatch.setattr(heartbeat, "SCAN_EVERY", 0.1)
