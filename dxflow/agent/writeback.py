@@ -94,13 +94,14 @@ class DiskWriter:
     """Write a file's bytes in order to ``fd`` (opened for writing at offset 0); call :meth:`finish` before
     the fsync that makes the file last. ``direct``: whether the bytes still bypass the page cache.
     ``size``, when known: a file under a page goes through the page cache at once (a ``cp -r`` of many
-    small files pays no buffer and no ``fcntl`` for them), a larger one gathers no more than it holds."""
+    small files pays no buffer and no ``fcntl`` for them), a larger one gathers no more than its whole
+    pages (its last partial page goes through the page cache in any case)."""
 
     def __init__(self, fd: int, size: int | None = None, gather: int = GATHER, try_direct: bool = True) -> None:
         self.fd = fd
         self.offset = 0  # bytes handed to write(2) so far
         if size is not None:
-            gather = min(gather, -(-size // ALIGN) * ALIGN)
+            gather = min(gather, size // ALIGN * ALIGN)
         self.direct = try_direct and gather >= ALIGN and _set_direct(fd, True)
         self._buf = mmap.mmap(-1, gather) if self.direct else None  # page-aligned
         self._held = 0  # bytes gathered in _buf, not written yet

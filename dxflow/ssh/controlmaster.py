@@ -48,23 +48,31 @@ class ControlMaster:
     login_needed: bool = False
     refusals: int = 0   # ControlMasters ended at once since the last one kept (logins in an ending job)
     procs: list[subprocess.Popen] = field(default_factory=list)   # channel processes, reaped as they end
+    #: held while the pidfd is read, closed or replaced: a number closed under a reader may be another file's next
+    fd_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def alive(self) -> bool:
-        if self.pidfd < 0:
-            return False
-        readable, _, _ = select.select([self.pidfd], [], [], 0)  # a pidfd turns readable when the process ends
+        with self.fd_lock:
+            if self.pidfd < 0:
+                return False
+            readable, _, _ = select.select([self.pidfd], [], [], 0)  # a pidfd turns readable when the process ends
         return not readable
 
     def ended(self) -> bool:
         """It was up, and its process is gone (not: it failed to start, or was ended by dxflow)."""
-        return self.pidfd >= 0 and not self.alive()
+        with self.fd_lock:
+            if self.pidfd < 0:
+                return False
+            readable, _, _ = select.select([self.pidfd], [], [], 0)
+        return bool(readable)
 
     def ends_within(self, timeout: float) -> bool:
         """Whether its process has ended or ends within TIMEOUT seconds (True when none is watched)."""
-        try:
-            fd = os.dup(self.pidfd) if self.pidfd >= 0 else -1   # forget() may close it meanwhile
-        except OSError:
-            return True
+        with self.fd_lock:   # a copy of its own to wait on: forget() may close the pidfd meanwhile
+            try:
+                fd = os.dup(self.pidfd) if self.pidfd >= 0 else -1
+            except OSError:
+                return True
         if fd < 0:
             return True
         try:
@@ -74,9 +82,10 @@ class ControlMaster:
             os.close(fd)
 
     def forget(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-        self.pidfd, self.pid = -1, 0
+        with self.fd_lock:
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+            self.pidfd, self.pid = -1, 0
 
     def take(self, address: str, ctl: Path, config: str | None, numbers: Iterator[int],
              known: Callable[[int], bool]) -> bool:
@@ -100,7 +109,8 @@ class ControlMaster:
         except OSError:
             return False
         self.forget()
-        self.ctl, self.pid, self.pidfd = ctl, pid, pidfd
+        with self.fd_lock:
+            self.ctl, self.pid, self.pidfd = ctl, pid, pidfd
         self.generation = next(numbers)
         log.info("SSH ControlMaster for %s: pid %d (%s)", address, pid, ctl)
         return True
