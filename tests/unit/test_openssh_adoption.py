@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 from dxflow.errors import AgentUnreachable
 from dxflow.layout import UserLayout
 from dxflow.master import tunnels
-from dxflow.ssh import adoption
+from dxflow.ssh import adoption, controlmaster
 from dxflow.ssh.controlmaster import ControlMaster, LoginNeeded
 from dxflow.ssh.openssh import OpenSSHPool
 
@@ -210,3 +211,31 @@ def test_the_pool_says_which_controlmaster_ended_and_waits_a_moment_for_one_endi
     assert not pool.ended("n1", seven, wait=0.1)
     assert pool.ended("n1", 999)              # a generation the pool never had, or has forgotten
     login.proc.wait()
+
+
+def test_a_controlmaster_forgotten_by_two_threads_at_once_closes_its_pidfd_once(monkeypatch):
+    """The pool's reaper and a check may forget one ControlMaster together: a second close of the same
+    number would close whatever file took the number meanwhile (another thread's pipe or socket)."""
+    proc = subprocess.Popen(["sleep", "30"])
+    closed: list[int] = []
+    real_close = os.close
+
+    def slow_close(fd: int) -> None:   # widens the window between "is it open?" and the close
+        closed.append(fd)
+        time.sleep(0.1)
+        real_close(fd)
+
+    try:
+        m = ControlMaster(Path("/nonexistent/ctl"))
+        m.pid, m.pidfd = proc.pid, os.pidfd_open(proc.pid)
+        fd = m.pidfd
+        monkeypatch.setattr(controlmaster.os, "close", slow_close)
+        threads = [threading.Thread(target=m.forget) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert closed == [fd] and m.pidfd == -1 and not m.alive() and not m.ended()
+    finally:
+        proc.kill()
+        proc.wait()
