@@ -30,6 +30,8 @@ from dxflow.site.config import ClusterConfig, SiteServiceConfig
 from dxflow.site.query import ClusterJobs
 
 USER = getpass.getuser()
+#: the stories' other user ("bob"), never whoever runs the tests (a developer may be bob)
+OTHER_USER = "bob" if USER != "bob" else "alice"
 
 
 def squeue(folder, lines: list[str]) -> None:
@@ -84,7 +86,7 @@ def test_the_master_asks_once_for_lookups_close_together_and_not_for_what_the_wa
 
 
 def test_a_job_not_the_users_is_answered_as_not_listed(master):
-    squeue(master.bin, ["77|bob|RUNNING|n3"])  # `squeue --user` lists only the user's own; bob's is not
+    squeue(master.bin, [f"77|{OTHER_USER}|RUNNING|n3"])  # `squeue --user` lists only the user's own; bob's is not
     answer = master.lookup("77")
     assert (answer["state"], answer["nodes"]) == ("ended", [])
     assert "lists no such job of yours" in answer["why"]
@@ -143,7 +145,7 @@ def test_the_route_answers_json_and_refuses_a_bad_job_id(master):
 
 def test_the_site_answers_from_the_requesting_users_jobs_on_each_cluster(tmp_path):
     c1 = tmp_path / "c1bin"
-    squeue(c1, [f"42|{USER}|RUNNING|n[1-2]", "77|bob|RUNNING|n3"])
+    squeue(c1, [f"42|{USER}|RUNNING|n[1-2]", f"77|{OTHER_USER}|RUNNING|n3"])
     config = SiteServiceConfig(state_dir=str(tmp_path), replica="r1", clusters={
         "c1": ClusterConfig(name="c1", scheduler="slurm", scheduler_bin=str(c1))})
     fleet = SimpleNamespace(config=config, jobs=ClusterJobs(config), current_user=lambda: SimpleNamespace(name=USER),
@@ -152,7 +154,7 @@ def test_the_site_answers_from_the_requesting_users_jobs_on_each_cluster(tmp_pat
     assert ask("42")["nodes"] == ["n1", "n2"]
     assert ask("c1~42")["job"] == "c1~42"
     # the site asks `squeue --user` as the requesting user: bob's job is not in the answer
-    fleet.current_user = lambda: SimpleNamespace(name="bob")
+    fleet.current_user = lambda: SimpleNamespace(name=OTHER_USER)
     assert ask("42")["state"] == "ended"
     assert ask("c9~42")["state"] == "ended"  # a cluster the site does not serve
 
@@ -456,7 +458,7 @@ def test_the_site_answers_from_the_requesting_users_own_registrations_first(tmp_
     config = SiteServiceConfig(state_dir=str(tmp_path), replica="r1", clusters={
         "c1": ClusterConfig(name="c1", scheduler="slurm", scheduler_bin=str(tmp_path / "no-bin"))})
     mine = Agent(replace(registration("42", "n1"), cluster="c1", job_nodes="n[1-3]"), "ready")
-    bobs = Agent(replace(registration("42", "n9"), cluster="c1", user="bob", job_nodes="n[9-12]"), "ready")
+    bobs = Agent(replace(registration("42", "n9"), cluster="c1", user=OTHER_USER, job_nodes="n[9-12]"), "ready")
     fleet = SimpleNamespace(config=config, jobs=ClusterJobs(config), current_user=lambda: SimpleNamespace(name=USER),
                             registry=SimpleNamespace(of_job=lambda job: [mine, bobs]))  # an admin sees bob's too
     ask = site_jobnodes.lookup(fleet)

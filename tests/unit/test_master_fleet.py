@@ -21,6 +21,8 @@ from dxflow.master.fleet import Fleet
 from dxflow.schedulers import JobState
 
 USER = getpass.getuser()
+#: the stories' other user ("bob"), never whoever runs the tests (a developer may be bob)
+OTHER_USER = "bob" if USER != "bob" else "alice"
 OTHER_UID = 65534  # nobody: "another user" in the node's table of sockets
 TABLE = "read /proc/net/tcp"
 
@@ -168,7 +170,7 @@ def test_a_scheduler_that_does_not_answer_drops_nothing(fleet, base, fake_schedu
 
 def test_another_users_registration_is_not_this_masters(fleet, base, fake_scheduler, node_agent):
     fake_scheduler.add("7")
-    a = node_agent(base, "7", user="bob")
+    a = node_agent(base, "7", user=OTHER_USER)
     fleet.cycle()
     assert fleet.registry.get(a.reg.name) is None
 

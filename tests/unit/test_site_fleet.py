@@ -25,6 +25,8 @@ from dxflow.site.scope import split_job
 from dxflow.site.store import Store
 
 USER = getpass.getuser()
+#: the stories' other user ("bob"), never whoever runs the tests (a developer may be bob)
+OTHER_USER = "bob" if USER != "bob" else "alice"
 
 
 class Gateway:
@@ -58,7 +60,7 @@ def squeue(folder, lines: list[str]) -> None:
 @pytest.fixture
 def site(tmp_path, user_base, fake_nodes):
     c1, c2 = tmp_path / "c1bin", tmp_path / "c2bin"
-    squeue(c1, [f"42|{USER}|RUNNING|n[1-2]", "77|bob|RUNNING|n3"])
+    squeue(c1, [f"42|{USER}|RUNNING|n[1-2]", f"77|{OTHER_USER}|RUNNING|n3"])
     squeue(c2, [f"42|{USER}|RUNNING|m1"])
     config = SiteServiceConfig(state_dir=str(tmp_path), replica="r1", clusters={
         "c1": ClusterConfig(name="c1", scheduler="slurm", scheduler_bin=str(c1)),
@@ -109,7 +111,7 @@ def test_a_connected_agent_is_proven_and_reached_with_a_token_naming_its_user(si
 
 def test_another_users_job_is_not_found_in_the_same_words_as_no_job(site, enroll):
     enroll()
-    g.site_user = SimpleNamespace(name="bob", admin=False)
+    g.site_user = SimpleNamespace(name=OTHER_USER, admin=False)
     with pytest.raises(NotFound) as theirs:
         site.fleet.relay_target("42")
     with pytest.raises(NotFound) as none:
@@ -201,7 +203,7 @@ def test_the_gateway_reaches_the_agents_own_port_only(site, enroll):
     ("c1", "42", "n2", USER, True),
     ("c1", "42", "n3", USER, False),     # the job runs elsewhere
     ("c1", "77", "n3", USER, False),     # bob's job, named as the user's
-    ("c1", "77", "n3", "bob", True),
+    ("c1", "77", "n3", OTHER_USER, True),
     ("c1", "99", "n1", USER, False),     # no such job
     ("c2", "42", "n1", USER, False),     # the other cluster's job 42 runs on m1
     ("c2", "42", "m1", USER, True),
