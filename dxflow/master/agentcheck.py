@@ -91,6 +91,17 @@ class AgentChecks(AgentRequests):
         if current is not None and current.state != "gone" and current.reg.pid == agent.reg.pid:
             self.registry.set_state(agent.name, "lost", why)
 
+    def failed(self, agent: Agent, generation: int | None, why: str) -> None:
+        """Something sent to the agent on ``generation`` failed as it does when the agent has ended (a refused
+        port, a connection closed unanswered): the agent is lost, unless that tunnel ended (through an OpenSSH
+        ControlMaster that is ending, e.g. with the job whose connection it borrowed, a channel fails the same
+        way): then it is only forgotten, and checked again before anything is sent to it."""
+        if generation is not None and self.pool.ended(agent.reg.address, generation):
+            log.info("agent %s must be checked again: the tunnel to its node closed (%s)", agent.name, why)
+            self.forget(agent)
+        else:
+            self.lose(agent, why)
+
     def _heartbeat_ended(self, key: Key, generation: int, why: str, dead: bool | None) -> None:
         """What ends with a heartbeat stream: the proofs it backed (those on its generation; a newer check's
         stand). A socket's end (``dead`` None) is judged by its tunnel, off this thread (:meth:`judge_end`)."""
@@ -188,13 +199,7 @@ class AgentChecks(AgentRequests):
                                            node_info=info):
                 self.forget(agent)  # its registration went while it was checked: nothing proven stays
         except DxflowError as e:
-            if gen is not None and self.pool.ended(agent.reg.address, gen):
-                # the connection ended under the check (a borrowed one, with its job): proves nothing of the agent
-                log.info("agent %s must be checked again: the tunnel to its node closed during its check (%s)",
-                         agent.name, e)
-                self.forget(agent)
-            else:
-                self.lose(agent, str(e))
+            self.failed(agent, gen, str(e))   # a tunnel that ended under the check proves nothing of the agent
         except Exception as e:  # noqa: BLE001
             log.exception("checking %s", agent.name)
             self.lose(agent, f"{type(e).__name__}: {e}")

@@ -43,16 +43,8 @@ class AgentConnection(TunnelHTTPConnection):
         try:
             super().connect()
         except AgentUnreachable as e:
-            self._failed(f"agent stopped: its port refused the connection ({e})")
+            self._fleet.failed(self._agent, self.generation, f"agent stopped: its port refused the connection ({e})")
             raise
-
-    def _failed(self, why: str) -> None:
-        """The agent is lost, unless its tunnel ended (then it must only be checked again): through an OpenSSH
-        ControlMaster that is ending, a channel fails the same way as to a port nobody holds."""
-        if self.generation is not None and self._fleet.pool.ended(self._agent.reg.address, self.generation):
-            self._fleet.forget(self._agent)
-        else:
-            self._fleet.lose(self._agent, why)
 
     def send(self, data) -> None:
         try:
@@ -67,7 +59,8 @@ class AgentConnection(TunnelHTTPConnection):
             raise
         except (OSError, http.client.HTTPException) as e:
             if not self.answered:
-                self._failed(f"agent stopped: it closed a connection without answering ({e})")
+                self._fleet.failed(self._agent, self.generation,
+                                   f"agent stopped: it closed a connection without answering ({e})")
             raise
         self.answered = True
         return resp
@@ -137,6 +130,11 @@ class AgentRequests:
 
     def lose(self, agent: Agent, why: str) -> None:
         """The agent is lost: nothing goes to its port until it is proven again."""
+        raise NotImplementedError
+
+    def failed(self, agent: Agent, generation: int | None, why: str) -> None:
+        """A request on ``generation`` failed as it does when the agent has ended: lost, or forgotten if the
+        tunnel itself ended."""
         raise NotImplementedError
 
     def token(self, agent: Agent) -> str:

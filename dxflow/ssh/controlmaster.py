@@ -51,20 +51,20 @@ class ControlMaster:
     #: held while the pidfd is read, closed or replaced: a number closed under a reader may be another file's next
     fd_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def alive(self) -> bool:
+    def _exited(self) -> bool | None:
+        """Whether its process has exited; None when none is watched (one look at the pidfd, under its lock)."""
         with self.fd_lock:
             if self.pidfd < 0:
-                return False
+                return None
             readable, _, _ = select.select([self.pidfd], [], [], 0)  # a pidfd turns readable when the process ends
-        return not readable
+        return bool(readable)
+
+    def alive(self) -> bool:
+        return self._exited() is False
 
     def ended(self) -> bool:
         """It was up, and its process is gone (not: it failed to start, or was ended by dxflow)."""
-        with self.fd_lock:
-            if self.pidfd < 0:
-                return False
-            readable, _, _ = select.select([self.pidfd], [], [], 0)
-        return bool(readable)
+        return self._exited() is True
 
     def ends_within(self, timeout: float) -> bool:
         """Whether its process has ended or ends within TIMEOUT seconds (True when none is watched)."""
