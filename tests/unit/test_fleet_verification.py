@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -381,6 +382,20 @@ def test_a_relay_that_cannot_connect_marks_the_agent_lost(agent):
         assert "refused the connection" in state_of(fleet, agent["reg"])[1]
     finally:
         fleet.stop()
+
+
+def test_a_relay_refused_on_a_tunnel_that_ended_has_the_agent_checked_again_not_lost(fleet):
+    """Through an OpenSSH ControlMaster that is ending, a channel is refused as by a port nobody holds: what
+    was proven is dropped (nothing more goes to the agent before a check), but the agent is not called lost."""
+    a = fleet.relay_target(JOB, NODE)
+    with socket.socket() as closed:   # a port nobody listens on, for the refusal
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    fleet.pool.ended_gens.add(1)
+    with pytest.raises(AgentUnreachable):
+        AgentConnection(fleet, replace(a, reg=replace(a.reg, port=port)), 1, timeout=5).request("GET", "/api/health")
+    assert fleet.pool.asked_ended == [1]
+    assert state_of(fleet, a.reg) == ("ready", "") and fleet.verified(a) is None
 
 
 # -- the heartbeat thread -------------------------------------------------------------------------------
