@@ -1,4 +1,6 @@
 """Bob takes the port of alice's dead agent: the master sends him nothing, alice's commands say "agent lost".
+On both of the master's SSH transports: paramiko, and the user's OpenSSH (a ControlMaster, through whose
+socket an agent's end and the ControlMaster's look alike: the tunnel is asked which it was).
 
 Alice's agent is killed with SIGKILL (its registration file stays, as after an out-of-memory kill)
 and bob binds the same port on that node's 127.0.0.1. Whatever alice runs next (info, exec, cp,
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DXFLOW, NETNS, agents_of, as_user, dxflow, on_node, wait_agents, wait_for
+from conftest import DXFLOW, NETNS, agents_of, as_user, dxflow, dxflow_json, on_node, wait_agents, wait_for
 from dxflow.layout import UserLayout
 
 SLEEP = "sleep 600"
+ALICE = Path("/home/alice")
 LOST = 7  # AgentUnreachable / AgentLost
 #: bob's server: accepts on 127.0.0.1:PORT and writes the total of bytes received to a file after every read.
 THIEF = """
@@ -119,9 +122,23 @@ def fresh_master(lab):
     dxflow("alice", "master", "stop", check=False)
 
 
-def test_bob_on_a_dead_agents_port_gets_no_byte_and_alice_is_told_agent_lost(jobs):
+@pytest.fixture(params=["paramiko", "openssh"])
+def transport(request, fresh_master):
+    """alice's own ``ssh_transport`` (~/.dxflow/config) for this test; removed after, her master stopped and
+    her ControlMasters ended (a later master would take one that still answers)."""
+    config = ALICE / ".dxflow" / "config"
+    as_user("alice", ["sh", "-c", f"mkdir -p ~/.dxflow && echo 'ssh_transport = \"{request.param}\"' > ~/.dxflow/config"])
+    yield request.param
+    config.unlink(missing_ok=True)
+    dxflow("alice", "master", "stop", check=False)
+    for sock in ALICE.glob(".dxflow/hosts/*/ssh/*"):
+        as_user("alice", ["ssh", "-S", str(sock), "-O", "exit", "n1"], check=False)
+
+
+def test_bob_on_a_dead_agents_port_gets_no_byte_and_alice_is_told_agent_lost(jobs, transport):
     job = jobs.submit("alice", SLEEP, "--nodelist=n1")
     wait_agents("alice", job, 1, timeout=60)
+    assert dxflow_json("alice", "master", "status")["tunnels"]["n1"]["transport"] == transport  # the control
     as_user("alice", ["sh", "-c", "echo secret > ~/dxflow-lost-file.txt"])
     assert dxflow("alice", "info", job).returncode == 0  # the control: the relay works
     reg = kill_agent(job, "n1")
